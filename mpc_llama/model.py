@@ -1,0 +1,168 @@
+"""A pure functional LLaMA decoder in JAX: `prefill` and `decode_step` on an explicit cache.
+
+Parameters are a dict pytree with layers stacked on a leading axis:
+    embed [V, d]; final_norm [d]; lm_head [d, V] (only when embeddings are untied)
+    layers: attn_norm [L, d], wq [L, d, N*D], wk [L, d, K*D], wv [L, d, K*D], wo [L, N*D, d],
+            mlp_norm [L, d], w_gate [L, d, F], w_up [L, d, F], w_down [L, F, d]
+Axis letters: b batch, t/s query/key positions, n query heads, k KV heads, g query heads per KV
+head, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpc_llama import nonlinear
+from mpc_llama.cache import KVCache, init_cache, write_layer
+from mpc_llama.config import LlamaConfig
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, scale: float = 0.02) -> dict:
+    """Random parameters (for tests and cost measurements, where values do not matter)."""
+    L, d, F = cfg.n_layers, cfg.d_model, cfg.ffn_dim
+    nd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"wq": (L, d, nd), "wk": (L, d, kd), "wv": (L, d, kd), "wo": (L, nd, d),
+              "w_gate": (L, d, F), "w_up": (L, d, F), "w_down": (L, F, d)}
+    keys = jax.random.split(key, len(shapes) + 4)
+    layers = {name: scale * jax.random.normal(k, s) for k, (name, s) in zip(keys, shapes.items())}
+    layers["attn_norm"] = 1.0 + 0.1 * jax.random.normal(keys[-4], (L, d))
+    layers["mlp_norm"] = 1.0 + 0.1 * jax.random.normal(keys[-3], (L, d))
+    params = {"embed": jax.random.normal(keys[-2], (cfg.vocab_size, d)), "layers": layers,
+              "final_norm": jnp.ones((d,))}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = scale * jax.random.normal(keys[-1], (d, cfg.vocab_size))
+    return params
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """[D/2] inverse frequencies, with LLaMA-3.1 scaling when configured (public constants)."""
+    inv = 1.0 / (cfg.rope_base ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        wavelen = 2 * math.pi / inv
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv = np.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """Rotate-half RoPE. x: [b, t, h, d]; positions: [t] (public)."""
+    angles = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * jnp.cos(angles) + rotated * jnp.sin(angles)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps) * weight
+
+
+def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """tokens [b, t] -> [b, t, d]; "onehot" avoids a secret-index gather under MPC."""
+    if cfg.embedding == "onehot":
+        onehot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=params["embed"].dtype)
+        return onehot @ params["embed"]
+    return params["embed"][tokens]
+
+
+def lm_head(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    x = rms_norm(x, params["final_norm"], cfg)
+    if cfg.tie_embeddings:
+        return x @ params["embed"].T
+    return x @ params["lm_head"]
+
+
+def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    gate = nonlinear.SILU[cfg.silu](x @ lp["w_gate"])
+    return (gate * (x @ lp["w_up"])) @ lp["w_down"]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: LlamaConfig):
+    """Grouped-query attention.
+
+    q: [b, t, n, d]; k, v: [b, k, s, d]; mask: bool, broadcastable to [b, k, g, t, s].
+    Returns [b, t, n*d].
+    """
+    b, t = q.shape[:2]
+    qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k) / math.sqrt(cfg.head_dim)
+    probs = nonlinear.SOFTMAX[cfg.softmax](scores, mask)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, cfg.n_heads * cfg.head_dim)
+
+
+def _layer_params(params: dict, i: int) -> dict:
+    return {name: w[i] for name, w in params["layers"].items()}
+
+
+def _qkv(lp: dict, h: jax.Array, positions: jax.Array, cfg: LlamaConfig):
+    """h: [b, t, d] normed -> q [b, t, n, d], k and v [b, k, t, d] (q and k rotated)."""
+    b, t, _ = h.shape
+    q = (h @ lp["wq"]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = (h @ lp["wk"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = (h @ lp["wv"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
+            last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+    """Runs the prompt with causal attention and fills a fresh cache.
+
+    tokens: [b, t] int32, positions 0..t-1. capacity: static cache size C >= t.
+    Returns logits [b, t, V] (or [b, V] for the last position when `last_only`) and the cache.
+    """
+    b, t = tokens.shape
+    if capacity < t:
+        raise ValueError(f"cache capacity {capacity} is smaller than the prompt ({t})")
+    positions = jnp.arange(t, dtype=jnp.int32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    cache = init_cache(cfg, b, capacity)
+    ks, vs, ps = [], [], []
+    x = embed(params, tokens, cfg)
+    for i in range(cfg.n_layers):
+        lp = _layer_params(params, i)
+        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
+        x = x + attend(q, k, v, causal, cfg) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+        ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], 0, k, v, positions)
+        ks.append(ck), vs.append(cv), ps.append(cp)
+    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(t, jnp.int32))
+    if last_only:
+        x = x[:, -1]
+    return lm_head(params, x, cfg), cache
+
+
+def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position,
+                cache: KVCache) -> Tuple[jax.Array, KVCache]:
+    """One token through the model, appending its key/value at index `cache.length`.
+
+    token: [b] int32; position: [] int32 original position of the token (public; differs from
+    cache.length once entries were evicted). Returns logits [b, V] and the new cache.
+    """
+    positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
+    valid = jnp.arange(cache.capacity) <= cache.length  # entries plus the one written now
+    x = embed(params, token[:, None], cfg)
+    ks, vs, ps = [], [], []
+    for i in range(cfg.n_layers):
+        lp = _layer_params(params, i)
+        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
+        ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], cache.length, k, v,
+                                 positions)
+        x = x + attend(q, ck, cv, valid, cfg) @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+        ks.append(ck), vs.append(cv), ps.append(cp)
+    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), cache.length + 1)
+    return lm_head(params, x[:, 0], cfg), cache

@@ -1,0 +1,116 @@
+"""Greedy generation with every prefill and decode step run under MPC.
+
+Who holds what: the model owner secret-shares the weights once; the user secret-shares the
+prompt and each fed-back token. The KV cache is produced and consumed inside SPU and never
+reconstructed. Each step reveals only the next token id (to the user, who asked for it).
+Public: the architecture, the prompt length, the step counter (hence cache length and
+position), as in any fixed-shape MPC inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpc_llama.cache import KVCache
+from mpc_llama.config import LlamaConfig
+from mpc_llama.generation import check_lengths
+from mpc_llama.model import decode_step, prefill
+from protocols.cost import Cost
+from protocols.session import PUBLIC, SECRET, SpuSession
+
+MODEL_OWNER, DATA_OWNER = 0, 1
+
+
+def spu_config(cfg: LlamaConfig) -> LlamaConfig:
+    """The same model, with the embedding lookup as a one-hot matmul (a secret-index gather
+    costs one equality + matmul per token under MPC; the result is identical)."""
+    return cfg.replace(embedding="onehot")
+
+
+def _prefill_fn(cfg: LlamaConfig, capacity: int):
+    def fn(params, tokens):
+        logits, cache = prefill(params, cfg, tokens, capacity, last_only=True)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), (cache.k, cache.v, cache.pos)
+    return fn
+
+
+def _decode_fn(cfg: LlamaConfig):
+    def fn(params, token, position, length, cache):
+        logits, cache = decode_step(params, cfg, token, position, KVCache(*cache, length))
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), (cache.k, cache.v, cache.pos)
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateResult:
+    tokens: List[int]
+    prefill_cost: Cost
+    decode_costs: List[Cost]
+
+    @property
+    def total(self) -> Cost:
+        total = self.prefill_cost
+        for c in self.decode_costs:
+            total = total + c
+        return total
+
+
+class PrivateGenerator:
+    """Holds a session with the model weights shared once; generates for many prompts."""
+
+    def __init__(self, session: SpuSession, cfg: LlamaConfig, params: dict,
+                 model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER):
+        self.session, self.cfg = session, spu_config(cfg)
+        self.data_owner = data_owner
+        self.params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+        session.put("params", self.params, owner=model_owner)
+        self._programs = {}
+
+    def _program(self, key, fn, args, names, vis):
+        if key not in self._programs:
+            self._programs[key] = self.session.compile(fn, args, names, vis)
+        return self._programs[key]
+
+    def prefill_program(self, prompt_len: int, capacity: int):
+        tokens = np.zeros((1, prompt_len), np.int32)
+        return self._program(("prefill", prompt_len, capacity),
+                             _prefill_fn(self.cfg, capacity), (self.params, tokens),
+                             ("params", "tokens"), (SECRET, SECRET))
+
+    def decode_program(self, capacity: int):
+        c = self.cfg
+        kv = np.zeros((c.n_layers, 1, c.n_kv_heads, capacity, c.head_dim), np.float32)
+        pos = np.zeros(kv.shape[:-1], np.int32)
+        args = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0), (kv, kv, pos))
+        # Prefill writes variables "cache:*"; decode reads and overwrites them in place.
+        return self._program(("decode", capacity), _decode_fn(self.cfg), args,
+                             ("params", "token", "position", "length", "cache"),
+                             (SECRET, SECRET, PUBLIC, PUBLIC, SECRET))
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
+                 on_token: Optional[Callable[[int, Cost], None]] = None) -> PrivateResult:
+        check_lengths(self.cfg, len(prompt), max_new_tokens)
+        s, capacity = self.session, len(prompt) + max_new_tokens
+        s.put("tokens", np.asarray([prompt], np.int32), owner=self.data_owner)
+        (tok_ref, _), prefill_cost = s.run(self.prefill_program(len(prompt), capacity),
+                                                   ("next", "cache"))
+        decode_prog = self.decode_program(capacity) if max_new_tokens > 1 else None
+        tokens, costs = [], []
+        for step in range(max_new_tokens):
+            token = int(np.asarray(s.reveal(tok_ref)).reshape(-1)[0])
+            tokens.append(token)
+            if on_token:
+                on_token(token, costs[-1] if costs else prefill_cost)
+            if token in eos_ids or step == max_new_tokens - 1:
+                break
+            s.put("token", np.asarray([token], np.int32), owner=self.data_owner)
+            s.put("position", np.int32(len(prompt) + step), public=True)
+            s.put("length", np.int32(len(prompt) + step), public=True)
+            (tok_ref, _), cost = s.run(decode_prog, ("next", "cache"))
+            costs.append(cost)
+        return PrivateResult(tokens, prefill_cost, costs)

@@ -1,0 +1,62 @@
+"""SPU protocols as data: each converts itself to a `libspu.RuntimeConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpc_llama.errors import ConfigError
+
+_WORLD_SIZES = {"SEMI2K": (2, 3, 4), "CHEETAH": (2,), "ABY3": (3,)}
+_FIELDS = ("FM64", "FM128")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """An SPU protocol setting.
+
+    kind: SPU ProtocolKind name; world_size: parties; field: ring; fxp_fraction_bits: fixed
+    point precision (0 = SPU's default for the field, 18 for FM64).
+    """
+
+    name: str
+    kind: str
+    world_size: int
+    field: str = "FM64"
+    fxp_fraction_bits: int = 0
+    description: str = ""
+
+    def __post_init__(self):
+        if self.kind not in _WORLD_SIZES:
+            raise ConfigError(f"unknown SPU protocol kind {self.kind!r}")
+        if self.world_size not in _WORLD_SIZES[self.kind]:
+            raise ConfigError(f"{self.kind} cannot run with {self.world_size} parties "
+                              f"(allowed: {_WORLD_SIZES[self.kind]})")
+        if self.field not in _FIELDS:
+            raise ConfigError(f"unknown field {self.field!r}; choose from {_FIELDS}")
+
+    def runtime_config(self, profile: bool = False):
+        """The SPU RuntimeConfig; `profile` turns on the per-op and link counters."""
+        from spu import libspu
+
+        cfg = libspu.RuntimeConfig(protocol=getattr(libspu.ProtocolKind, self.kind),
+                                   field=getattr(libspu.FieldType, self.field))
+        if self.fxp_fraction_bits:
+            cfg.fxp_fraction_bits = self.fxp_fraction_bits
+        # Weights shared by their owner let CHEETAH use secret x private matmuls.
+        cfg.experimental_enable_colocated_optimization = True
+        cfg.enable_pphlo_profile = profile
+        return cfg
+
+
+PROTOCOLS = {
+    "semi2k": Protocol("semi2k", "SEMI2K", 2, description="2PC additive shares, Beaver triples "
+                       "from a trusted dealer (offline cost not counted)"),
+    "cheetah": Protocol("cheetah", "CHEETAH", 2, description="2PC, HE matmuls + silent OT, no dealer"),
+    "aby3": Protocol("aby3", "ABY3", 3, description="3PC replicated secret sharing, honest majority"),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name]

@@ -1,0 +1,221 @@
+"""Running compiled jax functions on SPU with secrets that stay secret between runs.
+
+A `SpuSession` holds one SPU runtime per party (threads linked in memory, like SPU's own
+simulator) for its whole life. Inputs are secret-shared by their owner (model weights by the
+model owner, prompt tokens by the user) and stay in the runtimes as named variables; programs
+read and write those variables, so the KV cache never leaves secret-shared form between decode
+steps. Only values explicitly `reveal`ed are reconstructed. Unlike `spu.utils.simulation`,
+which reshares every input on every call, the persistent runtimes also pay CHEETAH's one-time
+setup once, on their first run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from protocols.cost import Cost, PartyCost, capture_fd1, parse_profile
+from protocols.registry import Protocol
+
+SECRET, PUBLIC = "secret", "public"
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A compiled SPU executable plus the pytree structure of its inputs and outputs."""
+
+    executable: Any
+    arg_names: tuple          # one variable-name prefix per positional argument
+    in_trees: tuple
+    out_trees: tuple          # one treedef per element of the returned tuple
+    out_shapes: tuple
+    text: str                 # the SPU IR (pphlo), for inspection by tests
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretRef:
+    """Handle to a pytree of variables living inside the party runtimes."""
+
+    names: tuple
+    tree: Any
+
+
+def _run_parallel(fns: Sequence[Callable[[], Any]]) -> List[Any]:
+    results: List[Any] = [None] * len(fns)
+    errors: List[BaseException] = []
+
+    def call(i):
+        try:
+            results[i] = fns[i]()
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class SpuSession:
+    """Persistent SPU runtimes for one protocol setting.
+
+    The profiled party (`profile_rank`, default 0) prints SPU's counters; in 2PC the other
+    party's counters follow exactly (its sends are the profiled party's receives). With three
+    parties the other ranks are not measured by the in-process runtime and are reported as None.
+    """
+
+    def __init__(self, protocol: Protocol, profile_rank: int = 0):
+        from spu import api as spu_api
+        from spu import libspu
+
+        self.protocol = protocol
+        self.world_size = protocol.world_size
+        self.profile_rank = profile_rank
+        self._libspu = libspu
+        desc = libspu.link.Desc()
+        for rank in range(self.world_size):
+            desc.add_party(f"id_{rank}", f"thread_{rank}")
+        self._io = spu_api.Io(self.world_size, protocol.runtime_config())
+
+        def make(rank):
+            link = libspu.link.create_mem(desc, rank)
+            return spu_api.Runtime(link, protocol.runtime_config(profile=rank == profile_rank))
+
+        self._runtimes = _run_parallel([lambda r=r: make(r) for r in range(self.world_size)])
+        # CHEETAH's first run also pays its one-time setup; SEMI2K's dealer and ABY3 have none
+        self._setup_pending = protocol.kind == "CHEETAH"
+
+    # ---- compiling ----
+    def compile(self, fn: Callable, args: Sequence[Any], arg_names: Sequence[str],
+                visibility: Optional[Sequence[str]] = None) -> Program:
+        """Compiles fn(*args) for SPU. `args` are pytrees of arrays or ShapeDtypeStructs;
+        `arg_names[i]` names the variables of argument i; `visibility[i]` is "secret"
+        (default) or "public" (a value every party may know, such as a public length)."""
+        from spu.utils import frontend as spu_fe
+
+        libspu = self._libspu
+        visibility = list(visibility or [SECRET] * len(args))
+        names, vis, trees = [], [], []
+        for arg, prefix, v in zip(args, arg_names, visibility):
+            leaves, tree = jax.tree_util.tree_flatten(arg)
+            trees.append(tree)
+            names += [f"{prefix}:{i}" for i in range(len(leaves))]
+            vis += [libspu.Visibility.VIS_PUBLIC if v == PUBLIC else libspu.Visibility.VIS_SECRET
+                    ] * len(leaves)
+        specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                        arg) for arg in args]
+        out_holder = {}
+
+        def out_names(flat):
+            out_holder["n"] = len(flat)
+            return [f"__out:{i}" for i in range(len(flat))]
+
+        executable, out_info = spu_fe.compile(spu_fe.Kind.JAX, fn, specs, {}, names, vis,
+                                              out_names)
+        if not isinstance(out_info, tuple):
+            raise TypeError("SPU programs must return a tuple (one element per output name)")
+        out_trees = tuple(jax.tree_util.tree_structure(o) for o in out_info)
+        leaves = jax.tree_util.tree_leaves(out_info)
+        return Program(executable, tuple(arg_names), tuple(trees), out_trees,
+                       tuple((tuple(o.shape), o.dtype) for o in leaves),
+                       executable.code.decode("utf-8", "replace"))
+
+    # ---- data in and out ----
+    def put(self, prefix: str, tree: Any, owner: Optional[int] = None,
+            public: bool = False) -> SecretRef:
+        """Shares a pytree of arrays as variables `prefix:i`, secret-shared by `owner`
+        (that party's rank), or as a public value every party holds."""
+        libspu = self._libspu
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        names = []
+        for i, leaf in enumerate(leaves):
+            arr = np.asarray(leaf)
+            if public:
+                shares = self._io.make_shares(arr, libspu.Visibility.VIS_PUBLIC)
+            else:
+                shares = self._io.make_shares(arr, libspu.Visibility.VIS_SECRET,
+                                              -1 if owner is None else owner)
+            name = f"{prefix}:{i}"
+            for rt, share in zip(self._runtimes, shares):
+                rt.set_var(name, share)
+            names.append(name)
+        return SecretRef(tuple(names), treedef)
+
+    def reveal(self, ref: SecretRef) -> Any:
+        """Reconstructs the values behind `ref` (e.g. the next token, for its owner)."""
+        leaves = [self._io.reconstruct([rt.get_var(n) for rt in self._runtimes])
+                  for n in ref.names]
+        return jax.tree_util.tree_unflatten(ref.tree, leaves)
+
+    def rename(self, ref: SecretRef, prefix: str) -> SecretRef:
+        """Moves variables to new names (a local copy inside each party, no communication)."""
+        names = []
+        for i, old in enumerate(ref.names):
+            new = f"{prefix}:{i}"
+            for rt in self._runtimes:
+                rt.set_var(new, rt.get_var(old))
+                if new != old:
+                    rt.del_var(old)
+            names.append(new)
+        return SecretRef(tuple(names), ref.tree)
+
+    def delete(self, ref: SecretRef) -> None:
+        for name in ref.names:
+            for rt in self._runtimes:
+                rt.del_var(name)
+
+    # ---- running ----
+    def warm_up(self) -> Cost:
+        """Pays one-time setup (CHEETAH: HE keys, OT base) with a small program that uses
+        matmul, multiplication, comparison, exp and division, and returns its cost: the first
+        run minus a steady second run. Call before measuring; later runs are steady state."""
+        import jax.numpy as jnp
+
+        def probe(a, b):
+            x = a @ b
+            return (jnp.exp(-jnp.abs(x)) / (1.0 + jnp.maximum(x, 0.0) * x),)
+
+        a = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+        prog = self.compile(probe, (a, a), ("__warm_a", "__warm_b"))
+        self.put("__warm_a", a), self.put("__warm_b", a)
+        (out,), first = self.run(prog, ("__warm_out",))
+        (out,), steady = self.run(prog, ("__warm_out",))
+        self.delete(out)
+        return first - steady
+
+    def run(self, program: Program, out_names: Sequence[str]):
+        """Runs `program` on the variables named by its `arg_names` (put them first).
+
+        Returns (a tuple of SecretRefs, output j's variables renamed `out_names[j]:i`; Cost).
+        """
+        start = time.perf_counter()
+        with capture_fd1() as captured:
+            _run_parallel([lambda rt=rt: rt.run(program.executable) for rt in self._runtimes])
+        seconds = time.perf_counter() - start
+        link, ops = parse_profile(captured[0])
+        if link is None:
+            raise RuntimeError("SPU printed no link counters; was profiling disabled?")
+        parties: List[Optional[PartyCost]] = [None] * self.world_size
+        parties[self.profile_rank] = link
+        if self.world_size == 2:
+            parties[1 - self.profile_rank] = PartyCost(link.bytes_recv, link.bytes_sent,
+                                                       link.recvs, link.sends)
+        cost = Cost(tuple(parties), ops, seconds, self.profile_rank,
+                    includes_setup=self._setup_pending)
+        self._setup_pending = False
+        refs, offset = [], 0
+        for tree, prefix in zip(program.out_trees, out_names):
+            n = tree.num_leaves
+            out = SecretRef(tuple(f"__out:{i}" for i in range(offset, offset + n)), tree)
+            refs.append(self.rename(out, prefix))
+            offset += n
+        return tuple(refs), cost
