@@ -78,10 +78,14 @@ def _horner(t, coeffs):
 
 def silu_poly(x: jax.Array) -> jax.Array:
     """Piecewise-polynomial SiLU: 0 below -10, x above 10, fitted polynomials between."""
-    out = jnp.where(x >= SILU_SEGMENTS[-1][1], x, jnp.zeros_like(x))
+    lo_all, hi_all = SILU_SEGMENTS[0][0], SILU_SEGMENTS[-1][1]
+    # Polynomials see a clamped input: on large activations (LLMs have outliers in the
+    # thousands) an unclamped Horner chain overflows the fixed-point ring.
+    xc = jnp.clip(x, lo_all, hi_all)
+    out = jnp.where(x >= hi_all, x, jnp.zeros_like(x))
     for lo, hi, c, h, coeffs in SILU_SEGMENTS:
         inside = jnp.logical_and(x >= lo, x < hi)
-        out = jnp.where(inside, _horner((x - c) / h, coeffs), out)
+        out = jnp.where(inside, _horner((xc - c) / h, coeffs), out)
     return out
 
 

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models, the embedded SmolLM2 (loaded once), comparison helpers."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mpc_llama.config import preset  # noqa: E402
+from mpc_llama.model import init_params  # noqa: E402
+
+
+def assert_close(actual, expected, rtol=1e-4, atol=1e-4):
+    """The one comparison used for every SPU-vs-plaintext and model-vs-reference check."""
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    cfg = preset("tiny")
+    return cfg, init_params(cfg, jax.random.PRNGKey(1), scale=0.3)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from mpc_llama.loading import load_model
+
+    return load_model("smollm2")

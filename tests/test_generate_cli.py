@@ -1,0 +1,104 @@
+"""generate.py as a user runs it: plaintext vs SPU on an unseen checkpoint, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "experiments" / "generate.py")
+
+
+def assert_one_error_line(r, message=""):
+    """Exit code 2, no traceback, exactly one `error:` line (the last), naming the problem."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0], r.stderr
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(7)
+    cfg = HFConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
+                   max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper logits so greedy choices are well separated
+        model.lm_head.weight.mul_(20)
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
+    path, model = hf_dir
+    prompt = [1, 7, 3, 9, 4]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    for backend in ("plain", "spu"):
+        out = tmp_path / f"{backend}.json"
+        r = run("--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
+                "--max-new-tokens", "5", "--backend", backend, "--protocol", "semi2k",
+                "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        data = json.loads(out.read_text())
+        assert data["tokens"] == ref
+        assert data["backend"] == backend
+    cost = data["cost"]
+    assert data["protocol"] == "semi2k"
+    assert len(cost["bytes_sent"]) == 2 and all(b > 0 for b in cost["bytes_sent"])
+    assert len(cost["sends"]) == 2 and cost["seconds"] > 0
+    assert len(cost["decode_steps"]) == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--protocol", "spdz", "--backend", "spu"], "unknown protocol"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--prompt-ids", "1,x,3"], "comma-separated"),
+    (["--prompt-ids", "1,99999"], "out of range"),
+    (["--prompt-ids", ",".join(["1"] * 70)], "exceed the model context"),
+])
+def test_bad_input_one_line_exit_2(hf_dir, args, message, tmp_path):
+    path, _ = hf_dir
+    base = ["--model", str(path)] + ([] if "--prompt-ids" in args else ["--prompt-ids", "1,2"])
+    out = tmp_path / "r.json"
+    r = run(*base, *args, "--json", str(out))
+    assert_one_error_line(r, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt_gguf", "corrupt_safetensors", "bad_arch"])
+def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
+    if kind == "missing":
+        target = tmp_path / "nope"
+    elif kind == "corrupt_gguf":
+        target = tmp_path / "m.gguf"
+        target.write_bytes(b"GGUF" + os.urandom(64))
+    elif kind == "corrupt_safetensors":
+        target = tmp_path / "d"
+        target.mkdir()
+        (target / "config.json").write_text((hf_dir[0] / "config.json").read_text())
+        (target / "model.safetensors").write_bytes(os.urandom(100))
+    else:
+        target = tmp_path / "d"
+        target.mkdir()
+        cfg = json.loads((hf_dir[0] / "config.json").read_text())
+        cfg["model_type"] = "gpt_neox"
+        (target / "config.json").write_text(json.dumps(cfg))
+    r = run("--model", str(target), "--prompt-ids", "1,2")
+    assert_one_error_line(r)

