@@ -65,7 +65,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: LlamaConfig) -> jax.Arra
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    """x * rsqrt(mean(x^2) + eps) * weight, with x scaled by 1/sqrt(d) BEFORE squaring:
+    LLM residual streams carry outliers (SmolLM2: |x| ~ 22,500) whose square overflows the
+    FM64 fixed-point product (|a*b| < 2^27 with 18 fraction bits). Same value in plaintext."""
+    xs = x * (1.0 / math.sqrt(x.shape[-1]))
+    ms = jnp.sum(xs * xs, axis=-1, keepdims=True)
     return x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps) * weight
 
 

@@ -90,7 +90,8 @@ class SpuSession:
             link = libspu.link.create_mem(desc, rank)
             return spu_api.Runtime(link, protocol.runtime_config(profile=rank == profile_rank))
 
-        self._runtimes = _run_parallel([lambda r=r: make(r) for r in range(self.world_size)])
+        with capture_fd1():  # SPU logs thread-pool creation to fd 1; keep stdout clean
+            self._runtimes = _run_parallel([lambda r=r: make(r) for r in range(self.world_size)])
         # CHEETAH's first run also pays its one-time setup; SEMI2K's dealer and ABY3 have none
         self._setup_pending = protocol.kind == "CHEETAH"
 
@@ -119,8 +120,9 @@ class SpuSession:
             out_holder["n"] = len(flat)
             return [f"__out:{i}" for i in range(len(flat))]
 
-        executable, out_info = spu_fe.compile(spu_fe.Kind.JAX, fn, specs, {}, names, vis,
-                                              out_names)
+        with capture_fd1():
+            executable, out_info = spu_fe.compile(spu_fe.Kind.JAX, fn, specs, {}, names, vis,
+                                                  out_names)
         if not isinstance(out_info, tuple):
             raise TypeError("SPU programs must return a tuple (one element per output name)")
         out_trees = tuple(jax.tree_util.tree_structure(o) for o in out_info)
