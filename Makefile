@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) experiments/generate.py --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 12 --json runs/demo_plain.json
-	$(PY) experiments/generate.py --model smollm2 --prompt-ids 504,3575,282,4649,314 --max-new-tokens 2 --backend spu --protocol semi2k --json runs/demo_spu.json
+	$(PY) experiments/generate.py --model smollm2 --prompt "The capital of France is" --max-new-tokens 2 --backend spu --protocol semi2k --field FM128 --fxp-bits 30 --json runs/demo_spu.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

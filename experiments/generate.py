@@ -39,6 +39,11 @@ def build_parser() -> Parser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--backend", default="plain", help="plain or spu")
     p.add_argument("--protocol", default="semi2k", help="semi2k, cheetah or aby3 (spu backend)")
+    p.add_argument("--field", default="FM64", help="SPU ring: FM64 (default) or FM128")
+    p.add_argument("--fxp-bits", type=int, default=0,
+                   help="fixed-point fraction bits (0: SPU default, 18 for FM64, 26 for FM128)")
+    p.add_argument("--no-check", action="store_true",
+                   help="with --backend spu, skip the plaintext run that checks the tokens")
     p.add_argument("--json", help="write the result here")
     return p
 
@@ -49,7 +54,8 @@ def main() -> None:
 
     if args.backend not in ("plain", "spu"):
         raise ConfigError(f"unknown backend {args.backend!r}; choose plain or spu")
-    protocol = get_protocol(args.protocol) if args.backend == "spu" else None
+    protocol = get_protocol(args.protocol).with_numerics(args.field, args.fxp_bits) \
+        if args.backend == "spu" else None
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.chat and args.prompt is None:
@@ -78,7 +84,9 @@ def main() -> None:
                file=sys.stderr)
     start = time.perf_counter()
     result = {"model": model.source, "backend": args.backend, "prompt_ids": prompt_ids,
-              "protocol": protocol.name if protocol else None}
+              "protocol": protocol.name if protocol else None,
+              "field": protocol.field if protocol else None,
+              "fxp_fraction_bits": protocol.fxp_fraction_bits if protocol else None}
     if protocol is None:
         from mpc_llama.generation import greedy_generate
 
@@ -105,6 +113,14 @@ def main() -> None:
         }
     bar.close()
     result["seconds"] = time.perf_counter() - start
+    if protocol is not None and not args.no_check:
+        from mpc_llama.generation import greedy_generate
+
+        plain = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos)
+        result["plain_tokens"] = plain
+        result["matches_plain"] = plain == tokens
+        print(f"private tokens {'EQUAL' if plain == tokens else 'DIFFER FROM'} plaintext "
+              f"{plain}", file=sys.stderr)
     result["tokens"] = tokens
     result["text"] = tok.decode(tokens) if tok else None
     print(result["text"] if tok else ",".join(map(str, tokens)))

@@ -33,6 +33,17 @@ class Protocol:
                               f"(allowed: {_WORLD_SIZES[self.kind]})")
         if self.field not in _FIELDS:
             raise ConfigError(f"unknown field {self.field!r}; choose from {_FIELDS}")
+        max_bits = 62 if self.field == "FM128" else 30
+        if not 0 <= self.fxp_fraction_bits <= max_bits:
+            raise ConfigError(f"fxp_fraction_bits must be in [0, {max_bits}] for {self.field}, "
+                              f"got {self.fxp_fraction_bits}")
+
+    def with_numerics(self, field: str = None, fxp_fraction_bits: int = None) -> "Protocol":
+        """The same protocol on another ring / fixed-point precision (validated)."""
+        return dataclasses.replace(
+            self, field=field or self.field,
+            fxp_fraction_bits=self.fxp_fraction_bits if fxp_fraction_bits is None
+            else fxp_fraction_bits)
 
     def runtime_config(self, profile: bool = False):
         """The SPU RuntimeConfig; `profile` turns on the per-op and link counters."""

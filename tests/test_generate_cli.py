@@ -60,7 +60,7 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
         assert data["tokens"] == ref
         assert data["backend"] == backend
     cost = data["cost"]
-    assert data["protocol"] == "semi2k"
+    assert data["protocol"] == "semi2k" and data["matches_plain"] is True
     assert len(cost["bytes_sent"]) == 2 and all(b > 0 for b in cost["bytes_sent"])
     assert len(cost["sends"]) == 2 and cost["seconds"] > 0
     assert len(cost["decode_steps"]) == 4
@@ -69,6 +69,9 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--protocol", "spdz", "--backend", "spu"], "unknown protocol"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--backend", "spu", "--field", "FM32"], "unknown field"),
+    (["--backend", "spu", "--fxp-bits", "40"], "fxp_fraction_bits"),
+    (["--backend", "gpu"], "unknown backend"),
     (["--prompt-ids", "1,x,3"], "comma-separated"),
     (["--prompt-ids", "1,99999"], "out of range"),
     (["--prompt-ids", ",".join(["1"] * 70)], "exceed the model context"),
