@@ -4,10 +4,13 @@
     python experiments/generate.py --model smollm2 --prompt "The capital of France is" \
         --max-new-tokens 4 --backend spu --protocol semi2k --json runs/gen.json
     python experiments/generate.py --model path/to/hf_dir --prompt-ids 1,2,3 --backend spu
+    python experiments/generate.py --prompt-ids 1,2,3,... --policy mpcache --budget 0.1 \
+        --backend spu --protocol aby3
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -45,7 +48,29 @@ def build_parser() -> Parser:
     p.add_argument("--no-check", action="store_true",
                    help="with --backend spu, skip the plaintext run that checks the tokens")
     p.add_argument("--json", help="write the result here")
+    e = p.add_argument_group("KV-cache eviction")
+    e.add_argument("--policy", default="full",
+                   help="full, streaming_llm, h2o, snapkv, tova, quest, mpcache, "
+                        "mpcache_published, oracle")
+    e.add_argument("--budget", type=float, default=0.1,
+                   help="fraction of the prompt attended per KV head per decode step, sinks "
+                        "and windows included (ignored by full)")
+    e.add_argument("--static-ratio", type=float, help="mpcache: fraction kept at prefill "
+                   "(default max(0.5, 2*budget))")
+    e.add_argument("--window", type=int, help="mpcache/snapkv: observation-window queries")
+    e.add_argument("--kernel", type=int, help="mpcache/snapkv: max-pooling kernel (1 = none)")
+    e.add_argument("--aggregate", help="mpcache: sum or max over the window")
+    e.add_argument("--alpha", type=float, help="mpcache: similarity weight of r_max")
+    e.add_argument("--share", help="mpcache: layer sharing pattern, pairs or none")
     return p
+
+
+def policy_from_args(args):
+    from eviction import make_policy
+
+    fields = {k: getattr(args, k) for k in ("static_ratio", "window", "kernel", "aggregate",
+                                              "alpha", "share") if getattr(args, k) is not None}
+    return make_policy(args.policy, args.budget, **fields)
 
 
 def main() -> None:
@@ -61,6 +86,7 @@ def main() -> None:
     if args.chat and args.prompt is None:
         raise ConfigError("--chat needs --prompt TEXT")
     prompt_ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    policy = policy_from_args(args)
 
     from tqdm import tqdm
 
@@ -86,19 +112,22 @@ def main() -> None:
     result = {"model": model.source, "backend": args.backend, "prompt_ids": prompt_ids,
               "protocol": protocol.name if protocol else None,
               "field": protocol.field if protocol else None,
-              "fxp_fraction_bits": protocol.fxp_fraction_bits if protocol else None}
+              "fxp_fraction_bits": protocol.fxp_fraction_bits if protocol else None,
+              "policy": args.policy, "policy_settings": dataclasses.asdict(policy),
+              "budget": policy.budget}
     if protocol is None:
         from mpc_llama.generation import greedy_generate
 
-        tokens = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,
-                                 on_token=lambda t: bar.update(1))
+        gen = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,
+                              on_token=lambda t: bar.update(1), policy=policy)
+        tokens, result["attended_fraction"] = gen.tokens, gen.attended_fraction
     else:
         from protocols.private_generation import PrivateGenerator
         from protocols.session import SpuSession
 
         session = SpuSession(protocol)
         setup = session.warm_up()
-        gen = PrivateGenerator(session, model.cfg, model.params)
+        gen = PrivateGenerator(session, model.cfg, model.params, policy=policy)
         res = gen.generate(prompt_ids, args.max_new_tokens, eos,
                            on_token=lambda t, c: bar.update(1))
         tokens, total = res.tokens, res.total
@@ -116,7 +145,11 @@ def main() -> None:
     if protocol is not None and not args.no_check:
         from mpc_llama.generation import greedy_generate
 
-        plain = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos)
+        check = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,
+                                policy=policy)
+        plain = check.tokens
+        # sizes are public, so the plaintext run attends exactly as many entries as SPU did
+        result["attended_fraction"] = check.attended_fraction
         result["plain_tokens"] = plain
         result["matches_plain"] = plain == tokens
         print(f"private tokens {'EQUAL' if plain == tokens else 'DIFFER FROM'} plaintext "

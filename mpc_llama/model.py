@@ -121,52 +121,104 @@ def _qkv(lp: dict, h: jax.Array, positions: jax.Array, cfg: LlamaConfig):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
-            last_only: bool = False) -> Tuple[jax.Array, KVCache]:
+            last_only: bool = False, policy=None) -> Tuple[jax.Array, KVCache]:
     """Runs the prompt with causal attention and fills a fresh cache.
 
-    tokens: [b, t] int32, positions 0..t-1. capacity: static cache size C >= t.
+    tokens: [b, t] int32, positions 0..t-1. capacity: static cache size C >= t (prompt plus
+    room for generated tokens). With a `policy` that has a static step, each layer keeps
+    policy.static_keep(t) entries (compacted, original positions kept), so the returned cache
+    holds that many entries plus capacity - t free slots; policies with a dynamic step also
+    get per-cluster key bounds and a capacity rounded up to whole clusters.
     Returns logits [b, t, V] (or [b, V] for the last position when `last_only`) and the cache.
     """
+    from mpc_llama.eviction_hooks import compact, static_mask
+
     b, t = tokens.shape
     if capacity < t:
         raise ValueError(f"cache capacity {capacity} is smaller than the prompt ({t})")
+    n_keep = t if policy is None or policy.static_keep(t) is None else policy.static_keep(t)
+    new_cap = n_keep + capacity - t
+    if policy is not None and policy.needs_bounds:
+        from eviction.clusters import init_bounds
+
+        new_cap = _round_up(new_cap, policy.cluster_sizes[0])
     positions = jnp.arange(t, dtype=jnp.int32)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    cache = init_cache(cfg, b, capacity)
-    ks, vs, ps = [], [], []
+    empty = init_cache(cfg, b, new_cap)
+    ks, vs, ps, bounds, masks = [], [], [], [], {}
     x = embed(params, tokens, cfg)
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
         q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
         x = x + attend(q, k, v, causal, cfg) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
-        ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], 0, k, v, positions)
+        pos = jnp.broadcast_to(positions, k.shape[:3])
+        if n_keep < t:
+            src = policy.share_source(i, cfg.n_layers)
+            if src not in masks:
+                qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+                masks[src] = static_mask(policy, qg, k, cfg)
+            k, v, pos = compact(masks[src], n_keep, k, v, pos.astype(jnp.float32))
+            pos = jnp.round(pos).astype(jnp.int32)
+        ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
-    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(t, jnp.int32))
+        if policy is not None and policy.needs_bounds:
+            bounds.append(init_bounds(ck, n_keep, *policy.cluster_sizes))
+    stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
+    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
+                    stacked)
     if last_only:
         x = x[:, -1]
     return lm_head(params, x, cfg), cache
 
 
-def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position,
-                cache: KVCache) -> Tuple[jax.Array, KVCache]:
+def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
+                policy=None, prompt_len: int = 0, return_attended: bool = False):
     """One token through the model, appending its key/value at index `cache.length`.
 
     token: [b] int32; position: [] int32 original position of the token (public; differs from
-    cache.length once entries were evicted). Returns logits [b, V] and the new cache.
+    cache.length once entries were evicted). With a dynamic `policy`, each layer (or the
+    layer it shares with) selects entries per KV head and attends to those only; prompt_len
+    (static, public) sets the policy's sizes. Returns logits [b, V] and the new cache, plus,
+    with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics).
     """
+    from eviction.clusters import update_bounds
+
     positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
-    valid = jnp.arange(cache.capacity) <= cache.length  # entries plus the one written now
+    length = cache.length + 1  # entries valid after writing the current one
+    valid = jnp.arange(cache.capacity) < length
+    dynamic = policy is not None and policy.dynamic
     x = embed(params, token[:, None], cfg)
-    ks, vs, ps = [], [], []
+    ks, vs, ps, bounds, selections, counts = [], [], [], [], {}, []
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
         q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
         ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], cache.length, k, v,
                                  positions)
-        x = x + attend(q, ck, cv, valid, cfg) @ lp["wo"]
+        mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
+        if cache.bounds is not None:
+            layer_bounds = update_bounds(tuple(bb[i] for bb in cache.bounds), k[:, :, 0],
+                                         cache.length, *policy.cluster_sizes)
+            bounds.append(layer_bounds)
+        if dynamic:
+            src = policy.share_source(i, cfg.n_layers)
+            if src not in selections:
+                qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+                selections[src] = policy.select(qg, ck, layer_bounds if cache.bounds is not None
+                                                else None, length, prompt_len, cfg)
+            mask = jnp.logical_and(mask, selections[src])
+        counts.append(mask.sum(axis=-1))
+        x = x + attend(q, ck, cv, mask[:, :, None, None, :], cfg) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
         ks.append(ck), vs.append(cv), ps.append(cp)
-    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), cache.length + 1)
-    return lm_head(params, x[:, 0], cfg), cache
+    stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
+    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), length, stacked)
+    logits = lm_head(params, x[:, 0], cfg)
+    if return_attended:
+        return logits, cache, jnp.stack(counts)
+    return logits, cache

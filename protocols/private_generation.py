@@ -32,17 +32,24 @@ def spu_config(cfg: LlamaConfig) -> LlamaConfig:
     return cfg.replace(embedding="onehot")
 
 
-def _prefill_fn(cfg: LlamaConfig, capacity: int):
+def _secret_part(cache: KVCache):
+    """Everything but the public length: (k, v, pos, bounds)."""
+    return (cache.k, cache.v, cache.pos, cache.bounds)
+
+
+def _prefill_fn(cfg: LlamaConfig, capacity: int, policy):
     def fn(params, tokens):
-        logits, cache = prefill(params, cfg, tokens, capacity, last_only=True)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), (cache.k, cache.v, cache.pos)
+        logits, cache = prefill(params, cfg, tokens, capacity, last_only=True, policy=policy)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), _secret_part(cache)
     return fn
 
 
-def _decode_fn(cfg: LlamaConfig):
+def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int):
     def fn(params, token, position, length, cache):
-        logits, cache = decode_step(params, cfg, token, position, KVCache(*cache, length))
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), (cache.k, cache.v, cache.pos)
+        k, v, pos, bounds = cache
+        logits, cache = decode_step(params, cfg, token, position,
+                                    KVCache(k, v, pos, length, bounds), policy, prompt_len)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), _secret_part(cache)
     return fn
 
 
@@ -64,8 +71,8 @@ class PrivateGenerator:
     """Holds a session with the model weights shared once; generates for many prompts."""
 
     def __init__(self, session: SpuSession, cfg: LlamaConfig, params: dict,
-                 model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER):
-        self.session, self.cfg = session, spu_config(cfg)
+                 model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER, policy=None):
+        self.session, self.cfg, self.policy = session, spu_config(cfg), policy
         self.data_owner = data_owner
         self.params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
         session.put("params", self.params, owner=model_owner)
@@ -79,18 +86,25 @@ class PrivateGenerator:
     def prefill_program(self, prompt_len: int, capacity: int):
         tokens = np.zeros((1, prompt_len), np.int32)
         return self._program(("prefill", prompt_len, capacity),
-                             _prefill_fn(self.cfg, capacity), (self.params, tokens),
+                             _prefill_fn(self.cfg, capacity, self.policy), (self.params, tokens),
                              ("params", "tokens"), (SECRET, SECRET))
 
-    def decode_program(self, capacity: int):
-        c = self.cfg
-        kv = np.zeros((c.n_layers, 1, c.n_kv_heads, capacity, c.head_dim), np.float32)
-        pos = np.zeros(kv.shape[:-1], np.int32)
-        args = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0), (kv, kv, pos))
-        # Prefill writes variables "cache:*"; decode reads and overwrites them in place.
-        return self._program(("decode", capacity), _decode_fn(self.cfg), args,
+    def decode_program(self, prompt_len: int, capacity: int):
+        """Reads the secret cache variables "cache:*" written by prefill and overwrites them."""
+        specs = jax.eval_shape(
+            lambda p, t: prefill(p, self.cfg, t, capacity, policy=self.policy)[1],
+            self.params, jax.ShapeDtypeStruct((1, prompt_len), jnp.int32))
+        args = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0),
+                _secret_part(specs))
+        return self._program(("decode", prompt_len, capacity),
+                             _decode_fn(self.cfg, self.policy, prompt_len), args,
                              ("params", "token", "position", "length", "cache"),
                              (SECRET, SECRET, PUBLIC, PUBLIC, SECRET))
+
+    def _cache_length(self, prompt_len: int) -> int:
+        """Entries after prefill: the static keep count (public), or the prompt length."""
+        keep = self.policy.static_keep(prompt_len) if self.policy is not None else None
+        return prompt_len if keep is None else keep
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
                  on_token: Optional[Callable[[int, Cost], None]] = None) -> PrivateResult:
@@ -99,7 +113,8 @@ class PrivateGenerator:
         s.put("tokens", np.asarray([prompt], np.int32), owner=self.data_owner)
         (tok_ref, _), prefill_cost = s.run(self.prefill_program(len(prompt), capacity),
                                                    ("next", "cache"))
-        decode_prog = self.decode_program(capacity) if max_new_tokens > 1 else None
+        decode_prog = self.decode_program(len(prompt), capacity) if max_new_tokens > 1 else None
+        length = self._cache_length(len(prompt))
         tokens, costs = [], []
         for step in range(max_new_tokens):
             token = int(np.asarray(s.reveal(tok_ref)).reshape(-1)[0])
@@ -110,7 +125,7 @@ class PrivateGenerator:
                 break
             s.put("token", np.asarray([token], np.int32), owner=self.data_owner)
             s.put("position", np.int32(len(prompt) + step), public=True)
-            s.put("length", np.int32(len(prompt) + step), public=True)
+            s.put("length", np.int32(length + step), public=True)
             (tok_ref, _), cost = s.run(decode_prog, ("next", "cache"))
             costs.append(cost)
         return PrivateResult(tokens, prefill_cost, costs)

@@ -31,7 +31,7 @@ def test_cache_positions_mark_empty_entries(tiny):
 def test_greedy_generate_matches_argmax_of_full_forward(tiny):
     cfg, params = tiny
     prompt = [3, 5, 7, 11]
-    out = greedy_generate(params, cfg, prompt, 4)
+    out = greedy_generate(params, cfg, prompt, 4).tokens
     seq = list(prompt)
     for _ in range(4):
         logits, _ = prefill(params, cfg, jnp.asarray([seq]), capacity=len(seq))

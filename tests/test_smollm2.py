@@ -18,7 +18,7 @@ def test_chat_answers_paris(smollm2):
     tok = smollm2.tokenizer
     prompt = tok.chat("What is the capital of France?")
     assert tok.decode(prompt).count("What is the capital of France?") == 1
-    out = greedy_generate(smollm2.params, smollm2.cfg, prompt, 10, tok.eos_ids)
+    out = greedy_generate(smollm2.params, smollm2.cfg, prompt, 10, tok.eos_ids).tokens
     assert "Paris" in tok.decode(out)
 
 

@@ -19,7 +19,7 @@ PROMPT = [3, 5, 7, 11, 13, 2, 9]
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
 def test_private_greedy_tokens_equal_plaintext(tiny, name):
     cfg, params = tiny
-    expected = greedy_generate(params, cfg, PROMPT, 4)
+    expected = greedy_generate(params, cfg, PROMPT, 4).tokens
     session = SpuSession(get_protocol(name))
     result = PrivateGenerator(session, cfg, params).generate(PROMPT, 4)
     assert result.tokens == expected

@@ -1,0 +1,110 @@
+"""The policy interface and the pieces every policy shares.
+
+A policy is a frozen dataclass passed to `mpc_llama.model.prefill` / `decode_step` as a
+static argument, so every size it derives (kept counts, k1, k2) is a Python int computed from
+public lengths: shapes stay static under SPU and nothing about them depends on secrets.
+
+Two hooks (kvpress style: a subclass writes only what differs):
+  * static step, once at the end of prefill: `static_keep(T)` entries per layer and KV head are
+    kept, chosen by `static_scores` (higher = keep) with `static_forced(T)` positions always
+    kept; the cache is compacted to them in position order.
+  * dynamic step, every decode step: `select(...)` returns a bool mask over cache entries
+    (per KV head, shared by its query heads); attention runs over those entries only.
+Axis letters: b batch, k KV heads, g query heads per KV head, t/s query/key positions,
+c cache entries or clusters, d head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpc_llama.errors import ConfigError
+
+BIG = 1.0e4  # stands in for infinity: fixed point has none, and this cannot overflow FM64
+
+
+def check_ratio(name: str, value: float) -> None:
+    if not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{name} must be in (0, 1], got {value}")
+
+
+def topk_mask(scores: jax.Array, k: int, allowed: jax.Array) -> jax.Array:
+    """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
+    the last axis; ties at the threshold go to the earliest entries.
+
+    Uses only the k-th largest VALUE (lax.top_k, whose SPU kernel is a secret shuffle then
+    quick-select), comparisons with it, and a prefix sum (local under MPC) to break ties:
+    no secret index is ever formed. Exact counts matter: ties (e.g. plateaus left by
+    max-pooling) would otherwise overflow a fixed-size compacted cache.
+    """
+    k = min(int(k), scores.shape[-1])
+    if k <= 0:
+        return jnp.zeros(jnp.broadcast_shapes(scores.shape, jnp.shape(allowed)), bool)
+    masked = jnp.where(allowed, scores, -BIG)
+    kth = jax.lax.top_k(masked, k)[0][..., -1:]
+    above = jnp.logical_and(masked > kth, allowed)
+    ties = jnp.logical_and(masked == kth, allowed)
+    room = k - above.sum(axis=-1, keepdims=True)
+    take = jnp.logical_and(ties, jnp.cumsum(ties.astype(jnp.int32), axis=-1) <= room)
+    return jnp.logical_or(above, take)
+
+
+def group_probs(q: jax.Array, k: jax.Array, mask: jax.Array, softmax) -> jax.Array:
+    """Attention probabilities summed over the query heads of each KV group.
+
+    q: [b, t, k, g, d]; k: [b, k, s, d]; mask broadcastable to [b, k, g, t, s].
+    Returns [b, k, t, s].
+    """
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) / math.sqrt(q.shape[-1])
+    return softmax(scores, mask).sum(axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base policy: the full cache. `budget` is the fraction of the prompt attended per KV
+    head per decode step, sinks and windows included."""
+
+    name: ClassVar[str] = "full"
+    budget: float = 1.0
+
+    def __post_init__(self):
+        check_ratio("budget", self.budget)
+
+    def n_attend(self, prompt_len: int) -> int:
+        """Prompt entries attended per KV head per step (public)."""
+        return max(1, min(prompt_len, int(round(self.budget * prompt_len))))
+
+    # ---- static step ----
+    def static_keep(self, prompt_len: int) -> Optional[int]:
+        return None
+
+    def static_forced(self, prompt_len: int) -> np.ndarray:
+        return np.zeros(prompt_len, bool)
+
+    def static_scores(self, q: jax.Array, k: jax.Array, cfg) -> jax.Array:
+        """q: [b, t, k, g, d] all prompt queries; k: [b, k, t, d]. Returns [b, k, t]."""
+        raise NotImplementedError(f"{self.name} has no static step")
+
+    def share_source(self, layer: int, n_layers: int) -> int:
+        """The layer whose selection this layer reuses (itself: no sharing)."""
+        return layer
+
+    # ---- dynamic step ----
+    dynamic: ClassVar[bool] = False
+    needs_bounds: ClassVar[bool] = False
+
+    @property
+    def cluster_sizes(self):
+        """(s1, s2): level-1 and level-2 cluster sizes of the bounds kept in the cache."""
+        return (32, 16)
+
+    def select(self, q, cache_k, bounds, length, prompt_len: int, cfg) -> jax.Array:
+        """q: [b, k, g, d] current query; cache_k: [b, k, c, d]; length: [] entries valid
+        (current token included). Returns bool [b, k, c]."""
+        raise NotImplementedError(f"{self.name} has no dynamic step")

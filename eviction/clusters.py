@@ -1,0 +1,67 @@
+"""Fixed-size clusters of consecutive cache entries and their per-dimension key bounds.
+
+Bounds shapes (C capacity, a multiple of s1; s2 divides s1; MPCache's default s1=32, s2=16):
+    rmax2, rmin2: [b, k, C/s2, d]   level-2 clusters
+    rmax1, rmin1: [b, k, C/s1, d]   level-1 clusters
+Empty clusters hold -BIG / +BIG. Bounds are computed once over the (compacted) cache at the
+end of prefill, then updated incrementally as each new key is written (one max and one min per
+dimension and level), never recomputed over the whole cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from eviction.base import BIG
+
+S1, S2 = 32, 16  # defaults
+
+
+def bounds_of(keys: jax.Array, length: int, size: int):
+    """Per-cluster max/min over valid entries. keys [b, k, C, d] -> 2 x [b, k, C/size, d]."""
+    b, h, c, d = keys.shape
+    valid = (jnp.arange(c) < length)[None, None, :, None]
+    kmax = jnp.where(valid, keys, -BIG).reshape(b, h, c // size, size, d).max(axis=3)
+    kmin = jnp.where(valid, keys, BIG).reshape(b, h, c // size, size, d).min(axis=3)
+    return kmax, kmin
+
+
+def init_bounds(keys: jax.Array, length: int, s1: int = S1, s2: int = S2):
+    """(rmax2, rmin2, rmax1, rmin1) for one layer's cache keys [b, k, C, d]."""
+    return bounds_of(keys, length, s2) + bounds_of(keys, length, s1)
+
+
+def update_bounds(bounds, key: jax.Array, index, s1: int = S1, s2: int = S2):
+    """Folds the key written at cache `index` (public) into its clusters' bounds.
+
+    bounds: one layer's (rmax2, rmin2, rmax1, rmin1); key: [b, k, d].
+    """
+    out = []
+    for arr, size, op in zip(bounds, (s2, s2, s1, s1),
+                             (jnp.maximum, jnp.minimum, jnp.maximum, jnp.minimum)):
+        c = index // size
+        row = jax.lax.dynamic_slice_in_dim(arr, c, 1, axis=2)
+        out.append(jax.lax.dynamic_update_slice_in_dim(arr, op(row, key[:, :, None]), c, axis=2))
+    return tuple(out)
+
+
+def khat(rmax: jax.Array, rmin: jax.Array, alpha: float) -> jax.Array:
+    """MPCache's cluster representative: alpha*r_max + (1-alpha)*r_min (linear in q)."""
+    return alpha * rmax + (1.0 - alpha) * rmin
+
+
+def cluster_candidates(length, n_clusters: int, size: int):
+    """Clusters that may be chosen (completely filled, excluding the current one) and the
+    forced ones (first = sink, and the one holding the current token). length counts the
+    current token. Both depend on public lengths only. Returns 2 x bool [n_clusters]."""
+    idx = jnp.arange(n_clusters)
+    current = (length - 1) // size
+    full = (idx + 1) * size <= length
+    forced = jnp.logical_or(idx == 0, idx == current)
+    return jnp.logical_and(full, jnp.logical_not(forced)), forced
+
+
+def expand(mask: jax.Array, size: int) -> jax.Array:
+    """Cluster mask [..., n] -> entry mask [..., n*size]."""
+    return jnp.repeat(mask, size, axis=-1)

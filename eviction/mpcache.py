@@ -1,0 +1,124 @@
+"""MPCache (Zeng et al., NeurIPS 2025) with MPC-first choices.
+
+Static step (once, end of prefill): keep round(static_ratio * T) entries per layer and KV head
+by observation-window attention (window, aggregation and max-pooling are fields; defaults from
+the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-pooling 7,
+where the published 20%-of-prompt window washed out the question), sink and window forced.
+Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
+comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
+then top-k2 of their children; first and current clusters always selected. Layer-wise index
+sharing by `share` pattern. The budget (fraction of the prompt attended) fixes k2; the
+static ratio defaults to max(0.5, 2 * budget).
+`published()` gives the paper's settings (window 20% of T, sum, no pooling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from eviction.base import Policy, check_ratio, topk_mask
+from eviction.clusters import cluster_candidates, expand, khat
+from eviction.sharing import PATTERNS, share_source
+from eviction.static_scores import max_pool, window_attention
+from mpc_llama.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MPCache(Policy):
+    name = "mpcache"
+    budget: float = 0.1
+    static_ratio: Optional[float] = None   # None: max(0.5, 2 * budget), capped at 1
+    window: int = 32                       # observation queries; 0 = window_fraction * T
+    window_fraction: float = 0.2
+    aggregate: str = "sum"
+    kernel: int = 7
+    alpha: float = 0.6
+    ratio1: float = 0.5
+    share: str = "pairs"
+    s1: int = 32
+    s2: int = 16
+    dynamic = True
+    needs_bounds = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.static_ratio is not None:
+            check_ratio("static_ratio", self.static_ratio)
+            if self.static_ratio < self.budget:
+                raise ConfigError(f"static_ratio {self.static_ratio} is below the budget "
+                                  f"{self.budget}: the dynamic step cannot attend more than "
+                                  "the static step keeps")
+        check_ratio("ratio1", self.ratio1)
+        check_ratio("window_fraction", self.window_fraction)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.aggregate not in ("sum", "max"):
+            raise ConfigError(f"aggregate must be sum or max, got {self.aggregate!r}")
+        if self.window < 0 or self.kernel < 1:
+            raise ConfigError("window must be >= 0 and kernel >= 1")
+        if self.share not in PATTERNS:
+            raise ConfigError(f"unknown sharing pattern {self.share!r}; choose from {PATTERNS}")
+        if self.s2 < 1 or self.s1 % self.s2:
+            raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
+                              f"{self.s1}")
+
+    @property
+    def cluster_sizes(self):
+        return (self.s1, self.s2)
+
+    @classmethod
+    def published(cls, budget: float = 0.1) -> "MPCache":
+        """The settings of the paper: 20%-of-prompt window, summed, no pooling."""
+        return cls(budget=budget, window=0, window_fraction=0.2, aggregate="sum", kernel=1)
+
+    # ---- static ----
+    def effective_static_ratio(self) -> float:
+        return self.static_ratio if self.static_ratio is not None else min(
+            1.0, max(0.5, 2 * self.budget))
+
+    def window_len(self, prompt_len: int) -> int:
+        return self.window or max(1, int(self.window_fraction * prompt_len))
+
+    def static_keep(self, prompt_len):
+        keep = int(round(self.effective_static_ratio() * prompt_len))
+        return max(self.n_attend(prompt_len), min(prompt_len, keep))
+
+    def static_forced(self, prompt_len):
+        pos = np.arange(prompt_len)
+        w = min(self.window_len(prompt_len), self.static_keep(prompt_len) - self.s2)
+        return (pos < self.s2) | (pos >= prompt_len - max(w, 0))
+
+    def static_scores(self, q, k, cfg):
+        scores = window_attention(q, k, self.window_len(q.shape[1]), self.aggregate, cfg)
+        return max_pool(scores, self.kernel)
+
+    def share_source(self, layer, n_layers):
+        return share_source(self.share, layer, n_layers)
+
+    # ---- dynamic ----
+    def k2(self, prompt_len: int) -> int:
+        """Level-2 clusters attended per step, forced ones included (public)."""
+        return max(2, self.n_attend(prompt_len) // self.s2)
+
+    def k1(self, prompt_len: int, n1: int) -> int:
+        """Level-1 clusters kept: ratio1 of those over the static cache, enough for k2."""
+        kept1 = math.ceil(self.static_keep(prompt_len) / self.s1)
+        return min(n1, max(int(self.ratio1 * kept1), math.ceil(self.k2(prompt_len) / 2) + 1))
+
+    def select(self, q, cache_k, bounds, length, prompt_len, cfg):
+        rmax2, rmin2, rmax1, rmin1 = bounds
+        n1, n2 = rmax1.shape[2], rmax2.shape[2]
+        # comparison-free similarity, summed over the query heads of the group
+        sim1 = jnp.einsum("bkgd,bkcd->bkc", q, khat(rmax1, rmin1, self.alpha))
+        sim2 = jnp.einsum("bkgd,bkcd->bkc", q, khat(rmax2, rmin2, self.alpha))
+        cand1, forced1 = cluster_candidates(length, n1, self.s1)
+        keep1 = jnp.logical_or(topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1), forced1)
+        cand2, forced2 = cluster_candidates(length, n2, self.s2)
+        eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
+        keep2 = jnp.logical_or(topk_mask(sim2, self.k2(prompt_len) - 2, eligible), forced2)
+        return expand(keep2, self.s2)

@@ -1,0 +1,23 @@
+"""TOVA (Oren et al. 2024): keep the tokens the current (last) query attends to most.
+
+Applied here at the end of prefill with the last prompt query; generated tokens are appended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from eviction.base import Policy
+from eviction.static_scores import window_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVA(Policy):
+    name = "tova"
+    budget: float = 0.1
+
+    def static_keep(self, prompt_len):
+        return self.n_attend(prompt_len)
+
+    def static_scores(self, q, k, cfg):
+        return window_attention(q, k, 1, "sum", cfg)

@@ -1,0 +1,195 @@
+"""Eviction policies in plaintext: hand-computed pieces, budgets, sharing, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eviction import POLICIES, make_policy
+from eviction.base import topk_mask
+from eviction.clusters import bounds_of, cluster_candidates, init_bounds, khat, update_bounds
+from eviction.mpcache import MPCache
+from eviction.quest import quest_bound
+from eviction.sharing import share_source
+from mpc_llama.config import preset
+from mpc_llama.errors import ConfigError
+from mpc_llama.generation import greedy_generate
+from mpc_llama.model import decode_step, init_params, prefill
+
+T = 200
+
+
+@pytest.fixture(scope="module")
+def six_layers():
+    cfg = preset("tiny").replace(n_layers=6, max_seq_len=512)
+    return cfg, init_params(cfg, jax.random.PRNGKey(1), scale=0.3)
+
+
+def test_cluster_bounds_by_hand():
+    keys = jnp.asarray([[1., -1.], [3., 0.], [2., 5.], [-4., 1.]])[None, None]
+    kmax, kmin = bounds_of(keys, length=4, size=2)
+    np.testing.assert_array_equal(kmax[0, 0], [[3, 0], [2, 5]])
+    np.testing.assert_array_equal(kmin[0, 0], [[1, -1], [-4, 1]])
+    kmax, kmin = bounds_of(keys, length=3, size=2)  # entry 3 not written yet
+    np.testing.assert_array_equal(kmax[0, 0, 1], [2, 5])
+    np.testing.assert_array_equal(kmin[0, 0, 1], [2, 5])
+
+
+def test_incremental_bounds_equal_recomputed():
+    keys = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 64, 4))
+    b = init_bounds(keys, 40)
+    for i in range(40, 64):
+        b = update_bounds(b, keys[:, :, i], i)
+    for got, want in zip(b, init_bounds(keys, 64)):
+        np.testing.assert_allclose(got, want)
+
+
+def test_similarity_is_linear_in_q():
+    q = jnp.asarray([1.0, 2.0])
+    rmax, rmin = jnp.asarray([3.0, 0.0]), jnp.asarray([1.0, -1.0])
+    k = khat(rmax, rmin, 0.6)
+    np.testing.assert_allclose(k, [2.2, -0.4])
+    assert float(q @ k) == pytest.approx(1.4)
+    assert float(q @ k) == pytest.approx(0.6 * float(q @ rmax) + 0.4 * float(q @ rmin))
+
+
+def test_quest_bound_is_never_below_a_true_score():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, 2, 3, 8)), jnp.float32)       # [b, k, g, d]
+    keys = jnp.asarray(rng.normal(size=(1, 2, 64, 8)), jnp.float32)   # [b, k, c, d]
+    rmax, rmin = bounds_of(keys, 64, 16)
+    bound = np.asarray(quest_bound(q, rmax, rmin))                     # [b, k, pages]
+    true = np.einsum("bkgd,bkcd->bkc", q, keys).reshape(1, 2, 4, 16)  # summed over g
+    per_head = np.einsum("bkgd,bkcd->bkgc", q, keys).reshape(1, 2, 3, 4, 16).max(-1).sum(2)
+    assert (bound >= true.max(-1) - 1e-5).all()
+    assert (bound >= per_head - 1e-5).all()
+
+
+def test_forced_clusters_and_candidates():
+    cand, forced = cluster_candidates(jnp.asarray(40), 4, 16)
+    np.testing.assert_array_equal(forced, [True, False, True, False])  # sink, current (39//16)
+    np.testing.assert_array_equal(cand, [False, True, False, False])  # full, not forced
+
+
+def test_topk_mask_respects_allowed():
+    s = jnp.asarray([5., 1., 4., 3., 2.])
+    allowed = jnp.asarray([False, True, True, True, True])
+    np.testing.assert_array_equal(topk_mask(s, 2, allowed), [False, False, True, True, False])
+    assert not topk_mask(s, 0, allowed).any()
+
+
+def test_k1_k2_formulas():
+    p = MPCache(budget=0.1)
+    assert p.n_attend(1000) == 100
+    assert p.k2(1000) == 6                # floor(100 / 16)
+    assert p.static_keep(1000) == 500     # static ratio max(0.5, 2 * budget)
+    assert p.k1(1000, n1=100) == 8        # ratio1 * ceil(500 / 32) = 0.5 * 16
+    assert p.k1(1000, n1=5) == 5          # capped by the clusters that exist
+    assert MPCache(budget=0.05).k2(1000) == 3
+    assert MPCache(budget=0.4).static_keep(1000) == 800
+
+
+def test_sharing_pattern():
+    assert [share_source("pairs", i, 8) for i in range(8)] == [0, 1, 2, 2, 4, 4, 6, 7]
+    skipped = [i for i in range(32) if share_source("pairs", i, 32) != i]
+    assert skipped == list(range(3, 30, 2)) and len(skipped) == 14
+    assert [share_source("none", i, 8) for i in range(8)] == list(range(8))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_budgets_honoured(six_layers, name):
+    cfg, params = six_layers
+    policy = make_policy(name, 0.25)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)))
+    _, cache = prefill(params, cfg, toks, T + 3, policy=policy)
+    keep = policy.static_keep(T)
+    assert int(cache.length) == (T if keep is None else keep)
+    n_attend = policy.n_attend(T)
+    for step in range(3):
+        _, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache, policy, T,
+                                       return_attended=True)
+        counts = np.asarray(counts)
+        if name == "full":
+            assert (counts == T + step + 1).all()
+        elif name == "oracle":                   # the budget + the generated entries
+            assert (counts == n_attend + step + 1).all()
+        elif policy.dynamic and keep is None:   # quest: whole pages within the budget
+            assert (counts <= n_attend).all() and (counts > 0).all()
+        elif policy.dynamic:                     # mpcache: k2 clusters of s2 entries at most
+            assert (counts <= policy.k2(T) * policy.s2).all()
+        else:                                    # static: kept prompt entries + generated ones
+            assert (counts == n_attend + step + 1).all()
+
+
+def test_static_eviction_keeps_forced_and_compacts_in_order(six_layers):
+    cfg, params = six_layers
+    policy = make_policy("snapkv", 0.25)
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)))
+    _, full = prefill(params, cfg, toks, T)
+    _, cache = prefill(params, cfg, toks, T, policy=policy)
+    n = int(cache.length)
+    pos = np.asarray(cache.pos)[:, 0, :, :n]                    # [L, K, n]
+    assert (np.diff(pos, axis=-1) > 0).all()                    # position order
+    assert set(range(T - policy.window, T)) <= set(pos[0, 0])   # window forced
+    # kept keys are exactly the original (post-RoPE) keys of those positions
+    for layer in (0, 3):
+        for h in range(cfg.n_kv_heads):
+            np.testing.assert_allclose(cache.k[layer, 0, h, :n], full.k[layer, 0, h, pos[layer, h]],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_mpcache_layers_share_static_and_dynamic_selection(six_layers):
+    cfg, params = six_layers
+    policy = MPCache(budget=0.25)
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, T)))
+    _, cache = prefill(params, cfg, toks, T + 1, policy=policy)
+    pos = np.asarray(cache.pos)
+    np.testing.assert_array_equal(pos[3], pos[2])   # layer 3 reuses layer 2's kept set
+    assert (pos[1] != pos[0]).any() or (pos[2] != pos[1]).any()
+
+
+def test_mpcache_selects_the_cluster_the_query_points_at():
+    """Hand-built cache: 8 clusters of 16; keys of cluster 5 align with q, others oppose it."""
+    d, c = 4, 128
+    u = jnp.asarray([1.0, 0.0, 0.0, 0.0])
+    keys = jnp.tile(-u, (c, 1)).at[80:96].set(u)[None, None]   # [1, 1, c, d]
+    policy = MPCache(budget=0.5, s1=32, s2=16)   # k2 = 4 clusters, k1 = 3
+    bounds = init_bounds(keys, c)
+    q = u[None, None, None]                                      # [1, 1, 1, d]
+    mask = np.asarray(policy.select(q, keys, bounds, jnp.asarray(c), prompt_len=c, cfg=None))[0, 0]
+    chosen = {i // 16 for i in np.flatnonzero(mask)}
+    assert {0, 7, 5} <= chosen                                   # sink, current, best
+    assert len(chosen) <= policy.k2(c)
+
+
+def test_oracle_equals_full_at_full_budget(six_layers):
+    cfg, params = six_layers
+    prompt = list(np.random.default_rng(3).integers(0, cfg.vocab_size, 60))
+    full = greedy_generate(params, cfg, prompt, 6, policy=make_policy("full"))
+    oracle = greedy_generate(params, cfg, prompt, 6, policy=make_policy("oracle", 1.0))
+    assert oracle.tokens == full.tokens
+    assert full.attended_fraction == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: make_policy("mpcache", 0.0), "budget"),
+    (lambda: make_policy("snapkv", 1.5), "budget"),
+    (lambda: MPCache(budget=0.3, static_ratio=0.2), "below the budget"),
+    (lambda: MPCache(static_ratio=0.0), "static_ratio"),
+    (lambda: MPCache(ratio1=1.2), "ratio1"),
+    (lambda: MPCache(s1=32, s2=12), "must divide"),
+    (lambda: MPCache(share="odd"), "sharing pattern"),
+    (lambda: make_policy("lru"), "unknown policy"),
+    (lambda: make_policy("h2o", 0.1, alpha=0.5), "no setting"),
+])
+def test_bad_settings_fail_at_construction(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_topk_mask_is_exact_under_ties():
+    s = jnp.asarray([[3., 7., 7., 7., 1., 7.]])
+    m = topk_mask(s, 2, jnp.ones(6, bool))
+    np.testing.assert_array_equal(m[0], [False, True, True, False, False, False])
+    m = topk_mask(s, 5, jnp.ones(6, bool))
+    assert int(m.sum()) == 5 and not bool(m[0, 4])
