@@ -105,3 +105,20 @@ def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
         (target / "config.json").write_text(json.dumps(cfg))
     r = run("--model", str(target), "--prompt-ids", "1,2")
     assert_one_error_line(r)
+
+
+def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path):
+    path, _ = hf_dir
+    prompt = ",".join(str(i % 50) for i in range(3, 43))  # 40 tokens
+    runs = {}
+    for backend in ("plain", "spu"):
+        out = tmp_path / f"{backend}.json"
+        r = run("--model", str(path), "--prompt-ids", prompt, "--max-new-tokens", "4",
+                "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
+                "--window", "8", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        runs[backend] = json.loads(out.read_text())
+    assert runs["spu"]["tokens"] == runs["plain"]["tokens"]
+    for data in runs.values():
+        assert data["policy"] == "mpcache" and data["policy_settings"]["window"] == 8
+        assert 0 < data["attended_fraction"] < 1
