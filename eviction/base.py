@@ -104,7 +104,19 @@ class Policy:
         """(s1, s2): level-1 and level-2 cluster sizes of the bounds kept in the cache."""
         return (32, 16)
 
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len: int, cfg):
+        """Cluster-level selection: (mask [b, k, n] over clusters, cluster size, slots = the
+        public number of clusters attended), or None for token-level policies. With
+        `gather`, the model gathers the selected clusters and attends to those only."""
+        return None
+
     def select(self, q, cache_k, bounds, length, prompt_len: int, cfg) -> jax.Array:
         """q: [b, k, g, d] current query; cache_k: [b, k, c, d]; length: [] entries valid
         (current token included). Returns bool [b, k, c]."""
-        raise NotImplementedError(f"{self.name} has no dynamic step")
+        picked = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
+        if picked is None:
+            raise NotImplementedError(f"{self.name} has no dynamic step")
+        from eviction.clusters import expand
+
+        mask, size, _ = picked
+        return expand(mask, size)

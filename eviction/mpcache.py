@@ -7,7 +7,9 @@ where the published 20%-of-prompt window washed out the question), sink and wind
 Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
 then top-k2 of their children; first and current clusters always selected. Layer-wise index
-sharing by `share` pattern. The budget (fraction of the prompt attended) fixes k2; the
+sharing by `share` pattern. With `gather` (default) the selected clusters are gathered by a
+one-hot matmul over clusters and attention runs over k2 * s2 entries only; without, the full
+cache is attended under a mask (same output, no gather). The budget (fraction of the prompt attended) fixes k2; the
 static ratio defaults to max(0.5, 2 * budget).
 `published()` gives the paper's settings (window 20% of T, sum, no pooling).
 """
@@ -42,6 +44,7 @@ class MPCache(Policy):
     share: str = "pairs"
     s1: int = 32
     s2: int = 16
+    gather: bool = True
     dynamic = True
     needs_bounds = True
 
@@ -110,7 +113,7 @@ class MPCache(Policy):
         kept1 = math.ceil(self.static_keep(prompt_len) / self.s1)
         return min(n1, max(int(self.ratio1 * kept1), math.ceil(self.k2(prompt_len) / 2) + 1))
 
-    def select(self, q, cache_k, bounds, length, prompt_len, cfg):
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
         rmax2, rmin2, rmax1, rmin1 = bounds
         n1, n2 = rmax1.shape[2], rmax2.shape[2]
         # comparison-free similarity, summed over the query heads of the group
@@ -121,4 +124,4 @@ class MPCache(Policy):
         cand2, forced2 = cluster_candidates(length, n2, self.s2)
         eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
         keep2 = jnp.logical_or(topk_mask(sim2, self.k2(prompt_len) - 2, eligible), forced2)
-        return expand(keep2, self.s2)
+        return keep2, self.s2, self.k2(prompt_len)

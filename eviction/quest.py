@@ -9,7 +9,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from eviction.base import Policy, topk_mask
-from eviction.clusters import cluster_candidates, expand
+from eviction.clusters import cluster_candidates
 from mpc_llama.errors import ConfigError
 
 
@@ -29,6 +29,7 @@ class Quest(Policy):
     name = "quest"
     budget: float = 0.1
     page: int = 16
+    gather: bool = True
     dynamic = True
     needs_bounds = True
 
@@ -45,10 +46,10 @@ class Quest(Policy):
         """Pages attended per step, forced first and current pages included (public)."""
         return max(2, self.n_attend(prompt_len) // self.page)
 
-    def select(self, q, cache_k, bounds, length, prompt_len, cfg):
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
         rmax2, rmin2 = bounds[0], bounds[1]
         score = quest_bound(q, rmax2, rmin2)
         cand, forced = cluster_candidates(length, rmax2.shape[2], self.page)
         n_forced = 2
         chosen = topk_mask(score, self.pages(prompt_len) - n_forced, cand)
-        return expand(jnp.logical_or(chosen, forced), self.page)
+        return jnp.logical_or(chosen, forced), self.page, self.pages(prompt_len)

@@ -20,18 +20,34 @@ def static_mask(policy, q, k, cfg) -> jax.Array:
     return topk_mask(scores, policy.static_keep(t), jnp.ones((t,), bool))
 
 
-def compact(mask: jax.Array, n_keep: int, *arrays):
-    """Moves the kept entries to the front, in position order, as a one-hot matmul.
+def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
+    """One-hot matrix P [b, k, n, t] moving the kept entries of `mask` [b, k, t] to the front
+    in position order: P[i, j] = mask[j] and (rank of j among kept == i). Built from a prefix
+    sum (local under MPC) and comparisons with public slot numbers: no secret index is formed.
+    Rows beyond the number kept are zero."""
+    dest = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1                    # [b, k, t]
+    slots = jnp.arange(n)[:, None]                                              # [n, 1]
+    return jnp.logical_and(mask[:, :, None, :], dest[:, :, None, :] == slots)  # [b, k, n, t]
 
-    mask: [b, k, t] with exactly n_keep True per row; arrays: [b, k, t, ...]. The one-hot
-    matrix P[i, j] = mask[j] and (rank of j among kept == i) uses a prefix sum and public
-    comparisons with i: no secret index is ever formed. Returns arrays [b, k, n_keep, ...].
-    """
-    dest = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1                 # [b, k, t]
-    slots = jnp.arange(n_keep)[:, None]                                      # [n, 1]
-    onehot = jnp.logical_and(mask[:, :, None, :], dest[:, :, None, :] == slots)  # [b,k,n,t]
+
+def gather_rows(p: jax.Array, a: jax.Array) -> jax.Array:
+    """p [b, k, n, t] (bool) applied to a [b, k, t, ...] -> [b, k, n, ...] as one matmul."""
+    return jnp.einsum("bknt,bkt...->bkn...", p.astype(a.dtype), a)
+
+
+def compact(mask: jax.Array, n_keep: int, *arrays):
+    """Moves the n_keep kept entries (mask [b, k, t]) to the front of each array
+    [b, k, t, ...], in position order. Returns arrays [b, k, n_keep, ...]."""
+    p = compaction_matrix(mask, n_keep)
+    return [gather_rows(p, a) for a in arrays]
+
+
+def gather_clusters(p: jax.Array, size: int, *arrays):
+    """Gathers whole clusters: p [b, k, slots, n] over clusters of `size` consecutive entries;
+    arrays [b, k, n*size, ...] -> [b, k, slots*size, ...]."""
     out = []
     for a in arrays:
-        p = onehot.astype(a.dtype)
-        out.append(jnp.einsum("bknt,bkt...->bkn...", p, a))
+        b, h, c = a.shape[:3]
+        g = gather_rows(p, a.reshape(b, h, c // size, size, *a.shape[3:]))
+        out.append(g.reshape(b, h, -1, *a.shape[3:]))
     return out

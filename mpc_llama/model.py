@@ -177,6 +177,18 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
     return lm_head(params, x, cfg), cache
 
 
+def _select(policy, q, ck, bounds, length, prompt_len, cfg):
+    """("gather", P [b, k, slots, n], cluster size) for gathering cluster policies, else
+    ("mask", bool [b, k, c], None)."""
+    from mpc_llama.eviction_hooks import compaction_matrix
+
+    picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
+    if picked is not None and getattr(policy, "gather", False):
+        mask, size, slots = picked
+        return "gather", compaction_matrix(mask, slots), size
+    return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None
+
+
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
                 policy=None, prompt_len: int = 0, return_attended: bool = False):
     """One token through the model, appending its key/value at index `cache.length`.
@@ -188,6 +200,7 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics).
     """
     from eviction.clusters import update_bounds
+    from mpc_llama.eviction_hooks import gather_clusters
 
     positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
     length = cache.length + 1  # entries valid after writing the current one
@@ -205,15 +218,22 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
             layer_bounds = update_bounds(tuple(bb[i] for bb in cache.bounds), k[:, :, 0],
                                          cache.length, *policy.cluster_sizes)
             bounds.append(layer_bounds)
+        keys, values = ck, cv
         if dynamic:
             src = policy.share_source(i, cfg.n_layers)
-            if src not in selections:
+            if src not in selections:  # a sharing layer reuses the selection (and gather matrix)
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                selections[src] = policy.select(qg, ck, layer_bounds if cache.bounds is not None
-                                                else None, length, prompt_len, cfg)
-            mask = jnp.logical_and(mask, selections[src])
+                selections[src] = _select(policy, qg, ck, layer_bounds if cache.bounds
+                                          is not None else None, length, prompt_len, cfg)
+            kind, sel, size = selections[src]
+            if kind == "gather":
+                keys, values, picked = gather_clusters(sel, size, ck, cv,
+                                                       mask.astype(ck.dtype))
+                mask = picked > 0.5
+            else:
+                mask = jnp.logical_and(mask, sel)
         counts.append(mask.sum(axis=-1))
-        x = x + attend(q, ck, cv, mask[:, :, None, None, :], cfg) @ lp["wo"]
+        x = x + attend(q, keys, values, mask[:, :, None, None, :], cfg) @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
         ks.append(ck), vs.append(cv), ps.append(cp)
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None

@@ -193,3 +193,21 @@ def test_topk_mask_is_exact_under_ties():
     np.testing.assert_array_equal(m[0], [False, True, True, False, False, False])
     m = topk_mask(s, 5, jnp.ones(6, bool))
     assert int(m.sum()) == 5 and not bool(m[0, 4])
+
+
+@pytest.mark.parametrize("name", ["mpcache", "quest"])
+def test_gathered_attention_equals_masked_attention(six_layers, name):
+    """Gathering the selected clusters (attention over k2 * s2 entries) gives the same
+    logits and counts as attending the whole cache under the selection mask."""
+    cfg, params = six_layers
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, T)))
+    outs = []
+    for gather in (True, False):
+        policy = make_policy(name, 0.25, gather=gather)
+        _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
+        for step in range(20):  # crosses a cluster boundary: bounds update, new candidates
+            logits, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache,
+                                                policy, T, return_attended=True)
+        outs.append((np.asarray(logits), np.asarray(counts)))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
