@@ -34,6 +34,20 @@ def check_ratio(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in (0, 1], got {value}")
 
 
+GATHER_MODES = ("scores", "kv", "mask")
+
+
+def check_gather(mode: str) -> None:
+    """How a cluster policy's selection reaches attention:
+    "scores": score the whole cache, gather only the selected clusters' scores, softmax over
+              them, scatter the probabilities back, p . V (cheapest under ABY3);
+    "kv":     gather the selected clusters' keys and values (one-hot matmul), attend to them;
+    "mask":   attend to the whole cache under the selection mask (reference).
+    All three give the same output."""
+    if mode not in GATHER_MODES:
+        raise ConfigError(f"gather must be one of {GATHER_MODES}, got {mode!r}")
+
+
 def topk_mask(scores: jax.Array, k: int, allowed: jax.Array) -> jax.Array:
     """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
     the last axis; ties at the threshold go to the earliest entries.
@@ -103,6 +117,11 @@ class Policy:
     def cluster_sizes(self):
         """(s1, s2): level-1 and level-2 cluster sizes of the bounds kept in the cache."""
         return (32, 16)
+
+    @property
+    def bounds_alpha(self) -> float:
+        """alpha of the khat summaries kept with the bounds."""
+        return 0.6
 
     def select_clusters(self, q, cache_k, bounds, length, prompt_len: int, cfg):
         """Cluster-level selection: (mask [b, k, n] over clusters, cluster size, slots = the

@@ -1,8 +1,10 @@
 """Fixed-size clusters of consecutive cache entries and their per-dimension key bounds.
 
 Bounds shapes (C capacity, a multiple of s1; s2 divides s1; MPCache's default s1=32, s2=16):
-    rmax2, rmin2: [b, k, C/s2, d]   level-2 clusters
-    rmax1, rmin1: [b, k, C/s1, d]   level-1 clusters
+    rmax2, rmin2, khat2: [b, k, C/s2, d]   level-2 clusters
+    rmax1, rmin1, khat1: [b, k, C/s1, d]   level-1 clusters
+khat = alpha*r_max + (1-alpha)*r_min is stored too, so a decode step scores clusters with one
+matmul and recomputes khat only for the cluster the new key lands in.
 Empty clusters hold -BIG / +BIG. Bounds are computed once over the (compacted) cache at the
 end of prefill, then updated incrementally as each new key is written (one max and one min per
 dimension and level), never recomputed over the whole cache.
@@ -27,22 +29,31 @@ def bounds_of(keys: jax.Array, length: int, size: int):
     return kmax, kmin
 
 
-def init_bounds(keys: jax.Array, length: int, s1: int = S1, s2: int = S2):
-    """(rmax2, rmin2, rmax1, rmin1) for one layer's cache keys [b, k, C, d]."""
-    return bounds_of(keys, length, s2) + bounds_of(keys, length, s1)
+def init_bounds(keys: jax.Array, length: int, s1: int = S1, s2: int = S2, alpha: float = 0.6):
+    """(rmax2, rmin2, rmax1, rmin1, khat2, khat1) for one layer's cache keys [b, k, C, d]."""
+    rmax2, rmin2 = bounds_of(keys, length, s2)
+    rmax1, rmin1 = bounds_of(keys, length, s1)
+    return (rmax2, rmin2, rmax1, rmin1, khat(rmax2, rmin2, alpha), khat(rmax1, rmin1, alpha))
 
 
-def update_bounds(bounds, key: jax.Array, index, s1: int = S1, s2: int = S2):
-    """Folds the key written at cache `index` (public) into its clusters' bounds.
+def update_bounds(bounds, key: jax.Array, index, s1: int = S1, s2: int = S2,
+                  alpha: float = 0.6):
+    """Folds the key written at cache `index` (public) into its clusters' bounds and khat.
 
-    bounds: one layer's (rmax2, rmin2, rmax1, rmin1); key: [b, k, d].
+    bounds: one layer's (rmax2, rmin2, rmax1, rmin1, khat2, khat1); key: [b, k, d].
+    Touches one cluster per level: 2*d comparisons and d multiplications per level.
     """
-    out = []
-    for arr, size, op in zip(bounds, (s2, s2, s1, s1),
-                             (jnp.maximum, jnp.minimum, jnp.maximum, jnp.minimum)):
+    out = list(bounds)
+    for level, size in ((0, s2), (1, s1)):
         c = index // size
-        row = jax.lax.dynamic_slice_in_dim(arr, c, 1, axis=2)
-        out.append(jax.lax.dynamic_update_slice_in_dim(arr, op(row, key[:, :, None]), c, axis=2))
+        rows = []
+        for j, op in ((0, jnp.maximum), (1, jnp.minimum)):
+            arr = bounds[2 * level + j]
+            row = op(jax.lax.dynamic_slice_in_dim(arr, c, 1, axis=2), key[:, :, None])
+            out[2 * level + j] = jax.lax.dynamic_update_slice_in_dim(arr, row, c, axis=2)
+            rows.append(row)
+        out[4 + level] = jax.lax.dynamic_update_slice_in_dim(
+            bounds[4 + level], khat(rows[0], rows[1], alpha), c, axis=2)
     return tuple(out)
 
 

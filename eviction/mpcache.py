@@ -7,10 +7,10 @@ where the published 20%-of-prompt window washed out the question), sink and wind
 Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
 then top-k2 of their children; first and current clusters always selected. Layer-wise index
-sharing by `share` pattern. With `gather` (default) the selected clusters are gathered by a
-one-hot matmul over clusters and attention runs over k2 * s2 entries only; without, the full
-cache is attended under a mask (same output, no gather). The budget (fraction of the prompt attended) fixes k2; the
-static ratio defaults to max(0.5, 2 * budget).
+sharing by `share` pattern. `gather` says how attention reaches the selection (see
+eviction.base.check_gather); the default "scores" gathers only score scalars, so the softmax
+runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
+attended) fixes k2; the static ratio defaults to max(0.5, 2 * budget).
 `published()` gives the paper's settings (window 20% of T, sum, no pooling).
 """
 
@@ -23,8 +23,8 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from eviction.base import Policy, check_ratio, topk_mask
-from eviction.clusters import cluster_candidates, expand, khat
+from eviction.base import Policy, check_gather, check_ratio, topk_mask
+from eviction.clusters import cluster_candidates, expand
 from eviction.sharing import PATTERNS, share_source
 from eviction.static_scores import max_pool, window_attention
 from mpc_llama.errors import ConfigError
@@ -44,12 +44,13 @@ class MPCache(Policy):
     share: str = "pairs"
     s1: int = 32
     s2: int = 16
-    gather: bool = True
+    gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     dynamic = True
     needs_bounds = True
 
     def __post_init__(self):
         super().__post_init__()
+        check_gather(self.gather)
         if self.static_ratio is not None:
             check_ratio("static_ratio", self.static_ratio)
             if self.static_ratio < self.budget:
@@ -113,12 +114,16 @@ class MPCache(Policy):
         kept1 = math.ceil(self.static_keep(prompt_len) / self.s1)
         return min(n1, max(int(self.ratio1 * kept1), math.ceil(self.k2(prompt_len) / 2) + 1))
 
+    @property
+    def bounds_alpha(self):
+        return self.alpha
+
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
-        rmax2, rmin2, rmax1, rmin1 = bounds
-        n1, n2 = rmax1.shape[2], rmax2.shape[2]
-        # comparison-free similarity, summed over the query heads of the group
-        sim1 = jnp.einsum("bkgd,bkcd->bkc", q, khat(rmax1, rmin1, self.alpha))
-        sim2 = jnp.einsum("bkgd,bkcd->bkc", q, khat(rmax2, rmin2, self.alpha))
+        khat2, khat1 = bounds[4], bounds[5]
+        n1, n2 = khat1.shape[2], khat2.shape[2]
+        # comparison-free similarity (khat kept in the cache), summed over the group's heads
+        sim1 = jnp.einsum("bkgd,bkcd->bkc", q, khat1)
+        sim2 = jnp.einsum("bkgd,bkcd->bkc", q, khat2)
         cand1, forced1 = cluster_candidates(length, n1, self.s1)
         keep1 = jnp.logical_or(topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1), forced1)
         cand2, forced2 = cluster_candidates(length, n2, self.s2)

@@ -8,7 +8,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from eviction.base import Policy, topk_mask
+from eviction.base import Policy, check_gather, topk_mask
 from eviction.clusters import cluster_candidates
 from mpc_llama.errors import ConfigError
 
@@ -29,12 +29,13 @@ class Quest(Policy):
     name = "quest"
     budget: float = 0.1
     page: int = 16
-    gather: bool = True
+    gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     dynamic = True
     needs_bounds = True
 
     def __post_init__(self):
         super().__post_init__()
+        check_gather(self.gather)
         if self.page < 1:
             raise ConfigError(f"page must be >= 1, got {self.page}")
 

@@ -4,7 +4,7 @@ Shapes (L layers, B batch, K key/value heads, C capacity, D head dim):
     k, v:  [L, B, K, C, D]  keys after RoPE, values
     pos:   [L, B, K, C]     int32 original token position of each entry, -1 where empty
     length: []              int32, entries filled (the same for every layer and head)
-    bounds: None, or (rmax2, rmin2, rmax1, rmin1) each [L, B, K, C/s, D]: per-cluster key
+    bounds: None, or (rmax2, rmin2, rmax1, rmin1, khat2, khat1) each [L, B, K, C/s, D]: per-cluster key
             bounds for query-aware selection (see eviction.clusters)
 
 Entries [0, length) are valid. Keys are stored post-RoPE, so an entry keeps its meaning when

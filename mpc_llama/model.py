@@ -168,25 +168,13 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
         if policy is not None and policy.needs_bounds:
-            bounds.append(init_bounds(ck, n_keep, *policy.cluster_sizes))
+            bounds.append(init_bounds(ck, n_keep, *policy.cluster_sizes, policy.bounds_alpha))
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
     cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
                     stacked)
     if last_only:
         x = x[:, -1]
     return lm_head(params, x, cfg), cache
-
-
-def _select(policy, q, ck, bounds, length, prompt_len, cfg):
-    """("gather", P [b, k, slots, n], cluster size) for gathering cluster policies, else
-    ("mask", bool [b, k, c], None)."""
-    from mpc_llama.eviction_hooks import compaction_matrix
-
-    picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
-    if picked is not None and getattr(policy, "gather", False):
-        mask, size, slots = picked
-        return "gather", compaction_matrix(mask, slots), size
-    return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None
 
 
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
@@ -200,11 +188,10 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics).
     """
     from eviction.clusters import update_bounds
-    from mpc_llama.eviction_hooks import gather_clusters
+    from mpc_llama.selective_attention import decode_attention
 
     positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
     length = cache.length + 1  # entries valid after writing the current one
-    valid = jnp.arange(cache.capacity) < length
     dynamic = policy is not None and policy.dynamic
     x = embed(params, token[:, None], cfg)
     ks, vs, ps, bounds, selections, counts = [], [], [], [], {}, []
@@ -213,27 +200,17 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
         q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
         ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], cache.length, k, v,
                                  positions)
-        mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
         if cache.bounds is not None:
             layer_bounds = update_bounds(tuple(bb[i] for bb in cache.bounds), k[:, :, 0],
-                                         cache.length, *policy.cluster_sizes)
+                                         cache.length, *policy.cluster_sizes,
+                                         policy.bounds_alpha)
             bounds.append(layer_bounds)
-        keys, values = ck, cv
-        if dynamic:
-            src = policy.share_source(i, cfg.n_layers)
-            if src not in selections:  # a sharing layer reuses the selection (and gather matrix)
-                qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                selections[src] = _select(policy, qg, ck, layer_bounds if cache.bounds
-                                          is not None else None, length, prompt_len, cfg)
-            kind, sel, size = selections[src]
-            if kind == "gather":
-                keys, values, picked = gather_clusters(sel, size, ck, cv,
-                                                       mask.astype(ck.dtype))
-                mask = picked > 0.5
-            else:
-                mask = jnp.logical_and(mask, sel)
-        counts.append(mask.sum(axis=-1))
-        x = x + attend(q, keys, values, mask[:, :, None, None, :], cfg) @ lp["wo"]
+        src = policy.share_source(i, cfg.n_layers) if dynamic else i
+        out, selections[src], count = decode_attention(
+            q, ck, cv, layer_bounds if cache.bounds is not None else None, length, policy,
+            prompt_len, cfg, selections.get(src))  # a sharing layer reuses its source's pick
+        counts.append(count)
+        x = x + out @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
         ks.append(ck), vs.append(cv), ps.append(cp)
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None

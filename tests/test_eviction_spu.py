@@ -43,7 +43,8 @@ def selection_fn(policy, cfg):
         static = (static_mask(policy, q_all, keys, cfg) if policy.static_keep(T) is not None
                   else jnp.zeros(keys.shape[:3], bool))
         if policy.dynamic:
-            bounds = init_bounds(keys, T, *policy.cluster_sizes) if policy.needs_bounds else None
+            bounds = (init_bounds(keys, T, *policy.cluster_sizes, policy.bounds_alpha)
+                      if policy.needs_bounds else None)
             dynamic = policy.select(q_now, keys, bounds, jnp.asarray(T), T, cfg)
         else:
             dynamic = jnp.zeros(keys.shape[:3], bool)
