@@ -62,8 +62,11 @@ def test_cheetah_setup_is_separated(tiny):
     first = gen.generate(PROMPT, 1).prefill_cost
     second = gen.generate(PROMPT, 1).prefill_cost
     assert not first.includes_setup
-    # after warm-up, the first prefill costs what a later one does (steady state)
-    assert abs(first.bytes_sent[0] - second.bytes_sent[0]) < 0.01 * second.bytes_sent[0]
+    # after warm-up, the first prefill costs what a later one does (steady state). Silent OT
+    # makes correlations in batches, so a run may or may not pay a refill: +-2% seen; the
+    # one-time setup is far larger (asserted relative to it, not only in absolute terms).
+    gap = abs(first.bytes_sent[0] - second.bytes_sent[0])
+    assert gap < 0.05 * second.bytes_sent[0] and gap < 0.2 * setup.bytes_sent[0]
 
 
 def test_programs_reveal_nothing(tiny):
@@ -74,7 +77,7 @@ def test_programs_reveal_nothing(tiny):
 
     cfg, params = tiny
     gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params)
-    text = gen.decode_program(capacity=12).text + gen.prefill_program(7, 12).text
+    text = gen.decode_program(7, 12).text + gen.prefill_program(7, 12).text
     assert "pphlo.dot" in text and "!pphlo.secret" in text  # the IR is really there
     assert "reveal" not in text
     targets = set(re.findall(r"pphlo\.custom_call @([\w.]+)", text))
