@@ -33,5 +33,5 @@ def make_policy(name: str, budget: float = 0.1, **fields) -> Policy:
     if unknown:
         raise ConfigError(f"policy {name} has no setting(s) {sorted(unknown)}")
     if name == "full":
-        return cls(budget=1.0)
+        return cls(budget=1.0, **fields)
     return cls(budget=budget, **fields)

@@ -48,22 +48,61 @@ def check_gather(mode: str) -> None:
         raise ConfigError(f"gather must be one of {GATHER_MODES}, got {mode!r}")
 
 
-def topk_mask(scores: jax.Array, k: int, allowed: jax.Array) -> jax.Array:
-    """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
-    the last axis; ties at the threshold go to the earliest entries.
+SEARCH_BITS = 12   # resolution of the threshold search: (max - min) / 2**12
+SEARCH_WAYS = 8    # parts per round: 3 bits per round, 4 rounds
+MIN_STEP = 2.0 ** -14  # 16 ulps of FM64 with 18 fraction bits
 
-    Uses only the k-th largest VALUE (lax.top_k, whose SPU kernel is a secret shuffle then
-    quick-select), comparisons with it, and a prefix sum (local under MPC) to break ties:
-    no secret index is ever formed. Exact counts matter: ties (e.g. plateaus left by
-    max-pooling) would otherwise overflow a fixed-size compacted cache.
+
+SELECTORS = ("search", "topk")
+
+
+def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "search",
+              ways: int = SEARCH_WAYS, bits: int = SEARCH_BITS) -> jax.Array:
+    """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
+    the last axis.
+
+    selector "search" (default): a threshold search written as batched jnp ops: each round splits the row's interval
+    [lo, hi) into `ways` parts, compares every entry with the ways-1 cut points and each
+    count with k, all rows (heads, batch) at once; ceil(bits / log2(ways)) rounds. So the
+    number of message rounds does not grow with heads (SPU's secret lax.top_k works row by
+    row). Entries left inside the final interval are ties, given to the earliest positions by
+    a prefix sum (local under MPC), so the count is exact: max-pooling plateaus would
+    otherwise overflow a fixed-size compacted cache. Nothing is revealed and no secret index
+    is formed. Scores within (max - min) / 2**bits of the threshold count as ties.
+    selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
+    quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
+    then the same exact-count tie breaking.
     """
-    k = min(int(k), scores.shape[-1])
+    n = scores.shape[-1]
+    k = min(int(k), n)
+    shape = jnp.broadcast_shapes(scores.shape, jnp.shape(allowed))
     if k <= 0:
-        return jnp.zeros(jnp.broadcast_shapes(scores.shape, jnp.shape(allowed)), bool)
+        return jnp.zeros(shape, bool)
+    allowed = jnp.broadcast_to(allowed, shape)
     masked = jnp.where(allowed, scores, -BIG)
-    kth = jax.lax.top_k(masked, k)[0][..., -1:]
-    above = jnp.logical_and(masked > kth, allowed)
-    ties = jnp.logical_and(masked == kth, allowed)
+    if selector == "topk":
+        kth = jax.lax.top_k(masked, k)[0][..., -1:]
+        return _exact_count(masked, masked > kth, masked == kth, allowed, k)
+    lo = jnp.min(jnp.where(allowed, scores, BIG), axis=-1, keepdims=True)
+    hi = jnp.max(masked, axis=-1, keepdims=True) + 1.0
+    # invariant: count(masked >= lo) >= k (if k entries are allowed); count(masked >= hi) < k
+    parts = jnp.arange(1, ways, dtype=scores.dtype)                              # [ways-1]
+    for _ in range(-(-bits // max(1, int(math.log2(ways))))):
+        # never below MIN_STEP: a step under one fixed-point ulp would round to zero and
+        # collapse the interval (the invariant holds for any step: see above)
+        step = jnp.maximum((hi - lo) * (1.0 / ways), MIN_STEP)                   # [..., 1]
+        cuts = lo + step * parts                                                  # [..., w-1]
+        counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)     # [..., w-1]
+        passed = jnp.sum(counts >= k, axis=-1, keepdims=True).astype(scores.dtype)
+        lo, hi = lo + passed * step, lo + (passed + 1.0) * step
+    return _exact_count(masked, masked >= hi, jnp.logical_and(masked >= lo, masked < hi),
+                        allowed, k)
+
+
+def _exact_count(masked, above, ties, allowed, k):
+    """above | the earliest ties, exactly k in all (a prefix sum: local under MPC)."""
+    above = jnp.logical_and(above, allowed)
+    ties = jnp.logical_and(ties, allowed)
     room = k - above.sum(axis=-1, keepdims=True)
     take = jnp.logical_and(ties, jnp.cumsum(ties.astype(jnp.int32), axis=-1) <= room)
     return jnp.logical_or(above, take)
@@ -86,9 +125,12 @@ class Policy:
 
     name: ClassVar[str] = "full"
     budget: float = 1.0
+    selector: str = "search"   # top-k method: "search" (batched, reveals nothing) or "topk"
 
     def __post_init__(self):
         check_ratio("budget", self.budget)
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
 
     def n_attend(self, prompt_len: int) -> int:
         """Prompt entries attended per KV head per step (public)."""

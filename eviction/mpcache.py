@@ -125,8 +125,10 @@ class MPCache(Policy):
         sim1 = jnp.einsum("bkgd,bkcd->bkc", q, khat1)
         sim2 = jnp.einsum("bkgd,bkcd->bkc", q, khat2)
         cand1, forced1 = cluster_candidates(length, n1, self.s1)
-        keep1 = jnp.logical_or(topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1), forced1)
+        keep1 = jnp.logical_or(
+            topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1, self.selector), forced1)
         cand2, forced2 = cluster_candidates(length, n2, self.s2)
         eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
-        keep2 = jnp.logical_or(topk_mask(sim2, self.k2(prompt_len) - 2, eligible), forced2)
+        keep2 = jnp.logical_or(
+            topk_mask(sim2, self.k2(prompt_len) - 2, eligible, self.selector), forced2)
         return keep2, self.s2, self.k2(prompt_len)

@@ -18,6 +18,7 @@ from mpc_llama import nonlinear
 class Oracle(Policy):
     name = "oracle"
     budget: float = 0.1
+    selector: str = "topk"   # exact ranking: the oracle is a reference, its selection is free
     dynamic = True
 
     def select(self, q, cache_k, bounds, length, prompt_len, cfg):
@@ -25,5 +26,5 @@ class Oracle(Policy):
         valid = jnp.arange(c) < length
         probs = group_probs(q[:, None], cache_k, valid, nonlinear.SOFTMAX[cfg.softmax])[:, :, 0]
         prompt = jnp.arange(c) < prompt_len
-        chosen = topk_mask(probs, self.n_attend(prompt_len), prompt)
+        chosen = topk_mask(probs, self.n_attend(prompt_len), prompt, self.selector)
         return jnp.logical_or(chosen, jnp.logical_and(valid, jnp.logical_not(prompt)))

@@ -52,5 +52,5 @@ class Quest(Policy):
         score = quest_bound(q, rmax2, rmin2)
         cand, forced = cluster_candidates(length, rmax2.shape[2], self.page)
         n_forced = 2
-        chosen = topk_mask(score, self.pages(prompt_len) - n_forced, cand)
+        chosen = topk_mask(score, self.pages(prompt_len) - n_forced, cand, self.selector)
         return jnp.logical_or(chosen, forced), self.page, self.pages(prompt_len)

@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--seq", default="1024", help="comma list of retained cache lengths")
     p.add_argument("--policies", default="full,mpcache,oracle")
     p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--selector", help="top-k method for every policy: search or topk "
+                   "(default: each policy's own)")
     p.add_argument("--heads", type=int, default=4, help="KV heads measured (sampled)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--model-heads", type=int, default=32, help="heads of the real layer")
@@ -109,13 +111,16 @@ def main() -> None:
     if any(s < 64 for s in seqs):
         raise ConfigError("--seq values must be >= 64")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    policies = {n: (None if n == "full" else make_policy(n, args.budget)) for n in names}
+    extra = {"selector": args.selector} if args.selector else {}
+    policies = {n: (None if n == "full" else make_policy(n, args.budget, **extra))
+                for n in names}
     rows = []
     jobs = [(s, n) for s in seqs for n in names]
     for seq, name in tqdm(jobs, desc="measuring blocks", unit="block", file=sys.stderr):
         cost, entries = measure(protocol, policies[name], seq, args.heads, args.head_dim)
         scale = args.model_heads / args.heads
         row = {"policy": name, "protocol": protocol.name, "seq": seq, "entries": entries,
+               "selector": None if policies[name] is None else policies[name].selector,
                "heads_measured": args.heads, "head_dim": args.head_dim,
                "bytes_sent": cost.bytes_sent, "sends": cost.sends, "compute_s": cost.seconds,
                "latency_s_projected": {

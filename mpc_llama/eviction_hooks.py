@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eviction.base import BIG, topk_mask
+from eviction.base import topk_mask
 
 
 def static_mask(policy, q, k, cfg) -> jax.Array:
@@ -15,9 +15,13 @@ def static_mask(policy, q, k, cfg) -> jax.Array:
     q: [b, t, k, g, d]; k: [b, k, t, d].
     """
     t = k.shape[2]
-    forced = jnp.asarray(policy.static_forced(t))
-    scores = jnp.where(forced, BIG, policy.static_scores(q, k, cfg))
-    return topk_mask(scores, policy.static_keep(t), jnp.ones((t,), bool))
+    forced = policy.static_forced(t)  # public
+    keep = policy.static_keep(t) - int(forced.sum())
+    # once per prompt, so a finer search than the per-step one (rounds matter less here);
+    # forced entries stay out of the search range
+    chosen = topk_mask(policy.static_scores(q, k, cfg), keep, jnp.asarray(~forced),
+                       policy.selector, ways=16, bits=24)
+    return jnp.logical_or(chosen, jnp.asarray(forced))
 
 
 def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:

@@ -180,6 +180,7 @@ def test_oracle_equals_full_at_full_budget(six_layers):
     (lambda: MPCache(s1=32, s2=12), "must divide"),
     (lambda: MPCache(share="odd"), "sharing pattern"),
     (lambda: MPCache(gather="rows"), "gather"),
+    (lambda: make_policy("quest", 0.1, selector="sort"), "selector"),
     (lambda: make_policy("lru"), "unknown policy"),
     (lambda: make_policy("h2o", 0.1, alpha=0.5), "no setting"),
 ])
@@ -213,3 +214,15 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
     for logits, counts in outs[1:]:
         np.testing.assert_allclose(outs[0][0], logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(outs[0][1], counts)
+
+
+@pytest.mark.parametrize("selector", ["search", "topk"])
+def test_selectors_agree_on_random_scores(selector):
+    rng = np.random.default_rng(7)
+    s = jnp.asarray(rng.normal(size=(3, 5, 97)), jnp.float32)
+    allowed = jnp.asarray(rng.random(97) > 0.2)
+    m = np.asarray(topk_mask(s, 11, allowed, selector))
+    assert (m.sum(-1) == 11).all() and not m[..., ~np.asarray(allowed)].any()
+    ref = np.where(np.asarray(allowed), np.asarray(s), -np.inf)
+    kth = np.sort(ref, axis=-1)[..., -11][..., None]
+    np.testing.assert_array_equal(m, ref >= kth)

@@ -19,10 +19,10 @@ from protocols.session import SpuSession
 
 T, K, G, D = 256, 2, 2, 4
 BUDGET = 0.25
-# The only custom calls allowed in compiled programs: a share-type hint, and SPU's top-k
-# kernel (secret shuffle, then quick-select revealing only comparison bits of the shuffled
-# array, whose count is public): see the README's threat model.
-ALLOWED_CALLS = {"spu.prefer_a", "mhlo.topk"}
+# The only custom calls allowed in compiled programs: a share-type hint, and, only with
+# selector="topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only
+# comparison bits of the shuffled array, whose count is public): see the README.
+ALLOWED_CALLS = {"search": {"spu.prefer_a"}, "topk": {"spu.prefer_a", "mhlo.topk"}}
 
 
 def separated_inputs(seed=0):
@@ -52,14 +52,17 @@ def selection_fn(policy, cfg):
     return fn
 
 
-CASES = [(name, proto) for name in sorted(POLICIES) if name != "full"
-         for proto in ("semi2k", "aby3")] + [("mpcache", "cheetah")]
+CASES = [(name, proto, None) for name in sorted(POLICIES) if name != "full"
+         for proto in ("semi2k", "aby3")] + [("mpcache", "cheetah", None),
+                                             ("mpcache", "aby3", "topk"),
+                                             ("snapkv", "semi2k", "topk")]
 
 
-@pytest.mark.parametrize("name,proto", CASES)
-def test_selection_on_spu_equals_plaintext(name, proto):
+@pytest.mark.parametrize("name,proto,selector", CASES)
+def test_selection_on_spu_equals_plaintext(name, proto, selector):
+    """Each policy with its default selector (search; topk for the oracle), plus topk cases."""
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    policy = make_policy(name, BUDGET)
+    policy = make_policy(name, BUDGET, **({"selector": selector} if selector else {}))
     fn = selection_fn(policy, cfg)
     inputs = separated_inputs()
     expected = [np.asarray(x) for x in fn(*inputs)]
@@ -94,14 +97,15 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     assert got == expected
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_compiled_programs_reveal_nothing(small_model, name):
+@pytest.mark.parametrize("name,selector", [(n, "search") for n in sorted(POLICIES)]
+                         + [("mpcache", "topk"), ("oracle", "topk")])
+def test_compiled_programs_reveal_nothing(small_model, name, selector):
     cfg, params = small_model
     gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params,
-                           policy=make_policy(name, 0.2))
+                           policy=make_policy(name, 0.2, selector=selector))
     text = gen.prefill_program(200, 203).text + gen.decode_program(200, 203).text
     assert "!pphlo.secret" in text and "reveal" not in text
     calls = set(re.findall(r"pphlo\.custom_call @([\w.]+)", text))
-    assert calls <= ALLOWED_CALLS, calls
-    if name in ("snapkv", "mpcache", "oracle"):
+    assert calls <= ALLOWED_CALLS[selector], calls
+    if selector == "topk":
         assert "mhlo.topk" in calls  # the check sees the selection it is meant to police
