@@ -61,14 +61,15 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
     """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
     the last axis.
 
-    selector "search" (default): a threshold search written as batched jnp ops: each round splits the row's interval
-    [lo, hi) into `ways` parts, compares every entry with the ways-1 cut points and each
-    count with k, all rows (heads, batch) at once; ceil(bits / log2(ways)) rounds. So the
-    number of message rounds does not grow with heads (SPU's secret lax.top_k works row by
-    row). Entries left inside the final interval are ties, given to the earliest positions by
-    a prefix sum (local under MPC), so the count is exact: max-pooling plateaus would
+    selector "search" (default): a threshold search written as batched jnp ops. Each round
+    splits the row's interval [lo, hi) into `ways` parts (never below MIN_STEP), compares
+    every entry with the ways-1 cut points and each count with k, all rows (heads, batch) at
+    once; ceil(bits / log2(ways)) rounds, so the number of message rounds does not grow with
+    heads (SPU's secret lax.top_k works row by row). Entries left inside the final interval,
+    within (max - min) / 2**bits of the threshold, are ties, given to the earliest positions
+    by a prefix sum (local under MPC), so the count is exact: max-pooling plateaus would
     otherwise overflow a fixed-size compacted cache. Nothing is revealed and no secret index
-    is formed. Scores within (max - min) / 2**bits of the threshold count as ties.
+    is formed.
     selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
     quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
     then the same exact-count tie breaking.

@@ -27,6 +27,7 @@ def max_pool(scores: jax.Array, kernel: int) -> jax.Array:
     if kernel <= 1:
         return scores
     pad = kernel // 2
-    return jax.lax.reduce_window(scores, jnp.asarray(-BIG, scores.dtype), jax.lax.max, (1,) * (scores.ndim - 1) + (kernel,),
+    window = (1,) * (scores.ndim - 1) + (kernel,)
+    return jax.lax.reduce_window(scores, jnp.asarray(-BIG, scores.dtype), jax.lax.max, window,
                                  (1,) * scores.ndim,
                                  [(0, 0)] * (scores.ndim - 1) + [(pad, kernel - 1 - pad)])

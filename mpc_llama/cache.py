@@ -4,8 +4,8 @@ Shapes (L layers, B batch, K key/value heads, C capacity, D head dim):
     k, v:  [L, B, K, C, D]  keys after RoPE, values
     pos:   [L, B, K, C]     int32 original token position of each entry, -1 where empty
     length: []              int32, entries filled (the same for every layer and head)
-    bounds: None, or (rmax2, rmin2, rmax1, rmin1, khat2, khat1) each [L, B, K, C/s, D]: per-cluster key
-            bounds for query-aware selection (see eviction.clusters)
+    bounds: None, or (rmax2, rmin2, rmax1, rmin1, khat2, khat1), each [L, B, K, C/s, D]:
+            per-cluster key bounds for query-aware selection (see eviction.clusters)
 
 Entries [0, length) are valid. Keys are stored post-RoPE, so an entry keeps its meaning when
 eviction compacts the cache; `pos` records where it came from. Under SPU `k`, `v` and `pos`
@@ -48,7 +48,8 @@ def write_layer(cache_k: jax.Array, cache_v: jax.Array, cache_pos: jax.Array, st
                 k: jax.Array, v: jax.Array, positions: jax.Array):
     """Writes T new entries of one layer at index `start` (public).
 
-    cache_k/v: [B, K, C, D]; cache_pos: [B, K, C]; k/v: [B, K, T, D]; positions: [T] or [B, K, T] int32.
+    cache_k/v: [B, K, C, D]; cache_pos: [B, K, C]; k/v: [B, K, T, D];
+    positions: [T] or [B, K, T] int32.
     """
     b, kh, t, _ = k.shape
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, start, 0))

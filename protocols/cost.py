@@ -45,7 +45,8 @@ class PartyCost:
 class Cost:
     """What one program run cost.
 
-    parties: per-party link counters (index = rank; None where not measured); ops: per-op breakdown of `ops_rank`;
+    parties: per-party link counters (index = rank; None where not measured);
+    ops: per-op breakdown of party `ops_rank`;
     seconds: wall-clock of the run (all parties as threads on this machine);
     includes_setup: True for the first run of a CHEETAH runtime, which also pays its one-time
     HE key and OT setup.

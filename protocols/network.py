@@ -12,7 +12,7 @@ network second here is a projection and is labelled so wherever it is reported.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 from mpc_llama.errors import ConfigError
 

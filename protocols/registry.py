@@ -62,8 +62,10 @@ class Protocol:
 PROTOCOLS = {
     "semi2k": Protocol("semi2k", "SEMI2K", 2, description="2PC additive shares, Beaver triples "
                        "from a trusted dealer (offline cost not counted)"),
-    "cheetah": Protocol("cheetah", "CHEETAH", 2, description="2PC, HE matmuls + silent OT, no dealer"),
-    "aby3": Protocol("aby3", "ABY3", 3, description="3PC replicated secret sharing, honest majority"),
+    "cheetah": Protocol("cheetah", "CHEETAH", 2,
+                        description="2PC, HE matmuls + silent OT, no dealer"),
+    "aby3": Protocol("aby3", "ABY3", 3,
+                     description="3PC replicated secret sharing, honest majority"),
 }
 
 

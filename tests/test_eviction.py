@@ -150,7 +150,7 @@ def test_mpcache_layers_share_static_and_dynamic_selection(six_layers):
 
 def test_mpcache_selects_the_cluster_the_query_points_at():
     """Hand-built cache: 8 clusters of 16; keys of cluster 5 align with q, others oppose it."""
-    d, c = 4, 128
+    c = 128
     u = jnp.asarray([1.0, 0.0, 0.0, 0.0])
     keys = jnp.tile(-u, (c, 1)).at[80:96].set(u)[None, None]   # [1, 1, c, d]
     policy = MPCache(budget=0.5, s1=32, s2=16)   # k2 = 4 clusters, k1 = 3

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpc_llama import nonlinear
-from mpc_llama.config import LlamaConfig, preset
+from mpc_llama.config import preset
 from mpc_llama.errors import ConfigError
 
 

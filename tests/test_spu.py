@@ -1,6 +1,5 @@
 """Private generation on SPU equals plaintext; counters are captured per party."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
