@@ -122,14 +122,14 @@ def main() -> None:
                               on_token=lambda t: bar.update(1), policy=policy)
         tokens, result["attended_fraction"] = gen.tokens, gen.attended_fraction
     else:
-        from protocols.private_generation import PrivateGenerator
-        from protocols.session import SpuSession
+        from protocols.private_generation import generate_all_parties
 
-        session = SpuSession(protocol)
-        setup = session.warm_up()
-        gen = PrivateGenerator(session, model.cfg, model.params, policy=policy)
-        res = gen.generate(prompt_ids, args.max_new_tokens, eos,
-                           on_token=lambda t, c: bar.update(1))
+        if protocol.world_size > 2:
+            print(f"{protocol.name}: one run per party to measure each party's counters",
+                  file=sys.stderr)
+        res, setup = generate_all_parties(protocol, model.cfg, model.params, prompt_ids,
+                                          args.max_new_tokens, eos, policy,
+                                          on_token=lambda t, c: bar.update(1))
         tokens, total = res.tokens, res.total
         result["cost"] = {
             **total.to_json(),

@@ -90,3 +90,18 @@ def test_impossible_protocols_fail_at_construction():
         Protocol("x", "ABY3", 2)
     with pytest.raises(ConfigError, match="unknown protocol"):
         get_protocol("spdz")
+
+
+def test_three_party_counters_all_measured(tiny):
+    from protocols.private_generation import generate_all_parties
+
+    cfg, params = tiny
+    res, _ = generate_all_parties(get_protocol("aby3"), cfg, params, PROMPT, 3)
+    assert res.tokens == greedy_generate(params, cfg, PROMPT, 3).tokens
+    for cost in [res.prefill_cost] + res.decode_costs:
+        assert all(p is not None and p.bytes_sent > 0 and p.sends > 0 for p in cost.parties)
+
+
+def test_colocation_is_a_protocol_setting():
+    assert get_protocol("cheetah").runtime_config().experimental_enable_colocated_optimization
+    assert not get_protocol("aby3").runtime_config().experimental_enable_colocated_optimization
