@@ -146,7 +146,7 @@ class Policy:
 
     def static_scores(self, q: jax.Array, k: jax.Array, cfg) -> jax.Array:
         """q: [b, t, k, g, d] all prompt queries; k: [b, k, t, d]. Returns [b, k, t]."""
-        raise NotImplementedError(f"{self.name} has no static step")
+        raise TypeError(f"{self.name} has no static step")
 
     def share_source(self, layer: int, n_layers: int) -> int:
         """The layer whose selection this layer reuses (itself: no sharing)."""
@@ -177,7 +177,7 @@ class Policy:
         (current token included). Returns bool [b, k, c]."""
         picked = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
         if picked is None:
-            raise NotImplementedError(f"{self.name} has no dynamic step")
+            raise TypeError(f"{self.name} has no dynamic step")
         from eviction.clusters import expand
 
         mask, size, _ = picked
