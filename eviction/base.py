@@ -126,12 +126,15 @@ class Policy:
 
     name: ClassVar[str] = "full"
     budget: float = 1.0
-    selector: str = "search"   # top-k method: "search" (batched, reveals nothing) or "topk"
+    selector: str = "search"        # decode-step top-k: "search" (batched, opens nothing)
+    static_selector: str = "topk"   # prefill top-k (once per prompt): exact lax.top_k
 
     def __post_init__(self):
         check_ratio("budget", self.budget)
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        for field in ("selector", "static_selector"):
+            if getattr(self, field) not in SELECTORS:
+                raise ConfigError(f"{field} must be one of {SELECTORS}, "
+                                  f"got {getattr(self, field)!r}")
 
     def n_attend(self, prompt_len: int) -> int:
         """Prompt entries attended per KV head per step (public)."""

@@ -17,10 +17,10 @@ def static_mask(policy, q, k, cfg) -> jax.Array:
     t = k.shape[2]
     forced = policy.static_forced(t)  # public
     keep = policy.static_keep(t) - int(forced.sum())
-    # once per prompt, so a finer search than the per-step one (rounds matter less here);
-    # forced entries stay out of the search range
+    # once per prompt, so rounds matter less than exact ranking: by default SPU's top-k (with
+    # "search", a finer search than the per-step one); forced entries stay out of the ranking
     chosen = topk_mask(policy.static_scores(q, k, cfg), keep, jnp.asarray(~forced),
-                       policy.selector, ways=16, bits=24)
+                       policy.static_selector, ways=16, bits=24)
     return jnp.logical_or(chosen, jnp.asarray(forced))
 
 

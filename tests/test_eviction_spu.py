@@ -19,10 +19,11 @@ from protocols.session import SpuSession
 
 T, K, G, D = 256, 2, 2, 4
 BUDGET = 0.25
-# The only custom calls allowed in compiled programs: a share-type hint, and, only with
-# selector="topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only
+# The only custom calls allowed in compiled programs: a share-type hint, and, only where the
+# selector is "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only
 # comparison bits of the shuffled array, whose count is public): see the README.
 ALLOWED_CALLS = {"search": {"spu.prefer_a"}, "topk": {"spu.prefer_a", "mhlo.topk"}}
+CALL = r"pphlo\.custom_call @([\w.]+)"
 
 
 def separated_inputs(seed=0):
@@ -97,15 +98,23 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     assert got == expected
 
 
-@pytest.mark.parametrize("name,selector", [(n, "search") for n in sorted(POLICIES)]
-                         + [("mpcache", "topk"), ("oracle", "topk")])
-def test_compiled_programs_reveal_nothing(small_model, name, selector):
+@pytest.mark.parametrize("name,selector,static_selector",
+                         [(n, None, None) for n in sorted(POLICIES)]
+                         + [("mpcache", "topk", "search"), ("snapkv", "search", "search")])
+def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector):
+    """Prefill and decode programs are checked separately against their own selector."""
     cfg, params = small_model
-    gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params,
-                           policy=make_policy(name, 0.2, selector=selector))
-    text = gen.prefill_program(200, 203).text + gen.decode_program(200, 203).text
-    assert "!pphlo.secret" in text and "reveal" not in text
-    calls = set(re.findall(r"pphlo\.custom_call @([\w.]+)", text))
-    assert calls <= ALLOWED_CALLS[selector], calls
-    if selector == "topk":
-        assert "mhlo.topk" in calls  # the check sees the selection it is meant to police
+    fields = {k: v for k, v in (("selector", selector), ("static_selector", static_selector))
+              if v}
+    policy = make_policy(name, 0.5, **fields)  # large enough that every step really selects
+    gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params, policy=policy)
+    keep = policy.static_keep(200)
+    for text, sel, selects in (
+            (gen.prefill_program(200, 203).text, policy.static_selector,
+             keep is not None and policy.static_forced(200).sum() < keep < 200),
+            (gen.decode_program(200, 203).text, policy.selector, policy.dynamic)):
+        assert "!pphlo.secret" in text and "reveal" not in text
+        calls = set(re.findall(CALL, text))
+        assert calls <= ALLOWED_CALLS[sel], calls
+        if sel == "topk" and selects:
+            assert "mhlo.topk" in calls  # the check sees the selection it is meant to police
