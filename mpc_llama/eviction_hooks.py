@@ -24,6 +24,14 @@ def static_mask(policy, q, k, cfg) -> jax.Array:
     return jnp.logical_or(chosen, jnp.asarray(forced))
 
 
+def static_selection(policy, q, k, cfg) -> jax.Array:
+    """The static step's result as the float one-hot matrix [b, k, keep, t] that compacts a
+    layer (computed once per source layer; layers sharing its selection reuse the matrix).
+    Float, not bool: under MPC a boolean share would be converted at every use."""
+    mask = static_mask(policy, q, k, cfg)
+    return compaction_matrix(mask, policy.static_keep(k.shape[2])).astype(k.dtype)
+
+
 def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
     """One-hot matrix P [b, k, n, t] moving the kept entries of `mask` [b, k, t] to the front
     in position order: P[i, j] = mask[j] and (rank of j among kept == i). Built from a prefix
@@ -35,15 +43,8 @@ def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
 
 
 def gather_rows(p: jax.Array, a: jax.Array) -> jax.Array:
-    """p [b, k, n, t] (bool) applied to a [b, k, t, ...] -> [b, k, n, ...] as one matmul."""
+    """p [b, k, n, t] (bool or 0/1 float) applied to a [b, k, t, ...] -> [b, k, n, ...] as one matmul."""
     return jnp.einsum("bknt,bkt...->bkn...", p.astype(a.dtype), a)
-
-
-def compact(mask: jax.Array, n_keep: int, *arrays):
-    """Moves the n_keep kept entries (mask [b, k, t]) to the front of each array
-    [b, k, t, ...], in position order. Returns arrays [b, k, n_keep, ...]."""
-    p = compaction_matrix(mask, n_keep)
-    return [gather_rows(p, a) for a in arrays]
 
 
 def gather_clusters(p: jax.Array, size: int, *arrays):

@@ -113,6 +113,38 @@ def _hf_tokenizer(directory: Path) -> Optional[Tokenizer]:
     return Tokenizer(hf, hf.bos_token_id, tuple(int(e) for e in eos_ids), add_bos)
 
 
+def load_config(name_or_path: str) -> LlamaConfig:
+    """The architecture only (no weights read): a preset name (`llama-2-7b`, ...), `smollm2`
+    (the embedded GGUF's header), a `.gguf` file or an HF checkpoint directory."""
+    import json
+
+    from mpc_llama.config import PRESETS
+    from mpc_llama.gguf_loader import read_config
+    from mpc_llama.hf_loader import config_from_hf
+
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = embedded_gguf_path() if name_or_path == EMBEDDED else Path(name_or_path)
+    if not path.exists():
+        raise CheckpointError(f"no such model: {name_or_path} (give a preset "
+                              f"{sorted(PRESETS)}, 'smollm2', a .gguf file or a Hugging Face "
+                              "checkpoint directory)")
+    if path.is_dir():
+        try:
+            return config_from_hf(json.loads((path / "config.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    if path.suffix != ".gguf":
+        raise CheckpointError(f"{path} is neither a .gguf file nor a checkpoint directory")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises assorted errors on bad files
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
+    return read_config(reader)
+
+
 def load_model(name_or_path: str, with_tokenizer: bool = True) -> LoadedModel:
     """`smollm2` (embedded), a `.gguf` file, or an HF checkpoint directory."""
     from mpc_llama.gguf_loader import load_gguf

@@ -89,8 +89,12 @@ def lm_head(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
 
 
 def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    gate = nonlinear.SILU[cfg.silu](x @ lp["w_gate"])
-    return (gate * (x @ lp["w_up"])) @ lp["w_down"]
+    return gated(x @ lp["w_gate"], x @ lp["w_up"], cfg) @ lp["w_down"]
+
+
+def gated(gate: jax.Array, up: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """SwiGLU's nonlinear part: silu(gate) * up."""
+    return nonlinear.SILU[cfg.silu](gate) * up
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: LlamaConfig):
@@ -99,10 +103,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Llama
     q: [b, t, n, d]; k, v: [b, k, s, d]; mask: bool, broadcastable to [b, k, g, t, s].
     Returns [b, t, n*d].
     """
+    return attention_values(nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), mask),
+                            v, cfg)
+
+
+def attention_scores(q: jax.Array, k: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """q: [b, t, n, d]; k: [b, k, s, d] -> scaled scores [b, k, g, t, s]."""
     b, t = q.shape[:2]
     qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k) / math.sqrt(cfg.head_dim)
-    probs = nonlinear.SOFTMAX[cfg.softmax](scores, mask)
+    return jnp.einsum("btkgd,bksd->bkgts", qg, k) / math.sqrt(cfg.head_dim)
+
+
+def attention_values(probs: jax.Array, v: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """probs: [b, k, g, t, s]; v: [b, k, s, d] -> [b, t, n*d]."""
+    b, t = probs.shape[0], probs.shape[3]
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, cfg.n_heads * cfg.head_dim)
 
@@ -136,7 +150,7 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
     get per-cluster key bounds and a capacity rounded up to whole clusters.
     Returns logits [b, t, V] (or [b, V] for the last position when `last_only`) and the cache.
     """
-    from mpc_llama.eviction_hooks import compact, static_mask
+    from mpc_llama.eviction_hooks import gather_rows, static_selection
 
     b, t = tokens.shape
     if capacity < t:
@@ -150,7 +164,7 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
     positions = jnp.arange(t, dtype=jnp.int32)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     empty = init_cache(cfg, b, new_cap)
-    ks, vs, ps, bounds, masks = [], [], [], [], {}
+    ks, vs, ps, bounds, moves = [], [], [], [], {}
     x = embed(params, tokens, cfg)
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
@@ -160,10 +174,10 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
         pos = jnp.broadcast_to(positions, k.shape[:3])
         if n_keep < t:
             src = policy.share_source(i, cfg.n_layers)
-            if src not in masks:
+            if src not in moves:  # a sharing layer reuses its source's compaction matrix
                 qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                masks[src] = static_mask(policy, qg, k, cfg)
-            k, v, pos = compact(masks[src], n_keep, k, v, pos.astype(jnp.float32))
+                moves[src] = static_selection(policy, qg, k, cfg)
+            k, v, pos = (gather_rows(moves[src], a) for a in (k, v, pos.astype(jnp.float32)))
             pos = jnp.round(pos).astype(jnp.int32)
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)

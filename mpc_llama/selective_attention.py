@@ -6,15 +6,13 @@ benchmarks compile on their own: selection, then attention over the selected ent
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
 from mpc_llama.eviction_hooks import compaction_matrix, gather_clusters
-from mpc_llama.model import attend
+from mpc_llama.model import attend, attention_scores, attention_values
 
 
 def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array, size: int,
@@ -28,29 +26,40 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
     q: [b, 1, n, d]; k, v: [b, k, c, d]; onehot: [b, k, slots, c/size] (bool); valid: [c].
     Returns [b, 1, n*d].
     """
-    b = q.shape[0]
-    kh, g, d = cfg.n_kv_heads, cfg.group_size, cfg.head_dim
-    c = k.shape[2]
-    p = onehot.astype(k.dtype)
-    qg = q.reshape(b, kh, g, d)
-    scores = jnp.einsum("bkgd,bkcd->bkgc", qg, k) / math.sqrt(d)
-    scores = scores.reshape(b, kh, g, c // size, size)
-    picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores).reshape(b, kh, g, -1)
-    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(c // size, size).astype(k.dtype))
-    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok.reshape(b, kh, 1, -1) > 0.5)
-    probs = probs.reshape(b, kh, g, -1, size)
-    full = jnp.einsum("bksn,bkgsz->bkgnz", p, probs).reshape(b, kh, g, c)
-    return jnp.einsum("bkgc,bkcd->bkgd", full, v).reshape(b, 1, cfg.n_heads * d)
+    scores = attention_scores(q, k, cfg)[:, :, :, 0]                            # [b,k,g,c]
+    picked, ok = gather_scores(onehot, scores, valid, size)
+    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5)
+    return attention_values(scatter_probs(onehot, probs, size)[:, :, :, None], v, cfg)
+
+
+def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int):
+    """The selected clusters' scores, packed: onehot [b, k, slots, c/size] (0/1), scores
+    [b, k, g, c], valid [c] (public) -> picked [b, k, g, slots*size], ok [b, k, 1, slots*size]
+    (1.0 where the packed entry is a valid cache entry, else 0.0)."""
+    b, kh, g, c = scores.shape
+    p = onehot.astype(scores.dtype)
+    picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, c // size, size))
+    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(c // size, size).astype(scores.dtype))
+    return picked.reshape(b, kh, g, -1), ok.reshape(b, kh, 1, -1)
+
+
+def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int) -> jax.Array:
+    """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere."""
+    b, kh, g, _ = probs.shape
+    p = onehot.astype(probs.dtype)
+    full = jnp.einsum("bksn,bkgsz->bkgnz", p, probs.reshape(b, kh, g, p.shape[2], size))
+    return full.reshape(b, kh, g, -1)
 
 
 def _select(policy, q, ck, bounds, length, prompt_len, cfg):
-    """(policy.gather, P [b, k, slots, n], cluster size) for cluster policies that gather
+    """(policy.gather, P [b, k, slots, n] (0/1 float), cluster size) for cluster policies that gather
     ("scores" or "kv"), else ("mask", bool [b, k, c], None)."""
     picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
         mask, size, slots = picked
-        return mode, compaction_matrix(mask, slots), size
+        # float once here: a boolean share would be converted again at every use under MPC
+        return mode, compaction_matrix(mask, slots).astype(ck.dtype), size
     return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None
 
 

@@ -1,0 +1,404 @@
+"""Private decoding benchmark: one decode step with a KV cache of --seq prompt tokens, per
+eviction policy, under an SPU protocol, composed from blocks measured at the model's real
+dimensions, with projected latency for named network profiles.
+
+    python experiments/run_spu.py --protocol cheetah --seq 8192
+    python experiments/run_spu.py --protocol aby3 --seq 1024,2048,4096,8192 --policies all \
+        --out runs/aby3
+    python experiments/run_spu.py --model smollm2 --protocol semi2k --seq 1024 --bandwidth 200 \
+        --rtt 20
+
+How the numbers are made (printed with every run, recorded in the JSON):
+  * every block kind of a decode step (protocols.blocks) runs under SPU on its own: dense
+    blocks (embedding, norms, projections, MLP, LM head, argmax) at the real dimensions,
+    attention blocks (bounds, selection, scores, gather, softmax, scatter, p.V) on --heads KV
+    heads, extrapolated linearly to the model's KV heads when it has more; the step is the sum
+    of each block times the layers that run it (selecting and sharing layers counted apart);
+  * every party's bytes and sends are measured (3PC: one run per party); compute_s is the
+    simulator's wall-clock with all parties as threads on this machine;
+  * latency is PROJECTED from those counters by protocols.network.projected_seconds;
+  * `oracle` attends exactly the budget with selection left out (the floor at that budget);
+  * the one-time static step at prefill and CHEETAH's one-time setup are reported apart.
+Measured blocks are cached on disk (--block-cache), keyed by program text and protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
+from mpc_llama.errors import ConfigError  # noqa: E402
+
+DEFAULT_NETWORKS = "lan,wan,puma_llama,ditto_wan,bumblebee_wan,secretflow_wan"
+TABLE_NETWORKS = ("lan", "wan")
+
+
+def _ints(text: str, flag: str, lo: int):
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < lo for v in vals):
+        raise ConfigError(f"{flag} values must be integers >= {lo}, got {text!r}")
+    return vals
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-2-7b",
+                   help="preset (llama-2-7b, llama-3.1-8b, smollm2-135m, tiny), 'smollm2', a "
+                        ".gguf file or an HF directory (only the architecture is read)")
+    p.add_argument("--protocol", default="cheetah", help="cheetah | semi2k | aby3")
+    p.add_argument("--seq", default="8192", help="prompt tokens in the cache (comma list)")
+    p.add_argument("--policies", default="full,mpcache",
+                   help="comma list of policies, or 'all' (oracle is always added as the "
+                        "free-selection reference unless --no-oracle)")
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
+    p.add_argument("--heads", default="2,4",
+                   help="KV-head counts measured for attention blocks (extrapolated linearly "
+                        "to the model's when it has more)")
+    p.add_argument("--static-max-seq", type=int, default=2048,
+                   help="longest prompt at which the static step is measured directly; "
+                        "beyond, it is extrapolated (quadratic) from 1/4, 1/2 and 1 x this")
+    p.add_argument("--networks", default=DEFAULT_NETWORKS,
+                   help="comma list of profiles from protocols.network.PROFILES")
+    p.add_argument("--bandwidth", type=float, help="custom profile: bandwidth in Mbit/s")
+    p.add_argument("--rtt", type=float, help="custom profile: round-trip time in ms")
+    p.add_argument("--field", help="FM64 or FM128 (default: the protocol's)")
+    p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits")
+    p.add_argument("--block-cache", default="runs/block_cache",
+                   help="directory of cached block measurements ('' disables)")
+    p.add_argument("--out", help="directory for results.json, results.csv and plots")
+    return p.parse_args(argv)
+
+
+def build_setting(args):
+    """Validates everything before any measurement. Returns a dict of the run's setting."""
+    from eviction import POLICIES, make_policy
+    from mpc_llama.loading import load_config
+    from protocols.network import custom_profile, get_profile
+    from protocols.private_generation import spu_config
+    from protocols.registry import get_protocol
+
+    protocol = get_protocol(args.protocol)
+    if args.field or args.fxp_bits is not None:
+        protocol = protocol.with_numerics(args.field, args.fxp_bits)
+    seqs = _ints(args.seq, "--seq", 64)
+    heads = _ints(args.heads, "--heads", 1)
+    if not 0.0 < args.budget <= 1.0:
+        raise ConfigError(f"--budget must be in (0, 1], got {args.budget}")
+    if args.static_max_seq < 256:
+        raise ConfigError("--static-max-seq must be >= 256")
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(POLICIES) + ["mpcache_published"]
+    if not names:
+        raise ConfigError("--policies is empty")
+    if "full" not in names:
+        names.insert(0, "full")  # every reduction is relative to it
+    if not args.no_oracle and "oracle" not in names:
+        names.append("oracle")
+    policies = {n: None if n == "full" else make_policy(n, args.budget) for n in names}
+    for n, pol in policies.items():
+        if getattr(pol, "gather", "scores") != "scores":
+            raise ConfigError(f"policy {n}: cost blocks need gather='scores'")
+    networks = [get_profile(n.strip()) for n in args.networks.split(",") if n.strip()]
+    if (args.bandwidth is None) != (args.rtt is None):
+        raise ConfigError("--bandwidth and --rtt go together")
+    if args.bandwidth is not None:
+        networks.append(custom_profile(args.bandwidth, args.rtt))
+    cfg = spu_config(load_config(args.model))
+    if cfg.n_kv_heads > max(heads) and len(set(heads)) < 2:
+        raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give --heads two counts "
+                          "to extrapolate from (e.g. 2,4) or at least that many")
+    notes = []
+    if max(seqs) > cfg.max_seq_len:
+        notes.append(f"--seq {max(seqs)} exceeds the model's context ({cfg.max_seq_len}): "
+                     "costs are for the shapes only")
+    if max(seqs) > cfg.max_seq_len and cfg.max_seq_len < 1024:
+        raise ConfigError(f"--seq {max(seqs)} is far beyond the model's context")
+    return {"protocol": protocol, "seqs": seqs, "heads": heads, "policies": policies,
+            "networks": networks, "cfg": cfg, "notes": notes}
+
+
+def plan(setting, args):
+    """Every (key, block-variant dict) to compose: ("dense",), ("decode", seq, policy),
+    ("static", seq, policy) -> {variant: blocks}; variant = KV heads or (seq, heads)."""
+    from protocols.benchmark import head_samples, static_lengths
+    from protocols.blocks import attention_blocks, dense_blocks, static_blocks
+
+    cfg = setting["cfg"]
+    hs = head_samples(cfg.n_kv_heads, setting["heads"])
+    jobs = {("dense",): {None: dense_blocks(cfg)}}
+    for seq in setting["seqs"]:
+        for name, pol in setting["policies"].items():
+            jobs[("decode", seq, name)] = {h: attention_blocks(cfg, pol, seq, h) for h in hs}
+            lengths = static_lengths(seq, args.static_max_seq)
+            static = {(t, h): static_blocks(cfg, pol, t, h) for t in lengths for h in hs}
+            if any(static.values()):
+                jobs[("static", seq, name)] = static
+    return jobs, hs
+
+
+def measure_all(meter, jobs):
+    """Measures every block once (identical blocks, e.g. the dense ones, are shared) with a
+    progress bar. Returns {key: {variant: [(block, counters)]}}."""
+    from tqdm import tqdm
+
+    total = sum(len(b) for variants in jobs.values() for b in variants.values())
+    out = {}
+    with tqdm(total=total, desc="measuring blocks", unit="block", file=sys.stderr) as bar:
+        for key, variants in jobs.items():
+            out[key] = {}
+            for variant, blocks in variants.items():
+                measured = []
+                for block in blocks:
+                    bar.set_postfix_str(f"{key[0]} {'/'.join(map(str, key[1:]))} {block.name}")
+                    measured.append((block, meter.measure(block)))
+                    bar.update()
+                out[key][variant] = measured
+    return out
+
+
+def latency(c, protocol, networks):
+    from protocols.network import projected_seconds
+
+    return {n.name: projected_seconds(c.seconds, c.bytes_sent, c.sends, n, protocol.kind)
+            for n in networks}
+
+
+def make_rows(setting, measured, hs, args):
+    from protocols.benchmark import compose_static, compose_step, total
+
+    protocol, cfg, networks = setting["protocol"], setting["cfg"], setting["networks"]
+    world = protocol.world_size
+    dense = compose_step(measured[("dense",)], cfg.n_kv_heads)
+    rows = []
+    for seq in setting["seqs"]:
+        for name, pol in setting["policies"].items():
+            attn = compose_step(measured[("decode", seq, name)], cfg.n_kv_heads)
+            blocks = {**dense, **attn}
+            step, att = total(blocks, world), total(attn, world)
+            cats = {}
+            for block, c in blocks.values():
+                cats[block.category] = cats.get(block.category, 0.0) + c.total_bytes
+            row = {
+                "policy": name, "protocol": protocol.name, "field": protocol.field,
+                "seq": seq, "budget": None if pol is None else pol.budget,
+                "attended": seq if pol is None else pol.n_attend(seq),
+                "retained": seq if pol is None or pol.static_keep(seq) is None
+                else pol.static_keep(seq),
+                "bytes": step.total_bytes, "bytes_per_party": list(step.bytes_sent),
+                "sends": max(step.sends), "sends_per_party": list(step.sends),
+                "compute_s": step.seconds,
+                "attention_bytes": att.total_bytes, "attention_sends": max(att.sends),
+                "attention_compute_s": att.seconds,
+                "latency_s": latency(step, protocol, networks),
+                "attention_latency_s": latency(att, protocol, networks),
+                "bytes_by_category": cats,
+                "blocks": {n: {"category": b.category, "count": b.count, **c.to_json()}
+                           for n, (b, c) in blocks.items()},
+            }
+            key = ("static", seq, name)
+            if key in measured:
+                st = total(compose_static(measured[key], seq, cfg.n_kv_heads), world)
+                lengths = sorted({t for t, _ in measured[key]})
+                row["static_prefill"] = {
+                    "bytes": st.total_bytes, "sends": max(st.sends), "compute_s": st.seconds,
+                    "latency_s": latency(st, protocol, networks),
+                    "measured_at_seq": lengths,
+                    "extrapolated": None if lengths == [seq] else
+                    f"quadratic in the prompt length from {lengths}"}
+            rows.append(row)
+    for row in rows:
+        full = next(r for r in rows if r["seq"] == row["seq"] and r["policy"] == "full")
+        red = {"bytes": full["bytes"] / row["bytes"],
+               "attention_bytes": full["attention_bytes"] / row["attention_bytes"]}
+        red.update({n: full["latency_s"][n] / row["latency_s"][n] for n in row["latency_s"]})
+        row["reduction_vs_full"] = red
+    return rows
+
+
+def shortcuts(setting, hs, args):
+    cfg = setting["cfg"]
+    out = ["whole decode step = sum over block kinds of (one measured block x the layers that "
+           "run it); selecting and index-sharing layers counted apart"]
+    if hs != [cfg.n_kv_heads]:
+        out.append(f"attention blocks measured on {hs} of {cfg.n_kv_heads} KV heads and "
+                   "extrapolated linearly in heads (bytes, sends, seconds)")
+    out.append("dense blocks (embedding, norms, projections, MLP, LM head, argmax) measured at "
+               "the real dimensions, once for all policies and lengths")
+    out.append("latency_s is PROJECTED from measured counters (protocols.network), not timed on "
+               "a network; compute_s is simulator wall-clock, all parties on this machine")
+    out.append("oracle: attention over exactly the budget, selection free (the floor)")
+    if any(s > args.static_max_seq for s in setting["seqs"]):
+        out.append(f"static step beyond {args.static_max_seq} tokens extrapolated (quadratic) "
+                   "from shorter prompts")
+    out.append("random weights and inputs: SPU's costs do not depend on values (except "
+               "data-dependent top-k in static steps, whose variation is within noise)")
+    return out + setting["notes"]
+
+
+def print_report(rows, setup, notes, networks):
+    nets = [n for n in TABLE_NETWORKS if any(n == p.name for p in networks)] or \
+        [networks[0].name]
+    head = (f"{'policy':<18}{'seq':>6}{'GB all':>9}{'sends':>8}{'comp s':>8}"
+            + "".join(f"{n + ' s*':>10}" for n in nets)
+            + f"{'bytes x':>9}{'attn x':>8}" + "".join(f"{n + ' x':>8}" for n in nets))
+    print(head)
+    for r in rows:
+        red = r["reduction_vs_full"]
+        print(f"{r['policy']:<18}{r['seq']:>6}{r['bytes'] / 1e9:>9.3f}{r['sends']:>8}"
+              f"{r['compute_s']:>8.1f}"
+              + "".join(f"{r['latency_s'][n]:>10.1f}" for n in nets)
+              + f"{red['bytes']:>9.2f}{red['attention_bytes']:>8.2f}"
+              + "".join(f"{red[n]:>8.2f}" for n in nets))
+    print("\nbytes by category (MB, all parties):")
+    cats = ("linear", "attention", "softmax", "selection", "gather", "other")
+    print(f"{'policy':<18}{'seq':>6}" + "".join(f"{c:>11}" for c in cats))
+    for r in rows:
+        print(f"{r['policy']:<18}{r['seq']:>6}"
+              + "".join(f"{r['bytes_by_category'].get(c, 0) / 1e6:>11.1f}" for c in cats))
+    statics = [r for r in rows if "static_prefill" in r]
+    if statics:
+        print("\none-time static step at prefill (not in the decode step above):")
+        for r in statics:
+            s = r["static_prefill"]
+            tag = f"  [{s['extrapolated']}]" if s["extrapolated"] else ""
+            print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
+                  f"{s['sends']} sends, {s['compute_s']:.1f} s compute, "
+                  + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets) + tag)
+    if setup is not None:
+        print(f"\none-time CHEETAH setup (HE keys, OT base; not in any figure above): "
+              f"{setup.total_bytes / 1e6:.1f} MB, {max(setup.sends)} sends")
+    print("\n* projected; x = reduction vs full (higher is better). How these were made:")
+    for n in notes:
+        print(f"  - {n}")
+
+
+CSV_FIELDS = ("policy", "protocol", "field", "seq", "budget", "attended", "retained", "bytes",
+              "sends", "compute_s", "attention_bytes", "attention_sends")
+
+
+def to_csv(rows) -> str:
+    nets = list(rows[0]["latency_s"])
+    cats = ("linear", "attention", "softmax", "selection", "gather", "other")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(list(CSV_FIELDS) + [f"latency_s_{n}" for n in nets]
+               + ["reduction_bytes", "reduction_attention_bytes"]
+               + [f"reduction_{n}" for n in nets] + [f"bytes_{c}" for c in cats]
+               + ["static_bytes", "static_sends", "static_extrapolated"])
+    for r in rows:
+        st = r.get("static_prefill", {})
+        w.writerow([r[f] for f in CSV_FIELDS] + [r["latency_s"][n] for n in nets]
+                   + [r["reduction_vs_full"]["bytes"], r["reduction_vs_full"]["attention_bytes"]]
+                   + [r["reduction_vs_full"][n] for n in nets]
+                   + [r["bytes_by_category"].get(c, 0.0) for c in cats]
+                   + [st.get("bytes", ""), st.get("sends", ""), st.get("extrapolated") or ""])
+    return buf.getvalue()
+
+
+def plot(rows, out_dir, networks):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = [n.name for n in networks]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.2 * len(nets), 3.6), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        for pol in policies:
+            rs = sorted((r for r in rows if r["policy"] == pol), key=lambda r: r["seq"])
+            ax.plot([r["seq"] for r in rs], [r["latency_s"][net] for r in rs], marker="o",
+                    label=pol)
+        ax.set_title(f"{net} (projected)")
+        ax.set_xlabel("prompt tokens in cache")
+        ax.set_ylabel("decode step latency (s)")
+        ax.set_xscale("log", base=2)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
+    plt.close(fig)
+
+    seq = max(r["seq"] for r in rows)
+    rs = [r for r in rows if r["seq"] == seq]
+    cats = ("linear", "attention", "softmax", "selection", "gather", "other")
+    fig, ax = plt.subplots(figsize=(1.2 * len(rs) + 3, 3.8))
+    bottom = [0.0] * len(rs)
+    for c in cats:
+        vals = [r["bytes_by_category"].get(c, 0.0) / 1e9 for r in rs]
+        ax.bar([r["policy"] for r in rs], vals, bottom=bottom, label=c)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("GB sent, all parties")
+    ax.set_title(f"one decode step by category, seq {seq}, {rows[0]['protocol']}")
+    ax.legend(fontsize=7)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "bytes_by_category.png"), dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out_dir, payload, networks):
+    """results.json, results.csv and the plots, written to a temp dir then moved in, so a
+    failure never leaves a half-written result."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        write_json_atomic(str(tmp / "results.json"), payload)
+        (tmp / "results.csv").write_text(to_csv(payload["rows"]))
+        plot(payload["rows"], str(tmp), networks)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    import dataclasses
+
+    from protocols.benchmark import BlockMeter
+
+    args = parse_args(argv)
+    setting = build_setting(args)
+    jobs, hs = plan(setting, args)
+    meter = BlockMeter(setting["protocol"], args.block_cache or None)
+    start = time.perf_counter()
+    measured = measure_all(meter, jobs)
+    setup = meter.setup_cost()
+    rows = make_rows(setting, measured, hs, args)
+    notes = shortcuts(setting, hs, args)
+    print_report(rows, setup, notes, setting["networks"])
+    print(f"\n{meter.misses} blocks measured, {meter.hits} from the block cache, "
+          f"{time.perf_counter() - start:.0f} s")
+    if args.out:
+        cfg = setting["cfg"]
+        payload = {
+            "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+            "model": args.model, "config": dataclasses.asdict(cfg),
+            "protocol": dataclasses.asdict(setting["protocol"]),
+            "heads_measured": hs, "shortcuts": notes, "rows": rows,
+            "setup": None if setup is None else setup.to_json(),
+            "networks": {n.name: {"bandwidth_bps": n.bandwidth_bps, "rtt_s": n.rtt_s,
+                                  "source": n.source} for n in setting["networks"]},
+            "cost_model": "T = compute_s + k * max_i(sends_i) * RTT/2 + max_i(bytes_i) / BW "
+                          "(protocols.network.projected_seconds)"}
+        write_outputs(args.out, payload, setting["networks"])
+        print(f"wrote {args.out}/results.json, results.csv, latency.png, bytes_by_category.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,308 @@
+"""Measuring blocks under SPU with every party's counters, caching them on disk, and composing
+a whole decode step from them.
+
+    meter = BlockMeter(get_protocol("aby3"), cache_dir="runs/block_cache")
+    counters = meter.measure(block)            # all parties; cached by exact configuration
+    step = compose_step({h: [(block, meter.measure(block)) for block in blocks_for(h)]
+                         for h in (2, 4)}, target_heads=32)
+
+Composition rules (each one is printed by run_spu.py and recorded in its JSON):
+  * a block is measured once and multiplied by `block.count` (layers that run it);
+  * attention blocks measured on fewer KV heads than the model has are extrapolated linearly in
+    the number of heads from two measured head counts (`extrapolate`); every counter of a
+    block (bytes, sends, seconds) is affine in heads under SPU: it runs one batched op per
+    block, whose rounds may still grow with heads (tests check the fit against a direct run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from protocols.blocks import MODEL, USER, Block, random_inputs
+from protocols.registry import Protocol
+
+FORMAT = 1  # bump when what a cached measurement means changes
+PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in decode_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """Counters of a run (or a sum of runs), one entry per party; seconds: wall-clock."""
+
+    bytes_sent: Tuple[float, ...]
+    bytes_recv: Tuple[float, ...]
+    sends: Tuple[float, ...]
+    seconds: float
+
+    @staticmethod
+    def zero(world_size: int) -> "Counters":
+        z = (0,) * world_size
+        return Counters(z, z, z, 0.0)
+
+    @staticmethod
+    def of(cost) -> "Counters":
+        """From a protocols.cost.Cost with every party measured."""
+        if any(p is None for p in cost.parties):
+            raise ValueError("every party's counters are needed")
+        return Counters(tuple(cost.bytes_sent), tuple(cost.bytes_recv), tuple(cost.sends),
+                        cost.seconds)
+
+    def __add__(self, o: "Counters") -> "Counters":
+        return Counters(*(tuple(a + b for a, b in zip(x, y)) for x, y in
+                          ((self.bytes_sent, o.bytes_sent), (self.bytes_recv, o.bytes_recv),
+                           (self.sends, o.sends))), self.seconds + o.seconds)
+
+    def scale(self, f: float) -> "Counters":
+        return Counters(tuple(a * f for a in self.bytes_sent),
+                        tuple(a * f for a in self.bytes_recv), tuple(a * f for a in self.sends),
+                        self.seconds * f)
+
+    @property
+    def total_bytes(self) -> float:
+        return float(sum(self.bytes_sent))
+
+    def to_json(self) -> dict:
+        return {"bytes_sent": [round(b) for b in self.bytes_sent],
+                "bytes_recv": [round(b) for b in self.bytes_recv],
+                "sends": [round(s) for s in self.sends], "seconds": self.seconds}
+
+    @staticmethod
+    def from_json(d: dict) -> "Counters":
+        return Counters(tuple(d["bytes_sent"]), tuple(d["bytes_recv"]), tuple(d["sends"]),
+                        float(d["seconds"]))
+
+
+def extrapolate(measured: Dict[int, Counters], heads: int) -> Counters:
+    """Counters at `heads` KV heads: the measurement itself if taken there, else the line
+    through the two largest measured head counts (an extrapolation: label it)."""
+    if heads in measured:
+        return measured[heads]
+    if len(measured) < 2:
+        raise ValueError("extrapolation needs measurements at two head counts")
+    a, b = sorted(measured)[-2:]
+    ca, cb = measured[a], measured[b]
+    t = (heads - a) / (b - a)
+
+    def line(x, y):
+        return tuple(max(0.0, u + t * (v - u)) for u, v in zip(x, y))
+
+    return Counters(line(ca.bytes_sent, cb.bytes_sent), line(ca.bytes_recv, cb.bytes_recv),
+                    line(ca.sends, cb.sends), max(0.0, ca.seconds + t * (cb.seconds - ca.seconds)))
+
+
+class BlockMeter:
+    """Runs blocks under one protocol and returns every party's counters.
+
+    In-process runtimes print one party's counters; with 2 parties the other's follow exactly,
+    with 3 each block runs once per party. CHEETAH sessions pay their one-time setup in
+    `warm_up` first (reported as `setup`), so block counters are steady state. Measurements
+    are cached in `cache_dir` as JSON keyed by the compiled program text, the protocol
+    setting, the input owners and the SPU version (exact configuration).
+    """
+
+    def __init__(self, protocol: Protocol, cache_dir: Optional[str] = None):
+        self.protocol = protocol
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._sessions = None
+        self.setup: Optional[Counters] = None
+        self.hits = self.misses = 0
+
+    # ---- sessions ----
+    def _ensure_sessions(self):
+        if self._sessions is not None:
+            return self._sessions
+        from protocols.session import SpuSession
+
+        ranks = [0] if self.protocol.world_size == 2 else range(self.protocol.world_size)
+        self._sessions = [SpuSession(self.protocol, profile_rank=r) for r in ranks]
+        if self.protocol.kind == "CHEETAH":
+            setups = [s.warm_up() for s in self._sessions]
+            self.setup = Counters.of(merge_parties(setups, self.protocol.world_size))
+            self._store(self._setup_key(), self.setup)
+        return self._sessions
+
+    def setup_cost(self) -> Optional[Counters]:
+        """CHEETAH's one-time setup (HE keys, OT base): cached, else measured now."""
+        if self.protocol.kind != "CHEETAH":
+            return None
+        if self.setup is None:
+            self.setup = self._load(self._setup_key())
+        if self.setup is None:
+            self._ensure_sessions()
+        return self.setup
+
+    # ---- disk cache ----
+    def _key(self, text: str, block: Block) -> str:
+        blob = json.dumps({"format": FORMAT, "program": text, "owners": block.owners,
+                           "protocol": dataclasses.asdict(self.protocol),
+                           "spu": _spu_version()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _setup_key(self) -> str:
+        blob = json.dumps({"format": FORMAT, "setup": dataclasses.asdict(self.protocol),
+                           "spu": _spu_version()}, sort_keys=True)
+        return "setup-" + hashlib.sha256(blob.encode()).hexdigest()
+
+    def _load(self, key: str) -> Optional[Counters]:
+        if self.cache_dir is None:
+            return None
+        path = self.cache_dir / f"{key}.json"
+        try:
+            return Counters.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _store(self, key: str, counters: Counters) -> None:
+        if self.cache_dir is None:
+            return
+        from experiments.cli import write_json_atomic
+
+        write_json_atomic(str(self.cache_dir / f"{key}.json"), counters.to_json())
+
+    # ---- measuring ----
+    def compile(self, block: Block):
+        from protocols.session import PUBLIC, SECRET, SpuSession
+
+        vis = [PUBLIC if n in PUBLIC_ARGS else SECRET for n in block.arg_names]
+        compiler = (self._sessions or [None])[0] or _Compiler.get(self.protocol, SpuSession)
+        return compiler.compile(block.fn, block.args, block.arg_names, vis)
+
+    def measure(self, block: Block) -> Counters:
+        """Every party's counters for one run of `block` (cached on disk)."""
+        program = self.compile(block)
+        key = self._key(program.text, block)
+        cached = self._load(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        owners = {MODEL: 0, USER: 1}
+        values = random_inputs(block)
+        costs = []
+        for session in self._ensure_sessions():
+            for name, owner, value in zip(block.arg_names, block.owners, values):
+                session.put(name, value, owner=owners.get(owner),
+                            public=name in PUBLIC_ARGS)
+            refs, cost = session.run(program, [f"__block_out{i}"
+                                               for i in range(len(program.out_trees))])
+            for ref in refs:
+                session.delete(ref)
+            costs.append(cost)
+        counters = Counters.of(merge_parties(costs, self.protocol.world_size))
+        self._store(key, counters)
+        return counters
+
+
+class _Compiler:
+    """A session used only to compile (compiling needs no runtime state)."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def get(cls, protocol, session_cls):
+        if protocol not in cls._cache:
+            cls._cache[protocol] = session_cls(protocol)
+        return cls._cache[protocol]
+
+
+def merge_parties(costs, world_size: int):
+    """One Cost with party i's counters from the run that profiled party i."""
+    base = costs[0]
+    if world_size == 2:
+        return base
+    parties = tuple(c.parties[i] for i, c in enumerate(costs))
+    return dataclasses.replace(base, parties=parties,
+                               seconds=sum(c.seconds for c in costs) / len(costs))
+
+
+def _spu_version() -> str:
+    from importlib.metadata import version
+
+    return version("spu")
+
+
+def compose_step(measured: Dict, target_heads: int) -> Dict[str, Tuple[Block, Counters]]:
+    """{block name: (block, counters x block.count)} at `target_heads` KV heads, from
+    {variant: [(block, counters)]} with variant None (full-size dense blocks) or a measured
+    head count (extrapolated when the target was not measured)."""
+    by_name: Dict[str, Tuple[Block, dict]] = {}
+    for heads, pairs in measured.items():
+        for block, c in pairs:
+            by_name.setdefault(block.name, (block, {}))[1][heads] = c
+    return {name: (block, (cs[None] if None in cs else extrapolate(cs, target_heads))
+                   .scale(block.count))
+            for name, (block, cs) in by_name.items()}
+
+
+def compose_static(measured: Dict, seq: int, target_heads: int):
+    """The static step at prompt length `seq`, from {(length, heads): [(block, counters)]}:
+    extrapolated in heads, then in length where `seq` was not measured."""
+    by_name: Dict[str, Tuple[Block, dict]] = {}
+    for (length, heads), pairs in measured.items():
+        for block, c in pairs:
+            by_name.setdefault(block.name, (block, {}))[1].setdefault(length, {})[heads] = c
+    out = {}
+    for name, (block, by_len) in by_name.items():
+        at_heads = {t: extrapolate(cs, target_heads) for t, cs in by_len.items()}
+        out[name] = (block, extrapolate_seq(at_heads, seq).scale(block.count))
+    return out
+
+
+def total(parts, world_size: int) -> Counters:
+    """Sum of the counters of {name: (block, counters)}."""
+    out = Counters.zero(world_size)
+    for _, c in parts.values():
+        out = out + c
+    return out
+
+
+def head_samples(target: int, samples: Iterable[int]) -> List[int]:
+    """KV-head counts to measure: the target itself when it is at most the largest sample,
+    else the two largest samples (then extrapolated)."""
+    samples = sorted(set(int(s) for s in samples))
+    if target <= samples[-1]:
+        return [target]
+    if len(samples) < 2:
+        raise ValueError("give two head counts to extrapolate from")
+    return samples[-2:]
+
+
+def extrapolate_seq(measured: Dict[int, Counters], seq: int) -> Counters:
+    """Counters at prompt length `seq` from measurements at three shorter lengths, by the
+    quadratic through them (the static step's compaction matrix has keep x T entries, its
+    window scores w x T: at most quadratic in T). An extrapolation: label it."""
+    if seq in measured:
+        return measured[seq]
+    if len(measured) < 3:
+        raise ValueError("quadratic extrapolation needs three measured lengths")
+    xs = sorted(measured)[-3:]
+
+    def quad(vals):
+        out = 0.0
+        for i, xi in enumerate(xs):
+            w = 1.0
+            for j, xj in enumerate(xs):
+                if j != i:
+                    w *= (seq - xj) / (xi - xj)
+            out += w * vals[i]
+        return max(0.0, out)
+
+    cs = [measured[x] for x in xs]
+
+    def field(get):
+        return tuple(quad([get(c)[p] for c in cs]) for p in range(len(get(cs[0]))))
+
+    return Counters(field(lambda c: c.bytes_sent), field(lambda c: c.bytes_recv),
+                    field(lambda c: c.sends), quad([c.seconds for c in cs]))
+
+
+def static_lengths(seq: int, max_seq: int) -> List[int]:
+    """Prompt lengths at which the static step is measured: `seq` itself when affordable,
+    else max_seq / 4, max_seq / 2 and max_seq (then extrapolated to seq)."""
+    if seq <= max_seq:
+        return [seq]
+    return [max_seq // 4, max_seq // 2, max_seq]

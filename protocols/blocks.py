@@ -1,0 +1,273 @@
+"""A private decode step cut into the blocks it is made of, each compilable on its own.
+
+The whole-model benchmark cannot run a 7B decode step at 8k tokens whole on 2 cores, so it
+measures each distinct block once under SPU and multiplies by how often a step runs it. Every
+block below calls the very functions `mpc_llama.model.decode_step` (and, for the one-time static
+step, `prefill`) calls, in the same order, on inputs of the same shapes; tests check that the
+composed counters equal a directly measured decode step.
+
+Blocks of one decode step, per layer unless noted (category in brackets):
+    embed (once) [linear]              one-hot token x embedding
+    attn_norm [other]  qkv [linear]    RMSNorm; Q/K/V projections + RoPE
+    bounds [selection]                 incremental cluster bounds (policies with clusters)
+    select [selection]                 the policy's query-aware selection (selecting layers)
+    scores [attention]                 q . K over the retained cache
+    gather [gather]                    the selected clusters' scores packed (one-hot matmul)
+    softmax [softmax]
+    scatter [gather]                   probabilities back to cache order
+    values [attention]                 p . V
+    o_proj [linear]  mlp_norm [other]  gate_up [linear]  gated [other: SiLU]  down [linear]
+    final_norm (once) [other]  lm_head (once) [linear]  argmax (once) [other]
+One-time static step at prefill (phase "static"): static_select [selection] on layers whose
+selection others share, compact [gather] and init_bounds [selection] on every layer.
+
+Attention blocks may be measured on a sample of KV heads (`heads`); the caller extrapolates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpc_llama import nonlinear
+from mpc_llama.config import LlamaConfig
+from mpc_llama.errors import ConfigError
+
+CATEGORIES = ("linear", "attention", "softmax", "selection", "gather", "other")
+MODEL, USER, SHARED = "model", "user", "shared"  # who inputs a block argument
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One compilable piece of a decode step (or of the static step at prefill).
+
+    fn(*args) -> tuple; args: ShapeDtypeStruct pytrees; owners[i]: MODEL (weights, shared by
+    the model owner), USER (the token, by the user) or SHARED (an activation: secret shares
+    nobody owns); count: how many times one step runs the block; heads: KV heads the block was
+    built for (None: full-size dense block); phase: "decode" or "static" (once per prompt).
+    """
+
+    name: str
+    category: str
+    phase: str
+    fn: Callable = dataclasses.field(compare=False, repr=False)
+    args: Tuple[Any, ...] = dataclasses.field(compare=False, repr=False)
+    arg_names: Tuple[str, ...] = ()
+    owners: Tuple[str, ...] = ()
+    count: int = 1
+    heads: Optional[int] = None
+
+
+def _spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def _specs(tree):
+    return jax.tree_util.tree_map(lambda a: _spec(a.shape, a.dtype), tree)
+
+
+def _block(name, category, fn, args: dict, owners: dict = None, count=1, heads=None,
+           phase="decode") -> Block:
+    owners = owners or {}
+    return Block(name, category, phase, fn, tuple(args.values()), tuple(args),
+                 tuple(owners.get(n, SHARED) for n in args), count, heads)
+
+
+def _weights(cfg: LlamaConfig, names):
+    d, F, nd = cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim
+    kd = cfg.n_kv_heads * cfg.head_dim
+    shapes = {"wq": (d, nd), "wk": (d, kd), "wv": (d, kd), "wo": (nd, d), "norm": (d,),
+              "w_gate": (d, F), "w_up": (d, F), "w_down": (F, d), "embed": (cfg.vocab_size, d),
+              "lm_head": (d, cfg.vocab_size)}
+    return {n: _spec(shapes[n]) for n in names}
+
+
+def dense_blocks(cfg: LlamaConfig) -> List[Block]:
+    """Blocks outside attention, at the model's real dimensions (cfg as compiled for SPU);
+    they do not depend on the cache length (the token position is a public input)."""
+    from mpc_llama.model import _qkv, embed, gated, rms_norm
+
+    L, d = cfg.n_layers, cfg.d_model
+    x = _spec((1, 1, d))
+    w = _weights(cfg, ("wq", "wk", "wv", "wo", "norm", "w_gate", "w_up", "w_down", "embed",
+                       "lm_head"))
+    h_out = _spec((1, 1, cfg.n_heads * cfg.head_dim))
+    g = _spec((1, 1, cfg.ffn_dim))
+    head_w = "embed" if cfg.tie_embeddings else "lm_head"
+    m = {n: MODEL for n in w}
+    return [
+        _block("embed", "linear", lambda t, e: (embed({"embed": e}, t, cfg),),
+               {"token": _spec((1, 1), jnp.int32), "embed": w["embed"]},
+               {"token": USER, **m}),
+        _block("attn_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
+               {"x": x, "norm": w["norm"]}, m, L),
+        _block("qkv", "linear",
+               lambda h, p, wq, wk, wv: _qkv({"wq": wq, "wk": wk, "wv": wv}, h,
+                                             jnp.reshape(p, (1,)), cfg),
+               {"h": x, "position": _spec((), jnp.int32), "wq": w["wq"], "wk": w["wk"],
+                "wv": w["wv"]}, m, L),
+        _block("o_proj", "linear", lambda x, o, wo: (x + o @ wo,),
+               {"x": x, "out": h_out, "wo": w["wo"]}, m, L),
+        _block("mlp_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
+               {"x": x, "norm": w["norm"]}, m, L),
+        _block("gate_up", "linear", lambda h, wg, wu: (h @ wg, h @ wu),
+               {"h": x, "w_gate": w["w_gate"], "w_up": w["w_up"]}, m, L),
+        _block("gated", "other", lambda a, b: (gated(a, b, cfg),), {"gate": g, "up": g}, m, L),
+        _block("down", "linear", lambda x, a, wd: (x + a @ wd,),
+               {"x": x, "act": g, "w_down": w["w_down"]}, m, L),
+        _block("final_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
+               {"x": _spec((1, d)), "norm": w["norm"]}, m),
+        _block("lm_head", "linear",
+               (lambda h, e: (h @ e.T,)) if cfg.tie_embeddings else (lambda h, e: (h @ e,)),
+               {"h": _spec((1, d)), head_w: w[head_w]}, m),
+        _block("argmax", "other", lambda z: (jnp.argmax(z, axis=-1).astype(jnp.int32),),
+               {"logits": _spec((1, cfg.vocab_size))}),
+    ]
+
+
+def sampled(cfg: LlamaConfig, heads: int) -> LlamaConfig:
+    """The layer with `heads` KV heads (and their query heads) of the real ones."""
+    return cfg.replace(n_kv_heads=heads, n_heads=heads * cfg.group_size)
+
+
+def retained(policy, seq: int) -> Tuple[int, int]:
+    """(entries valid in the cache at the decode step, cache capacity) after a prompt of `seq`
+    tokens: the static step's keep count (or seq) plus the current token; capacity rounded up
+    to whole clusters for policies that keep cluster bounds."""
+    keep = seq if policy is None or policy.static_keep(seq) is None else policy.static_keep(seq)
+    cap = keep + 1
+    if policy is not None and policy.needs_bounds:
+        s1 = policy.cluster_sizes[0]
+        cap = -(-cap // s1) * s1
+    return keep + 1, cap
+
+
+def n_selecting(policy, n_layers: int) -> int:
+    """Layers that run their own selection (the others reuse a source layer's)."""
+    return len({policy.share_source(i, n_layers) for i in range(n_layers)})
+
+
+def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
+    """One decode step's attention blocks for `heads` KV heads, as decode_attention runs them.
+
+    policy None: the full cache. `oracle`: attention over exactly its budget, selection left
+    out (free selection: the cost floor of any selection at that budget).
+    """
+    from eviction.clusters import update_bounds
+    from mpc_llama.model import attention_scores, attention_values
+    from mpc_llama.selective_attention import _select, gather_scores, scatter_probs
+
+    c = sampled(cfg, heads)
+    L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
+    if policy is not None and policy.name == "oracle":
+        length, cap, policy = policy.n_attend(seq) + 1, policy.n_attend(seq) + 1, None
+    else:
+        length, cap = retained(policy, seq)
+    softmax = nonlinear.SOFTMAX[cfg.softmax]
+    valid = jnp.arange(cap) < length
+    q, kv = _spec((1, 1, heads * g, d)), _spec((1, heads, cap, d))
+    scores = _spec((1, heads, g, 1, cap))
+    blocks = [_block("scores", "attention", lambda q, k: (attention_scores(q, k, c),),
+                     {"q": q, "k": kv}, count=L, heads=heads)]
+    values = _block("values", "attention", lambda p, v: (attention_values(p, v, c),),
+                    {"probs": scores, "v": kv}, count=L, heads=heads)
+    if policy is None or not policy.dynamic:
+        mask = valid[None, None, None, None, :]
+        return blocks + [
+            _block("softmax", "softmax", lambda s: (softmax(s, mask),), {"scores": scores},
+                   count=L, heads=heads), values]
+
+    bounds_spec = _specs(jax.eval_shape(lambda k: _init_bounds(policy, k, length - 1), kv))
+    out = [_block("bounds", "selection",
+                  lambda b, k: (update_bounds(b, k, length - 1, *policy.cluster_sizes,
+                                              policy.bounds_alpha),),
+                  {"bounds": bounds_spec, "key": _spec((1, heads, d))}, count=L, heads=heads)]
+
+    def select(q, k, b):
+        qg = q[:, 0].reshape(1, heads, g, d)
+        return (_select(policy, qg, k, b, jnp.asarray(length), seq, c)[1],)
+
+    sel_spec = jax.eval_shape(select, q, kv, bounds_spec)[0]
+    out.append(_block("select", "selection", select, {"q": q, "k": kv, "bounds": bounds_spec},
+                      count=n_selecting(policy, L), heads=heads))
+    probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
+    kind = "mask" if probe is None else getattr(policy, "gather", "mask")
+    if kind == "scores":
+        size = probe[1]
+        packed = _spec((1, heads, g, sel_spec.shape[2] * size))
+        return out + blocks + [
+            _block("gather", "gather",
+                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size),
+                   {"onehot": sel_spec, "scores": scores}, count=L, heads=heads),
+            _block("softmax", "softmax", lambda s, ok: (softmax(s, ok > 0.5),),
+                   {"picked": packed, "ok": _spec((1, heads, 1, packed.shape[3]))},
+                   count=L, heads=heads),
+            _block("scatter", "gather",
+                   lambda p, pr: (scatter_probs(p, pr, size)[:, :, :, None],),
+                   {"onehot": sel_spec, "probs": packed}, count=L, heads=heads),
+            values]
+    raise ConfigError(f"cost blocks are built for gather='scores' only; {policy.name} has "
+                      f"gather={kind!r} (a boolean selection crossing a block boundary would "
+                      "be costed as an arithmetic share)")
+
+
+def _init_bounds(policy, k, length):
+    from eviction.clusters import init_bounds
+
+    return init_bounds(k, length, *policy.cluster_sizes, policy.bounds_alpha)
+
+
+def _probe_select_args(cfg, policy, seq, length, cap):
+    """Arguments for a shape-only call of select_clusters (to learn whether it is
+    cluster-level)."""
+    heads, g, d = cfg.n_kv_heads, cfg.group_size, cfg.head_dim
+    k = jnp.zeros((1, heads, cap, d))
+    bounds = _init_bounds(policy, k, length - 1) if policy.needs_bounds else None
+    return jnp.zeros((1, heads, g, d)), k, bounds, jnp.asarray(length), seq, cfg
+
+
+def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
+    """The one-time static step at the end of prefill, for `heads` KV heads: what `prefill`
+    adds to a plain prefill (the prefill itself is the same for every policy and not here)."""
+    from mpc_llama.eviction_hooks import gather_rows, static_selection
+
+    if policy is None or policy.static_keep(seq) is None:
+        return []
+    c = sampled(cfg, heads)
+    L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
+    keep = policy.static_keep(seq)
+    kv = _spec((1, heads, seq, d))
+    out = [
+        _block("static_select", "selection", lambda q, k: (static_selection(policy, q, k, c),),
+               {"q": _spec((1, seq, heads, g, d)), "k": kv},
+               count=n_selecting(policy, L), heads=heads, phase="static"),
+        _block("compact", "gather",
+               lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
+               {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
+                "pos": _spec((1, heads, seq))},
+               count=L, heads=heads, phase="static")]
+    if policy.needs_bounds:
+        _, cap = retained(policy, seq)
+        out.append(_block("init_bounds", "selection", lambda k: (_init_bounds(policy, k, keep),),
+                          {"k": _spec((1, heads, cap, d))}, count=L, heads=heads,
+                          phase="static"))
+    return out
+
+
+def random_inputs(block: Block, seed: int = 0) -> tuple:
+    """Values for a block's arguments (costs do not depend on them): normal floats, random
+    bools, zero integers."""
+    rng = np.random.default_rng(seed)
+
+    def fill(s):
+        if s.dtype == jnp.bool_:
+            return rng.random(s.shape) < 0.5
+        if jnp.issubdtype(s.dtype, jnp.integer):
+            return np.zeros(s.shape, s.dtype)
+        return rng.normal(size=s.shape).astype(np.float32)
+
+    return tuple(jax.tree_util.tree_map(fill, a) for a in block.args)
