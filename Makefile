@@ -1,4 +1,5 @@
-# make demo: set up .venv and run the main job on the embedded SmolLM2.
+# make demo: set up .venv, run the private decoding benchmark on the embedded SmolLM2's shapes
+# and a plaintext chat with it.
 # make test: set up .venv and run the test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -16,8 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) experiments/run_spu.py --model smollm2 --protocol cheetah --seq 1024,2048 --policies full,mpcache,snapkv --out runs/demo
 	$(PY) experiments/generate.py --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 12 --json runs/demo_plain.json
-	$(PY) experiments/generate.py --model smollm2 --prompt "The capital of France is" --max-new-tokens 2 --backend spu --protocol semi2k --field FM128 --fxp-bits 30 --json runs/demo_spu.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

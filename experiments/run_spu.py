@@ -64,9 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--heads", default="2,4",
                    help="KV-head counts measured for attention blocks (extrapolated linearly "
                         "to the model's when it has more)")
-    p.add_argument("--static-max-seq", type=int, default=2048,
+    p.add_argument("--static-heads", default="1,2",
+                   help="KV-head counts measured for the static step (extrapolated linearly)")
+    p.add_argument("--static-max-seq", type=int, default=1024,
                    help="longest prompt at which the static step is measured directly; "
-                        "beyond, it is extrapolated (quadratic) from 1/4, 1/2 and 1 x this")
+                        "beyond, it is extrapolated from 1/4, 1/2 and 1 x this (bytes and "
+                        "seconds: least squares a*T + b*T^2; sends: the longest's)")
     p.add_argument("--networks", default=DEFAULT_NETWORKS,
                    help="comma list of profiles from protocols.network.PROFILES")
     p.add_argument("--bandwidth", type=float, help="custom profile: bandwidth in Mbit/s")
@@ -92,6 +95,7 @@ def build_setting(args):
         protocol = protocol.with_numerics(args.field, args.fxp_bits)
     seqs = _ints(args.seq, "--seq", 64)
     heads = _ints(args.heads, "--heads", 1)
+    static_heads = _ints(args.static_heads, "--static-heads", 1)
     if not 0.0 < args.budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {args.budget}")
     if args.static_max_seq < 256:
@@ -115,16 +119,18 @@ def build_setting(args):
     if args.bandwidth is not None:
         networks.append(custom_profile(args.bandwidth, args.rtt))
     cfg = spu_config(load_config(args.model))
-    if cfg.n_kv_heads > max(heads) and len(set(heads)) < 2:
-        raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give --heads two counts "
-                          "to extrapolate from (e.g. 2,4) or at least that many")
+    for flag, hs in (("--heads", heads), ("--static-heads", static_heads)):
+        if cfg.n_kv_heads > max(hs) and len(set(hs)) < 2:
+            raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give {flag} two "
+                              "counts to extrapolate from (e.g. 2,4) or at least that many")
     notes = []
     if max(seqs) > cfg.max_seq_len:
         notes.append(f"--seq {max(seqs)} exceeds the model's context ({cfg.max_seq_len}): "
                      "costs are for the shapes only")
     if max(seqs) > cfg.max_seq_len and cfg.max_seq_len < 1024:
         raise ConfigError(f"--seq {max(seqs)} is far beyond the model's context")
-    return {"protocol": protocol, "seqs": seqs, "heads": heads, "policies": policies,
+    return {"protocol": protocol, "seqs": seqs, "heads": heads, "static_heads": static_heads,
+            "policies": policies,
             "networks": networks, "cfg": cfg, "notes": notes}
 
 
@@ -136,12 +142,13 @@ def plan(setting, args):
 
     cfg = setting["cfg"]
     hs = head_samples(cfg.n_kv_heads, setting["heads"])
+    shs = head_samples(cfg.n_kv_heads, setting["static_heads"])
     jobs = {("dense",): {None: dense_blocks(cfg)}}
     for seq in setting["seqs"]:
         for name, pol in setting["policies"].items():
             jobs[("decode", seq, name)] = {h: attention_blocks(cfg, pol, seq, h) for h in hs}
             lengths = static_lengths(seq, args.static_max_seq)
-            static = {(t, h): static_blocks(cfg, pol, t, h) for t in lengths for h in hs}
+            static = {(t, h): static_blocks(cfg, pol, t, h) for t in lengths for h in shs}
             if any(static.values()):
                 jobs[("static", seq, name)] = static
     return jobs, hs
@@ -196,9 +203,9 @@ def make_rows(setting, measured, hs, args):
                 "retained": seq if pol is None or pol.static_keep(seq) is None
                 else pol.static_keep(seq),
                 "bytes": step.total_bytes, "bytes_per_party": list(step.bytes_sent),
-                "sends": max(step.sends), "sends_per_party": list(step.sends),
+                "sends": round(max(step.sends)), "sends_per_party": list(step.sends),
                 "compute_s": step.seconds,
-                "attention_bytes": att.total_bytes, "attention_sends": max(att.sends),
+                "attention_bytes": att.total_bytes, "attention_sends": round(max(att.sends)),
                 "attention_compute_s": att.seconds,
                 "latency_s": latency(step, protocol, networks),
                 "attention_latency_s": latency(att, protocol, networks),
@@ -211,11 +218,12 @@ def make_rows(setting, measured, hs, args):
                 st = total(compose_static(measured[key], seq, cfg.n_kv_heads), world)
                 lengths = sorted({t for t, _ in measured[key]})
                 row["static_prefill"] = {
-                    "bytes": st.total_bytes, "sends": max(st.sends), "compute_s": st.seconds,
+                    "bytes": st.total_bytes, "sends": round(max(st.sends)), "compute_s": st.seconds,
                     "latency_s": latency(st, protocol, networks),
                     "measured_at_seq": lengths,
                     "extrapolated": None if lengths == [seq] else
-                    f"quadratic in the prompt length from {lengths}"}
+                    f"from prompts of {lengths} tokens: bytes and seconds by least squares "
+                    "a*T + b*T^2, sends those of the longest"}
             rows.append(row)
     for row in rows:
         full = next(r for r in rows if r["seq"] == row["seq"] and r["policy"] == "full")
@@ -227,6 +235,8 @@ def make_rows(setting, measured, hs, args):
 
 
 def shortcuts(setting, hs, args):
+    from protocols.benchmark import head_samples
+
     cfg = setting["cfg"]
     out = ["whole decode step = sum over block kinds of (one measured block x the layers that "
            "run it); selecting and index-sharing layers counted apart"]
@@ -239,8 +249,20 @@ def shortcuts(setting, hs, args):
                "a network; compute_s is simulator wall-clock, all parties on this machine")
     out.append("oracle: attention over exactly the budget, selection free (the floor)")
     if any(s > args.static_max_seq for s in setting["seqs"]):
-        out.append(f"static step beyond {args.static_max_seq} tokens extrapolated (quadratic) "
-                   "from shorter prompts")
+        out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
+                   "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's)")
+    if any(n in setting["policies"] and setting["policies"][n] is not None and
+           setting["policies"][n].static_keep(max(setting["seqs"])) is not None
+           for n in setting["policies"]):
+        shs = head_samples(cfg.n_kv_heads, setting["static_heads"])
+        if shs != [cfg.n_kv_heads]:
+            out.append(f"static step measured on {shs} of {cfg.n_kv_heads} KV heads, "
+                       "extrapolated linearly in heads")
+    if setting["protocol"].kind == "CHEETAH":
+        out.append("CHEETAH: blocks under 10 s are the median of 3 runs; silent-OT refills "
+                   "(~1-2 MB, ~2,200 sends each, about one per 40-100 MB of traffic) count "
+                   "where a block's median run had one; its send counts (hence WAN "
+                   "projections) are the least certain figures")
     out.append("random weights and inputs: SPU's costs do not depend on values (except "
                "data-dependent top-k in static steps, whose variation is within noise)")
     return out + setting["notes"]
@@ -255,7 +277,7 @@ def print_report(rows, setup, notes, networks):
     print(head)
     for r in rows:
         red = r["reduction_vs_full"]
-        print(f"{r['policy']:<18}{r['seq']:>6}{r['bytes'] / 1e9:>9.3f}{r['sends']:>8}"
+        print(f"{r['policy']:<18}{r['seq']:>6}{r['bytes'] / 1e9:>9.3f}{r['sends']:>8.0f}"
               f"{r['compute_s']:>8.1f}"
               + "".join(f"{r['latency_s'][n]:>10.1f}" for n in nets)
               + f"{red['bytes']:>9.2f}{red['attention_bytes']:>8.2f}"
@@ -273,11 +295,11 @@ def print_report(rows, setup, notes, networks):
             s = r["static_prefill"]
             tag = f"  [{s['extrapolated']}]" if s["extrapolated"] else ""
             print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
-                  f"{s['sends']} sends, {s['compute_s']:.1f} s compute, "
+                  f"{s['sends']:.0f} sends, {s['compute_s']:.1f} s compute, "
                   + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets) + tag)
     if setup is not None:
         print(f"\none-time CHEETAH setup (HE keys, OT base; not in any figure above): "
-              f"{setup.total_bytes / 1e6:.1f} MB, {max(setup.sends)} sends")
+              f"{setup.total_bytes / 1e6:.1f} MB, {max(setup.sends):.0f} sends")
     print("\n* projected; x = reduction vs full (higher is better). How these were made:")
     for n in notes:
         print(f"  - {n}")

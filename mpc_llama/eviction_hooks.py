@@ -43,7 +43,8 @@ def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
 
 
 def gather_rows(p: jax.Array, a: jax.Array) -> jax.Array:
-    """p [b, k, n, t] (bool or 0/1 float) applied to a [b, k, t, ...] -> [b, k, n, ...] as one matmul."""
+    """p [b, k, n, t] (bool or 0/1 float) applied to a [b, k, t, ...] -> [b, k, n, ...] as
+    one matmul."""
     return jnp.einsum("bknt,bkt...->bkn...", p.astype(a.dtype), a)
 
 

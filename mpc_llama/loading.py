@@ -40,14 +40,27 @@ class Tokenizer:
         ids = self.hf(text, add_special_tokens=False)["input_ids"]
         return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + ids
 
-    def chat(self, user_text: str) -> List[int]:
-        """The prompt for one user turn, with the model's chat template."""
+    def encode_piece(self, text: str) -> List[int]:
+        """Ids of a piece of a prompt: nothing added (special tokens in the text are parsed)."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_start(self, text: str) -> List[int]:
+        """Ids of the start of a prompt: BOS added when the model wants one and the text (e.g.
+        a chat template's output) does not already begin with it."""
+        if self.hf.bos_token and text.startswith(self.hf.bos_token):
+            return self.encode_piece(text)
+        return self.encode(text)
+
+    def chat_text(self, user_text: str) -> str:
+        """One user turn formatted by the model's chat template, ready for the answer."""
         if not getattr(self.hf, "chat_template", None):
             raise CheckpointError("this model's tokenizer has no chat template; drop --chat")
-        text = self.hf.apply_chat_template([{"role": "user", "content": user_text}],
+        return self.hf.apply_chat_template([{"role": "user", "content": user_text}],
                                            tokenize=False, add_generation_prompt=True)
-        return self.encode(text) if not text.startswith(self.hf.bos_token or "\0") else \
-            self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def chat(self, user_text: str) -> List[int]:
+        """The prompt for one user turn, with the model's chat template."""
+        return self.encode_start(self.chat_text(user_text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

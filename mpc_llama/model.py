@@ -139,20 +139,55 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
-            last_only: bool = False, policy=None) -> Tuple[jax.Array, KVCache]:
-    """Runs the prompt with causal attention and fills a fresh cache.
+def attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, cfg: LlamaConfig,
+                   chunk: int) -> jax.Array:
+    """Causal attention of a whole prompt, `chunk` queries at a time, each chunk against the
+    keys up to its end only: never a full T x T score matrix, and about half its work.
+    Plaintext speed path (same values as `attend` with a causal mask). q: [b, t, n, d];
+    k, v: [b, k, t, d]. Returns [b, t, n*d]."""
+    t = q.shape[1]
+    outs = []
+    for start in range(0, t, chunk):
+        end = min(t, start + chunk)
+        mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]      # [c, end]
+        outs.append(attend(q[:, start:end], k[:, :, :end], v[:, :, :end], mask, cfg))
+    return jnp.concatenate(outs, axis=1)
 
-    tokens: [b, t] int32, positions 0..t-1. capacity: static cache size C >= t (prompt plus
-    room for generated tokens). With a `policy` that has a static step, each layer keeps
-    policy.static_keep(t) entries (compacted, original positions kept), so the returned cache
-    holds that many entries plus capacity - t free slots; policies with a dynamic step also
-    get per-cluster key bounds and a capacity rounded up to whole clusters.
-    Returns logits [b, t, V] (or [b, V] for the last position when `last_only`) and the cache.
+
+def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0):
+    """The prompt through every layer with causal attention.
+
+    tokens: [b, t] int32 at positions 0..t-1; chunk > 0 computes attention `chunk` queries at
+    a time (plaintext speed; 0 = one masked T x T matrix, as compiled for SPU).
+    Returns the final hidden states [b, t, d] and, per layer, (q [b, t, n, d] rotated,
+    k [b, k, t, d] rotated, v [b, k, t, d]): everything a static eviction step reads, so one
+    prompt pass can feed every policy (`build_cache`).
     """
+    t = tokens.shape[1]
+    positions = jnp.arange(t, dtype=jnp.int32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool)) if not chunk else None
+    x = embed(params, tokens, cfg)
+    layers = []
+    for i in range(cfg.n_layers):
+        lp = _layer_params(params, i)
+        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
+        att = attend_chunked(q, k, v, cfg, chunk) if chunk else attend(q, k, v, causal, cfg)
+        x = x + att @ lp["wo"]
+        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+        layers.append((q, k, v))
+    return x, layers
+
+
+def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None) -> KVCache:
+    """A fresh cache from a prompt's per-layer (q, k, v) (see `run_prompt`), after the
+    policy's static step. capacity: static cache size C >= t (prompt plus room for generated
+    tokens). With a policy that has a static step, each layer keeps policy.static_keep(t)
+    entries (compacted, original positions kept), so the cache holds that many plus
+    capacity - t free slots; policies with a dynamic step also get per-cluster key bounds and
+    a capacity rounded up to whole clusters."""
     from mpc_llama.eviction_hooks import gather_rows, static_selection
 
-    b, t = tokens.shape
+    b, _, t, _ = layers[0][1].shape
     if capacity < t:
         raise ValueError(f"cache capacity {capacity} is smaller than the prompt ({t})")
     n_keep = t if policy is None or policy.static_keep(t) is None else policy.static_keep(t)
@@ -162,21 +197,16 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
 
         new_cap = _round_up(new_cap, policy.cluster_sizes[0])
     positions = jnp.arange(t, dtype=jnp.int32)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     empty = init_cache(cfg, b, new_cap)
     ks, vs, ps, bounds, moves = [], [], [], [], {}
-    x = embed(params, tokens, cfg)
-    for i in range(cfg.n_layers):
-        lp = _layer_params(params, i)
-        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
-        x = x + attend(q, k, v, causal, cfg) @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+    for i, (q, k, v) in enumerate(layers):
         pos = jnp.broadcast_to(positions, k.shape[:3])
         if n_keep < t:
             src = policy.share_source(i, cfg.n_layers)
             if src not in moves:  # a sharing layer reuses its source's compaction matrix
-                qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                moves[src] = static_selection(policy, qg, k, cfg)
+                qs = layers[src][0]
+                qg = qs.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+                moves[src] = static_selection(policy, qg, layers[src][1], cfg)
             k, v, pos = (gather_rows(moves[src], a) for a in (k, v, pos.astype(jnp.float32)))
             pos = jnp.round(pos).astype(jnp.int32)
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
@@ -184,22 +214,41 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
         if policy is not None and policy.needs_bounds:
             bounds.append(init_bounds(ck, n_keep, *policy.cluster_sizes, policy.bounds_alpha))
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
-    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
-                    stacked)
+    return KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
+                   stacked)
+
+
+def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
+            last_only: bool = False, policy=None, chunk: int = 0) -> Tuple[jax.Array, KVCache]:
+    """Runs the prompt with causal attention and fills a fresh cache (`run_prompt`, then
+    `build_cache` with the policy's static step).
+
+    tokens: [b, t] int32, positions 0..t-1; capacity, policy: see `build_cache`; chunk: see
+    `run_prompt`. Returns logits [b, t, V] (or [b, V] for the last position when `last_only`)
+    and the cache.
+    """
+    if capacity < tokens.shape[1]:
+        raise ValueError(f"cache capacity {capacity} is smaller than the prompt "
+                         f"({tokens.shape[1]})")
+    x, layers = run_prompt(params, cfg, tokens, chunk)
+    cache = build_cache(cfg, layers, capacity, policy)
     if last_only:
         x = x[:, -1]
     return lm_head(params, x, cfg), cache
 
 
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
-                policy=None, prompt_len: int = 0, return_attended: bool = False):
+                policy=None, prompt_len: int = 0, return_attended: bool = False,
+                diagnostics: bool = False):
     """One token through the model, appending its key/value at index `cache.length`.
 
     token: [b] int32; position: [] int32 original position of the token (public; differs from
     cache.length once entries were evicted). With a dynamic `policy`, each layer (or the
     layer it shares with) selects entries per KV head and attends to those only; prompt_len
     (static, public) sets the policy's sizes. Returns logits [b, V] and the new cache, plus,
-    with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics).
+    with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics); with
+    `diagnostics`, a dict instead: counts, attn_out [L, b, N*D] (each layer's attention output)
+    and attended_pos [L, b, K, C] (original positions of the attended entries, -1 elsewhere).
     """
     from eviction.clusters import update_bounds
     from mpc_llama.selective_attention import decode_attention
@@ -208,7 +257,7 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     length = cache.length + 1  # entries valid after writing the current one
     dynamic = policy is not None and policy.dynamic
     x = embed(params, token[:, None], cfg)
-    ks, vs, ps, bounds, selections, counts = [], [], [], [], {}, []
+    ks, vs, ps, bounds, selections, counts, outs, attended = [], [], [], [], {}, [], [], []
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
         q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
@@ -224,12 +273,22 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
             q, ck, cv, layer_bounds if cache.bounds is not None else None, length, policy,
             prompt_len, cfg, selections.get(src))  # a sharing layer reuses its source's pick
         counts.append(count)
+        if diagnostics:
+            from mpc_llama.selective_attention import attended_mask
+
+            outs.append(out[:, 0])
+            valid = jnp.arange(ck.shape[2]) < length
+            attended.append(jnp.where(attended_mask(selections[src], valid, ck.shape[:3]), cp,
+                                      -1))
         x = x + out @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
         ks.append(ck), vs.append(cv), ps.append(cp)
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
     cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), length, stacked)
     logits = lm_head(params, x[:, 0], cfg)
+    if diagnostics:
+        return logits, cache, {"counts": jnp.stack(counts), "attn_out": jnp.stack(outs),
+                               "attended_pos": jnp.stack(attended)}
     if return_attended:
         return logits, cache, jnp.stack(counts)
     return logits, cache

@@ -52,8 +52,8 @@ def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int) -> jax.Array:
 
 
 def _select(policy, q, ck, bounds, length, prompt_len, cfg):
-    """(policy.gather, P [b, k, slots, n] (0/1 float), cluster size) for cluster policies that gather
-    ("scores" or "kv"), else ("mask", bool [b, k, c], None)."""
+    """(policy.gather, P [b, k, slots, n] (0/1 float), cluster size) for cluster policies
+    that gather ("scores" or "kv"), else ("mask", bool [b, k, c], None)."""
     picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
@@ -92,3 +92,16 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
         mask = jnp.logical_and(mask, sel)
     out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
     return out, selection, mask.sum(axis=-1)
+
+
+def attended_mask(selection, valid: jax.Array, shape) -> jax.Array:
+    """bool [b, k, c]: the cache entries a layer attended (plaintext diagnostics).
+    selection: decode_attention's (kind, sel, size) or None (every valid entry)."""
+    if selection is None:
+        return jnp.broadcast_to(valid, shape)
+    kind, sel, size = selection
+    if kind == "mask":
+        return jnp.logical_and(sel, valid)
+    from eviction.clusters import expand
+
+    return jnp.logical_and(expand(sel.sum(axis=2) > 0.5, size), valid)

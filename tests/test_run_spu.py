@@ -113,8 +113,15 @@ def test_extrapolation_arithmetic():
 
     line = extrapolate({2: c(20, 10, 1.0), 4: c(40, 12, 2.0)}, 32)
     assert line.bytes_sent == (320, 320) and line.sends == (40, 40) and line.seconds == 16.0
+    clipped = extrapolate({2: c(20, 12, 1.0), 4: c(40, 10, 2.0)}, 32)   # noisy: sends fell
+    assert clipped.sends == (10, 10)
+    clipped = extrapolate({2: c(20, 2, 1.0), 4: c(40, 40, 2.0)}, 32)    # noisy: a jump
+    assert clipped.sends == (320, 320)                                   # proportional at most
     quad = extrapolate_seq({1: c(1, 1, 1), 2: c(4, 2, 4), 3: c(9, 3, 9)}, 8)
-    assert quad.bytes_sent == (64, 64) and quad.sends == (8, 8) and quad.seconds == 64
+    assert quad.bytes_sent == pytest.approx((64, 64)) and quad.sends == (3, 3)
+    assert quad.seconds == pytest.approx(64)
+    mixed = extrapolate_seq({1: c(3, 1, 0), 2: c(8, 1, 0), 4: c(24, 1, 0)}, 8)  # 2T + T^2
+    assert mixed.bytes_sent == pytest.approx((80, 80))
     with pytest.raises(ValueError):
         extrapolate({2: c(1, 1, 1)}, 4)
 

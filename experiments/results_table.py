@@ -1,0 +1,81 @@
+"""Markdown tables from results.json files (so README figures are pasted, never typed).
+
+    python experiments/results_table.py runs/cheetah_8192/results.json runs/aby3_8192/results.json
+    python experiments/results_table.py runs/acc/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.cli import Parser, run_main  # noqa: E402
+from mpc_llama.errors import ConfigError  # noqa: E402
+
+CATS = ("linear", "attention", "softmax", "selection", "gather", "other")
+
+
+def spu_table(res: dict) -> str:
+    rows = res["rows"]
+    lines = ["| protocol | seq | policy | GB (all parties) | sends (busiest) | compute s | "
+             "LAN s* | WAN s* | bytes vs full | attention bytes vs full | LAN vs full | "
+             "WAN vs full |", "|" + "---|" * 12]
+    for r in rows:
+        red = r["reduction_vs_full"]
+        lines.append(f"| {r['protocol']} | {r['seq']} | {r['policy']} | {r['bytes'] / 1e9:.2f} "
+                     f"| {r['sends']:,} | {r['compute_s']:.0f} | {r['latency_s']['lan']:.0f} | "
+                     f"{r['latency_s']['wan']:.0f} | {red['bytes']:.2f}x | "
+                     f"{red['attention_bytes']:.2f}x | {red['lan']:.2f}x | {red['wan']:.2f}x |")
+    lines += ["", "| protocol | seq | policy | " + " | ".join(f"{c} GB" for c in CATS) +
+              " | attention-module sends | static step once (GB, sends) |",
+              "|" + "---|" * (len(CATS) + 5)]
+    for r in rows:
+        st = r.get("static_prefill")
+        static = "-" if not st else (f"{st['bytes'] / 1e9:.1f}, {st['sends']:,}"
+                                     + (" (extrapolated)" if st["extrapolated"] else ""))
+        lines.append(f"| {r['protocol']} | {r['seq']} | {r['policy']} | "
+                     + " | ".join(f"{r['bytes_by_category'].get(c, 0) / 1e9:.2f}" for c in CATS)
+                     + f" | {r['attention_sends']:,} | {static} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(res: dict) -> str:
+    rows = res["rows"]
+    lines = ["| task | length | question | policy | budget | score | n | answer logp vs full | "
+             "attn cosine | needle attended | attended | decode s/token |", "|" + "---|" * 12]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['length']} | {r['question']} | {r['policy']} | "
+                     f"{r['budget']:.2f} | {r['score']:.2f} | {r['n']} | "
+                     f"{f(r['logprob_vs_full'], '.2f')} | {f(r['attn_cosine'], '.3f')} | "
+                     f"{f(r['needle_fraction'], '.2f')} | {f(r['attended_fraction'], '.3f')} | "
+                     f"{f(r['decode_s_per_token'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+")
+    args = p.parse_args()
+    for path in args.files:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        rows = res.get("rows") or []
+        if not rows:
+            raise ConfigError(f"{path} has no rows")
+        print(f"<!-- from {path}: {res.get('command', '')} -->")
+        print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
+        print()
+
+
+if __name__ == "__main__":
+    run_main(main)

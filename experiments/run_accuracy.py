@@ -1,0 +1,467 @@
+"""Plaintext accuracy of every eviction policy, from the same JAX code the SPU benchmark
+compiles, on a real model and long-context tasks.
+
+    python experiments/run_accuracy.py --model smollm2 --tasks passkey,niah_single \
+        --lengths 2048,4096 --policies all --budgets 0.05,0.1,0.2 --samples 20 --out runs/acc
+    python experiments/run_accuracy.py --longbench path/to/LongBench/data \
+        --longbench-tasks hotpotqa,qasper --samples 20 --lengths 4096 --out runs/lb
+    python experiments/run_accuracy.py --tasks passkey --lengths 256 --samples 2 \
+        --policies full,mpcache --budgets 0.2 --backend spu --protocol semi2k
+
+One prefill per sample (chunked attention, jit reused across samples); every policy and budget
+is applied to that same prefilled prompt (`mpc_llama.model.build_cache` runs each static step
+on the stored per-layer q/k/v), then greedy decoding. Metrics per (task, length, question
+protocol, policy, budget): task score; relative to the full cache: teacher-forced answer
+log-probability, cosine of every layer's attention output at the first answer step (mean and
+worst layer), fraction of needle tokens attended at that step, attended fraction of the cache.
+Question protocols: "inside" (the question ends the prompt; static steps see it) and "after"
+(the cache is compressed at the end of the context; the question arrives afterwards).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
+from mpc_llama.errors import ConfigError  # noqa: E402
+
+SYNTHETIC = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
+             "common_words")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or HF directory")
+    p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,niah_multivalue,"
+                   "variable_tracking,common_words", help="synthetic tasks (comma list; '' none)")
+    p.add_argument("--longbench", help="directory with LongBench's official *.jsonl files")
+    p.add_argument("--longbench-tasks", default="", help="LongBench datasets (comma list)")
+    p.add_argument("--lengths", default="2048", help="prompt tokens (comma list); LongBench "
+                   "contexts are cut in the middle to fit, as LongBench does")
+    p.add_argument("--depths", default="", help="needle depths in [0,1] (comma list); default: "
+                   "spread evenly over the samples")
+    p.add_argument("--policies", default="all", help="comma list or 'all'")
+    p.add_argument("--budgets", default="0.05,0.1,0.2", help="attended fractions (comma list)")
+    p.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    p.add_argument("--questions", default="inside,after",
+                   help="question protocols: inside (in the prompt), after (after compression)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=512, help="prefill attention chunk (queries)")
+    p.add_argument("--backend", default="plain", choices=("plain", "spu"))
+    p.add_argument("--protocol", default="semi2k", help="with --backend spu")
+    p.add_argument("--out", help="directory for results.json, results.csv and score.png")
+    return p.parse_args(argv)
+
+
+def _list(text, conv, flag):
+    try:
+        return [conv(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: cannot parse {text!r}") from None
+
+
+def build_setting(args):
+    from eviction import POLICIES, make_policy
+    from experiments import longbench
+    from mpc_llama.loading import load_config
+
+    tasks = _list(args.tasks, str, "--tasks")
+    for t in tasks:
+        if t not in SYNTHETIC:
+            raise ConfigError(f"unknown task {t!r}; choose from {list(SYNTHETIC)}")
+    lb_tasks = _list(args.longbench_tasks, str, "--longbench-tasks")
+    if lb_tasks and not args.longbench:
+        raise ConfigError("--longbench-tasks needs --longbench DIR")
+    lb_data = {}
+    for name in lb_tasks:
+        lb_data[name] = longbench.load(args.longbench, name, args.samples)
+    if not tasks and not lb_tasks:
+        raise ConfigError("no tasks: give --tasks and/or --longbench-tasks")
+    lengths = _list(args.lengths, int, "--lengths")
+    cfg = load_config(args.model)
+    for n in lengths:
+        if n < 128:
+            raise ConfigError(f"--lengths {n}: at least 128 tokens")
+        if n + 200 > cfg.max_seq_len:
+            raise ConfigError(f"--lengths {n} (+ question and answer) exceeds the model's "
+                              f"context of {cfg.max_seq_len} tokens")
+    budgets = _list(args.budgets, float, "--budgets")
+    for b in budgets:
+        if not 0.0 < b <= 1.0:
+            raise ConfigError(f"budget {b} must be in (0, 1]")
+    names = _list(args.policies, str, "--policies")
+    if names == ["all"]:
+        names = list(POLICIES) + ["mpcache_published"]
+    if "full" not in names:
+        names.insert(0, "full")
+    policies = {}
+    for name in names:
+        for b in ([1.0] if name == "full" else budgets):
+            policies[(name, b)] = None if name == "full" else make_policy(name, b)
+    questions = _list(args.questions, str, "--questions")
+    if not questions or any(q not in ("inside", "after") for q in questions):
+        raise ConfigError("--questions takes inside and/or after")
+    if args.samples < 1:
+        raise ConfigError("--samples must be >= 1")
+    depths = _list(args.depths, float, "--depths") or [
+        (i + 0.5) / args.samples for i in range(args.samples)]
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError("--depths must be in [0, 1]")
+    if args.chunk < 16:
+        raise ConfigError("--chunk must be >= 16")
+    if args.backend == "spu":
+        from protocols.registry import get_protocol
+
+        get_protocol(args.protocol)
+    return {"tasks": tasks, "longbench": lb_data, "lengths": lengths, "budgets": budgets,
+            "policies": policies, "questions": questions, "depths": depths}
+
+
+# ---- samples ----
+
+def synthetic_samples(tokenizer, task, length, depths, n, seed):
+    from experiments.tasks import generate
+
+    return [generate(task, tokenizer, length, depths[i % len(depths)], seed + i)
+            for i in range(n)]
+
+
+def longbench_samples(tokenizer, name, records, length):
+    """LongBench records as Samples: prompt cut in the middle to `length` tokens (LongBench's
+    truncation), chat-formatted for instruction models; "after" splits before the question
+    text when the template has one."""
+    from experiments import longbench
+    from experiments.tasks import Sample
+
+    out = []
+    for rec in records:
+        text = longbench.prompt_text(name, rec)
+        ids = tokenizer.encode_piece(text)
+        head_len = len(tokenizer.encode_start(tokenizer.chat_text("\u0000").split("\u0000")[0]))
+        room = length - head_len - 8
+        if len(ids) > room:
+            half = room // 2
+            text = tokenizer.hf.decode(ids[:half]) + tokenizer.hf.decode(ids[-(room - half):])
+        prompt = tokenizer.chat(text)
+        prompt = prompt[:length] if len(prompt) > length else prompt
+        split = len(prompt) - min(len(prompt) // 4, 64)
+        out.append(Sample(name, tuple(prompt), tuple(prompt[:split]), tuple(prompt[split:]),
+                          tuple(rec["answers"]), (), -1.0, longbench.MAX_NEW_TOKENS[name]))
+    return out
+
+
+# ---- evaluation ----
+
+class Evaluator:
+    """Jit-compiled prompt pass, cache builds and decode steps, reused across samples."""
+
+    def __init__(self, model, chunk):
+        import jax
+
+        from mpc_llama.model import build_cache, decode_step, lm_head, run_prompt
+
+        self.model, self.cfg, self.params = model, model.cfg, model.params
+        cfg = self.cfg
+        self._prompt = jax.jit(lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
+        self._build = {}
+        self._step = {}
+        self._jax = jax
+        self.build_cache, self.decode_step = build_cache, decode_step
+
+    def prompt(self, ids):
+        import jax.numpy as jnp
+
+        return self._prompt(self.params, jnp.asarray([ids], jnp.int32))
+
+    def cache(self, layers, capacity, policy):
+        key = (capacity, policy, tuple(layers[0][1].shape))
+        if key not in self._build:
+            cfg = self.cfg
+            self._build[key] = self._jax.jit(
+                lambda lay: self.build_cache(cfg, lay, capacity, policy))
+        return self._build[key](layers)
+
+    def step(self, token, position, cache, policy, prompt_len):
+        import jax.numpy as jnp
+
+        key = (policy, prompt_len, cache.k.shape)
+        if key not in self._step:
+            cfg = self.cfg
+            self._step[key] = self._jax.jit(
+                lambda p, t, pos, c: self.decode_step(p, cfg, t, pos, c, policy, prompt_len,
+                                                      diagnostics=True))
+        return self._step[key](self.params, jnp.asarray([token], jnp.int32),
+                               jnp.asarray(position, jnp.int32), cache)
+
+
+def _last_logits(params, cfg, tokens, chunk, run_prompt, lm_head):
+    x, layers = run_prompt(params, cfg, tokens, chunk)
+    return lm_head(params, x[:, -1], cfg), layers
+
+
+def evaluate_sample(ev, sample, question, policies, eos_ids, tokenizer):
+    """Every policy on one sample. Returns {(name, budget): metrics dict} and timings."""
+    import numpy as np
+
+    ids = sample.prompt_ids if question == "inside" else sample.context_ids
+    feed = () if question == "inside" else sample.question_ids
+    t0 = time.perf_counter()
+    logits0, layers = ev.prompt(list(ids))
+    logits0.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+    answer_ids = tokenizer.encode_piece(" " + sample.answers[0])
+    capacity = len(ids) + len(feed) + max(sample.max_new_tokens, len(answer_ids)) + 1
+    results, ref, timing = {}, None, {}
+    for key, policy in policies.items():
+        cache = ev.cache(layers, capacity, policy)
+        logits, pos = logits0, len(ids)
+        for tok in feed:  # question after compression: teacher-forced through decode steps
+            logits, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+            pos += 1
+        start_cache, start_logits, start_pos = cache, logits, pos
+        # greedy answer
+        out = []
+        t1 = time.perf_counter()
+        for i in range(sample.max_new_tokens):
+            tok = int(np.argmax(np.asarray(logits)[0]))
+            if tok in eos_ids:
+                break
+            out.append(tok)
+            logits, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+            pos += 1
+        step_s = (time.perf_counter() - t1) / max(1, len(out))
+        text = tokenizer.decode(out)
+        # teacher-forced log-probability of the reference answer
+        lp, logits, cache, pos = 0.0, start_logits, start_cache, start_pos
+        first_diag = None
+        for tok in answer_ids:
+            z = np.asarray(logits, np.float64)[0]
+            lp += float(z[tok] - np.log(np.exp(z - z.max()).sum()) - z.max())
+            logits, cache, diag = ev.step(tok, pos, cache, policy, len(ids))
+            first_diag = first_diag or diag
+            pos += 1
+        d = {k: np.asarray(v) for k, v in first_diag.items()}
+        attended = (d["attended_pos"] >= 0).sum(axis=-1)            # [L, b, K]
+        results[key] = {"output": text, "answer_logprob": lp, "attn_out": d["attn_out"],
+                        "attended_fraction": float(attended.mean() / (start_pos + 1)),
+                        "needle_fraction": _needle_fraction(d["attended_pos"],
+                                                            sample.needle_spans)}
+        timing[key] = step_s
+        if key[0] == "full":
+            ref = results[key]
+    b = ref["attn_out"]                                            # [L, b, N*D]
+    for key, r in results.items():
+        a = r.pop("attn_out")
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-9)
+        r["attn_cosine"] = float(cos.mean())
+        r["attn_cosine_worst_layer"] = float(cos.mean(axis=-1).min())
+        r["logprob_vs_full"] = r["answer_logprob"] - ref["answer_logprob"]
+    return results, prefill_s, timing
+
+
+def _needle_fraction(attended_pos, spans):
+    """Fraction of needle token positions attended, over layers and KV heads (None if the
+    sample has no needles)."""
+    import numpy as np
+
+    if not spans:
+        return None
+    needles = np.concatenate([np.arange(a, b) for a, b in spans])
+    hit = np.isin(attended_pos, needles).sum(axis=-1)              # [L, b, K]
+    return float(hit.mean() / len(needles))
+
+
+def score_output(sample, text):
+    from experiments import longbench, tasks
+
+    if sample.task in longbench.PROMPTS:
+        return longbench.score_prediction(sample.task, text, {"answers": list(sample.answers),
+                                                              "all_classes": []})
+    return tasks.score(sample.task, text, sample.answers)
+
+
+# ---- reporting ----
+
+def aggregate(records):
+    import numpy as np
+
+    groups = {}
+    for r in records:
+        groups.setdefault((r["task"], r["length"], r["question"], r["policy"], r["budget"]),
+                          []).append(r)
+    rows = []
+    for (task, length, question, policy, budget), rs in groups.items():
+        def mean(k, f=np.mean):
+            vals = [r[k] for r in rs if r[k] is not None]
+            return float(f(vals)) if vals else None
+        rows.append({"task": task, "length": length, "question": question, "policy": policy,
+                     "budget": budget, "score": mean("score"), "n": len(rs),
+                     "answer_logprob": mean("answer_logprob"),
+                     "logprob_vs_full": mean("logprob_vs_full"),
+                     "attn_cosine": mean("attn_cosine"),
+                     "attn_cosine_worst_layer": mean("attn_cosine_worst_layer"),
+                     "needle_fraction": mean("needle_fraction"),
+                     "attended_fraction": mean("attended_fraction"),
+                     "decode_s_per_token": mean("decode_s_per_token", np.median)})
+    return rows
+
+
+def print_summary(rows):
+    print(f"{'task':<18}{'len':>6} {'q':<7}{'policy':<18}{'budget':>7}{'score':>7}{'n':>4}"
+          f"{'dlogp':>8}{'cos':>7}{'needle':>8}{'attended':>9}")
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        print(f"{r['task']:<18}{r['length']:>6} {r['question']:<7}{r['policy']:<18}"
+              f"{r['budget']:>7.2f}{r['score']:>7.2f}{r['n']:>4}"
+              f"{f(r['logprob_vs_full'], '>8.2f')}{f(r['attn_cosine'], '>7.3f')}"
+              f"{f(r['needle_fraction'], '>8.2f')}{f(r['attended_fraction'], '>9.3f')}")
+
+
+def to_csv(rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r["length"], r["question"]) for r in rows})
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.3 * cols, 3.3 * nrows), squeeze=False)
+    for ax, (task, length, question) in zip(axes.flat, panels):
+        rs = [r for r in rows if (r["task"], r["length"], r["question"]) == (task, length,
+                                                                             question)]
+        full = [r["score"] for r in rs if r["policy"] == "full"]
+        for pol in sorted({r["policy"] for r in rs} - {"full"}):
+            pts = sorted((r["budget"], r["score"]) for r in rs if r["policy"] == pol)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        if full:
+            ax.axhline(full[0], color="black", linestyle="--", label="full")
+        ax.set_title(f"{task}, {length} tok, question {question}", fontsize=9)
+        ax.set_xlabel("budget (attended fraction)")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out_dir, payload):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        write_json_atomic(str(tmp / "results.json"), payload)
+        (tmp / "results.csv").write_text(to_csv(payload["rows"]))
+        plot(payload["rows"], str(tmp / "score.png"))
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- MPC fidelity ----
+
+def spu_agreement(args, model, samples, policies):
+    """Private greedy decoding (SPU) of each sample and policy vs plaintext: same tokens?"""
+    from mpc_llama.generation import greedy_generate
+    from protocols.private_generation import PrivateGenerator
+    from protocols.registry import get_protocol
+    from protocols.session import SpuSession
+
+    protocol = get_protocol(args.protocol).with_numerics("FM128", 30)
+    out = []
+    for sample in samples:
+        for (name, budget), policy in policies.items():
+            n = min(sample.max_new_tokens, 4)
+            plain = greedy_generate(model.params, model.cfg, list(sample.prompt_ids), n,
+                                    policy=policy).tokens
+            gen = PrivateGenerator(SpuSession(protocol), model.cfg, model.params, policy=policy)
+            private = gen.generate(list(sample.prompt_ids), n).tokens
+            out.append({"task": sample.task, "policy": name, "budget": budget,
+                        "plain": plain, "spu": private, "agree": plain == private})
+    return out
+
+
+def main(argv=None):
+    import numpy as np
+    from tqdm import tqdm
+
+    from mpc_llama.loading import load_model
+
+    args = parse_args(argv)
+    setting = build_setting(args)
+    model = load_model(args.model)
+    tok = model.tokenizer
+    jobs = []
+    for length in setting["lengths"]:
+        for task in setting["tasks"]:
+            for s in synthetic_samples(tok, task, length, setting["depths"], args.samples,
+                                       args.seed):
+                jobs.append((length, s))
+        for name, recs in setting["longbench"].items():
+            for s in longbench_samples(tok, name, recs, length):
+                jobs.append((length, s))
+    if args.backend == "spu":
+        agreement = spu_agreement(args, model, [s for _, s in jobs], setting["policies"])
+        for a in agreement:
+            print(f"{a['task']:<18}{a['policy']:<18}{a['budget']:>6.2f}  plain {a['plain']} "
+                  f"spu {a['spu']}  {'same' if a['agree'] else 'DIFFERENT'}")
+        rate = float(np.mean([a["agree"] for a in agreement]))
+        print(f"SPU ({args.protocol}, FM128/30 bits) agrees with plaintext on "
+              f"{rate:.0%} of {len(agreement)} runs")
+        if args.out:
+            write_json_atomic(os.path.join(args.out, "spu_agreement.json"),
+                              {"runs": agreement, "agreement": rate})
+        return
+    ev = Evaluator(model, args.chunk)
+    eos = set(tok.eos_ids)
+    records, prefill_times = [], {}
+    work = [(length, s, q) for length, s in jobs for q in setting["questions"]]
+    for length, sample, question in tqdm(work, desc="samples", unit="sample", file=sys.stderr):
+        res, prefill_s, timing = evaluate_sample(ev, sample, question, setting["policies"], eos,
+                                                 tok)
+        prefill_times.setdefault(length, []).append(prefill_s)
+        for (name, budget), r in res.items():
+            records.append({"task": sample.task, "length": length, "question": question,
+                            "policy": name, "budget": budget, "depth": sample.depth,
+                            "score": score_output(sample, r["output"]),
+                            "decode_s_per_token": timing[(name, budget)],
+                            **{k: v for k, v in r.items()}})
+    rows = aggregate(records)
+    print_summary(rows)
+    times = {str(n): {"prefill_s_first": t[0], "prefill_s_median_after_first":
+                      float(np.median(t[1:])) if len(t) > 1 else None}
+             for n, t in prefill_times.items()}
+    print("prefill seconds (first includes jit compilation):", times)
+    if args.out:
+        write_outputs(args.out, {
+            "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+            "model": args.model, "rows": rows, "samples": records, "prefill": times,
+            "setting": {k: v for k, v in vars(args).items()}})
+        print(f"wrote {args.out}/results.json, results.csv, score.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,123 @@
+"""Accuracy harness: task generators, metrics by hand, LongBench loading, CLI end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import longbench, tasks
+from mpc_llama.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+@pytest.mark.parametrize("depth", [0.1, 0.7])
+def test_generator_length_depth_and_answer(smollm2, task, depth):
+    tok = smollm2.tokenizer
+    s = tasks.generate(task, tok, 1024, depth, seed=3)
+    assert len(s.prompt_ids) == 1024                       # exact, so within 2%
+    assert s.context_ids + s.question_ids == s.prompt_ids
+    context = tok.decode(s.context_ids)
+    for a in s.answers:
+        assert a in context
+    assert s.answers == tasks.generate(task, tok, 1024, depth, seed=3).answers  # seeded
+    assert s.answers != tasks.generate(task, tok, 1024, depth, seed=4).answers
+    if task != "common_words":
+        start = s.needle_spans[0][0]
+        head = len(tok.chat(""))  # roughly where the context starts
+        assert abs((start - head) / (len(s.context_ids) - head) - depth) < 0.05
+        for a, b in s.needle_spans:
+            assert any(x in tok.decode(s.prompt_ids[a:b]) for x in s.answers) or \
+                task == "niah_multikey"
+    else:
+        counts = {w: context.count(f". {w}") for w in s.answers}
+        assert min(counts.values()) > 10
+
+
+def test_task_score_by_hand():
+    assert tasks.score("passkey", "The pass key is 12345.", ["12345"]) == 1.0
+    assert tasks.score("niah_multivalue", "1111111 and 3333333", ["1111111", "2222222",
+                                                                  "3333333", "4444444"]) == 0.5
+    assert tasks.score("variable_tracking", "abcde", ["ABCDE", "XYZ"]) == 0.5
+
+
+def test_longbench_metrics_by_hand():
+    # tokens after normalisation: [cat, sat] vs [cat, sat, down]: P = 1, R = 2/3
+    assert longbench.qa_f1_score("The cat sat.", "a cat sat down") == pytest.approx(0.8)
+    # LCS 3 of 4 words each way
+    assert longbench.rouge_score("a b c d", "a b x d") == pytest.approx(0.75, abs=1e-6)
+    assert longbench.rouge_score("", "a b") == 0.0
+    assert longbench.classification_score("LOC and NUM", "LOC",
+                                          all_classes=["LOC", "NUM", "HUM"]) == 0.5
+    assert longbench.classification_score("HUM", "LOC", all_classes=["LOC", "HUM"]) == 0.0
+    assert longbench.retrieval_score("Paragraph 12, or 3", "Paragraph 12") == 0.5
+    assert longbench.count_score("There are 7 paragraphs", 7) == 1.0
+    assert longbench.count_score("none", 7) == 0.0
+    assert longbench.code_sim_score("# comment\nx = 1", "x = 1") == 1.0
+    assert longbench.code_sim_score("abcd", "abce") == pytest.approx(0.75)
+    rec = {"answers": ["Paris", "City of Paris"], "all_classes": []}
+    assert longbench.score_prediction("hotpotqa", "paris", rec) == 1.0
+    assert longbench.score_prediction("triviaqa", "Rome\nParis", rec) == 0.0  # first line
+
+
+def test_longbench_loading(tmp_path):
+    (tmp_path / "hotpotqa.jsonl").write_text(
+        json.dumps({"context": "c", "input": "q", "answers": ["a"], "all_classes": None})
+        + "\n" + json.dumps({"context": "d", "input": "r", "answers": ["b"]}) + "\n")
+    recs = longbench.load(str(tmp_path), "hotpotqa", limit=1)
+    assert recs == [{"context": "c", "input": "q", "answers": ["a"], "all_classes": []}]
+    assert "Question: q" in longbench.prompt_text("hotpotqa", recs[0])
+    with pytest.raises(ConfigError, match="not found"):
+        longbench.load(str(tmp_path), "qasper")
+    with pytest.raises(ConfigError, match="Chinese"):
+        longbench.load(str(tmp_path), "dureader")
+    (tmp_path / "musique.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match="not a LongBench record"):
+        longbench.load(str(tmp_path), "musique")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "experiments/run_accuracy.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tasks", "passkey,nope"], "unknown task"),
+    (["--lengths", "9000"], "exceeds the model's context"),
+    (["--longbench", "/no/such/dir", "--longbench-tasks", "hotpotqa", "--tasks", ""],
+     "not found"),
+    (["--budgets", "0"], "budget 0.0"),
+    (["--questions", "before"], "--questions"),
+])
+def test_cli_bad_input(tmp_path, args, needle):
+    out = tmp_path / "out"
+    r = run_cli(*args, "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
+                "full,mpcache,snapkv", "--budgets", "0.5", "--questions", "inside,after",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json",
+                                                      "score.png"]
+    res = json.loads((out / "results.json").read_text())
+    keys = {(row["policy"], row["question"]) for row in res["rows"]}
+    assert keys == {(p, q) for p in ("full", "mpcache", "snapkv") for q in ("inside", "after")}
+    for row in res["rows"]:
+        assert row["n"] == 2 and 0.0 <= row["score"] <= 1.0
+        assert row["task"] == "passkey" and row["length"] == 256
+        if row["policy"] == "full":
+            assert row["attn_cosine"] == pytest.approx(1.0, abs=1e-5)
+            assert row["logprob_vs_full"] == 0.0 and row["needle_fraction"] == 1.0
+        else:
+            assert row["attended_fraction"] < 0.75
+    full = [row for row in res["rows"] if row["policy"] == "full"]
+    assert all(row["score"] == 1.0 for row in full)  # SmolLM2 finds a pass key at 256 tokens
