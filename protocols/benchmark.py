@@ -9,9 +9,10 @@ a whole decode step from them.
 Composition rules (each one is printed by run_spu.py and recorded in its JSON):
   * a block is measured once and multiplied by `block.count` (layers that run it);
   * attention blocks measured on fewer KV heads than the model has are extrapolated linearly in
-    the number of heads from two measured head counts (`extrapolate`); every counter of a
-    block (bytes, sends, seconds) is affine in heads under SPU: it runs one batched op per
-    block, whose rounds may still grow with heads (tests check the fit against a direct run).
+    the number of heads from two measured head counts (`extrapolate`), kept between the larger
+    measurement and its proportional scaling (tests check the fit against a direct run);
+  * the static step beyond the measured prompt lengths is extrapolated in length
+    (`extrapolate_seq`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ FORMAT = 3  # bump when what a cached measurement means changes
 # CHEETAH refills its silent-OT buffer (measured: ~1-2 MB and ~2,200 sends per refill) inside
 # whichever run drains it, so one run of a small block may or may not carry a refill, and a
 # refill multiplied by 32 layers (or by a head extrapolation) would swamp the block's own
-# rounds (a 4-head softmax over 8k entries: ~700 sends steady). The medians are steady-state
-# costs WITHOUT refills (run_spu.py says so); ABY3's counters also vary a few % per run.
+# rounds (a 4-head softmax over 8k entries: ~700 sends steady). A median keeps a refill only
+# where most runs of the block trigger one (blocks moving tens of MB per run); run_spu.py
+# says so. ABY3's counters also vary a few % from run to run.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
 PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in decode_step)
 
@@ -195,9 +197,9 @@ class BlockMeter:
         values = random_inputs(block)
         runs = []
         for session in self._ensure_sessions():
-            for name, owner, value in zip(block.arg_names, block.owners, values):
-                session.put(name, value, owner=owners.get(owner),
-                            public=name in PUBLIC_ARGS)
+            inputs = [session.put(name, value, owner=owners.get(owner),
+                                  public=name in PUBLIC_ARGS)
+                      for name, owner, value in zip(block.arg_names, block.owners, values)]
             outs = [f"__block_out{i}" for i in range(len(program.out_trees))]
             party_runs = []
             while len(party_runs) < (REPEATS if party_runs and
@@ -206,6 +208,8 @@ class BlockMeter:
                 for ref in refs:
                     session.delete(ref)
                 party_runs.append(cost)
+            for ref in inputs:  # free the shares now: 3PC holds one session per party
+                session.delete(ref)
             runs.append(party_runs)
         costs = [_median_cost(party_runs) for party_runs in runs]
         counters = Counters.of(merge_parties(costs, self.protocol.world_size))

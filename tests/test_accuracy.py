@@ -33,8 +33,10 @@ def test_generator_length_depth_and_answer(smollm2, task, depth):
             assert any(x in tok.decode(s.prompt_ids[a:b]) for x in s.answers) or \
                 task == "niah_multikey"
     else:
-        counts = {w: context.count(f". {w}") for w in s.answers}
-        assert min(counts.values()) > 10
+        counts = {w: context.count(f". {w}\n") + context.count(f". {w} ")
+                  for w in tasks.KEY_WORDS}
+        rare = max(c for w, c in counts.items() if w not in s.answers)
+        assert min(counts[w] for w in s.answers) > rare  # the 10 answers are the most common
 
 
 def test_task_score_by_hand():
@@ -103,14 +105,14 @@ def test_cli_bad_input(tmp_path, args, needle):
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
     r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
-                "full,mpcache,snapkv", "--budgets", "0.5", "--questions", "inside,after",
+                "full,mpcache", "--budgets", "0.5", "--questions", "inside,after",
                 "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json",
                                                       "score.png"]
     res = json.loads((out / "results.json").read_text())
     keys = {(row["policy"], row["question"]) for row in res["rows"]}
-    assert keys == {(p, q) for p in ("full", "mpcache", "snapkv") for q in ("inside", "after")}
+    assert keys == {(p, q) for p in ("full", "mpcache") for q in ("inside", "after")}
     for row in res["rows"]:
         assert row["n"] == 2 and 0.0 <= row["score"] <= 1.0
         assert row["task"] == "passkey" and row["length"] == 256
