@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/run_spu.py --model smollm2 --protocol cheetah --seq 1024,2048 --policies full,mpcache,snapkv --out runs/demo
+	$(PY) experiments/run_spu.py --model smollm2 --protocol cheetah --seq 1024 --policies full,mpcache --out runs/demo
 	$(PY) experiments/generate.py --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 12 --json runs/demo_plain.json
 
 test: $(STAMP)
