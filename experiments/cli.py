@@ -36,6 +36,22 @@ def run_main(main) -> None:
         fail("interrupted")
 
 
+def write_outputs_atomic(out_dir: str, fill) -> None:
+    """fill(tmp_dir) writes result files into a temp dir inside out_dir; they are then moved
+    in, so a failure never leaves a half-written result set."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
     """Writes JSON via a temp file + rename, so no half-written result is ever left."""
     path = Path(path)

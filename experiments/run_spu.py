@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
+from experiments.cli import Parser, run_main, write_json_atomic, write_outputs_atomic  # noqa: E402
 from mpc_llama.errors import ConfigError  # noqa: E402
 
 DEFAULT_NETWORKS = "lan,wan,puma_llama,ditto_wan,bumblebee_wan,secretflow_wan"
@@ -370,23 +370,13 @@ def plot(rows, out_dir, networks):
 
 
 def write_outputs(out_dir, payload, networks):
-    """results.json, results.csv and the plots, written to a temp dir then moved in, so a
-    failure never leaves a half-written result."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
-    try:
+    """results.json, results.csv and the plots, all or none (experiments.cli)."""
+    def fill(tmp):
         write_json_atomic(str(tmp / "results.json"), payload)
         (tmp / "results.csv").write_text(to_csv(payload["rows"]))
         plot(payload["rows"], str(tmp), networks)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_outputs_atomic(out_dir, fill)
 
 
 def main(argv=None) -> None:
