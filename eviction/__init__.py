@@ -1,6 +1,7 @@
 """KV-cache eviction policies as JAX ops, one code path for plaintext and SPU.
 
-`POLICIES` maps CLI names to policy classes; `make_policy(name, budget, **fields)` builds one.
+`POLICIES` maps CLI names to policy classes; `make_policy(name, budget, **fields)` builds one;
+`policy_from_spec("mpcache:static_ratio=0.5:s2=8", budget)` builds one from a CLI spec.
 """
 
 from __future__ import annotations
@@ -35,3 +36,35 @@ def make_policy(name: str, budget: float = 0.1, **fields) -> Policy:
     if name == "full":
         return cls(budget=1.0, **fields)
     return cls(budget=budget, **fields)
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def policy_from_spec(spec: str, budget: float = 0.1) -> Policy:
+    """A policy from "name" or "name:field=value[:field=value...]" (values parsed as int,
+    float or string), e.g. "mpcache:static_ratio=1.0:window=64". The spec string is the name
+    results are reported under."""
+    name, *settings = spec.strip().split(":")
+    fields = {}
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"policy spec {spec!r}: expected field=value, got {item!r}")
+        fields[key.strip()] = _value(value.strip())
+    if name == "mpcache_published" and fields:
+        return dataclasses.replace(MPCache.published(budget), **_checked(MPCache, fields))
+    return make_policy(name, budget, **fields)
+
+
+def _checked(cls, fields):
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"policy {cls.name} has no setting(s) {sorted(unknown)}")
+    return fields

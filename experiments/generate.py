@@ -6,6 +6,12 @@
     python experiments/generate.py --model path/to/hf_dir --prompt-ids 1,2,3 --backend spu
     python experiments/generate.py --prompt-ids 1,2,3,... --policy mpcache --budget 0.1 \
         --backend spu --protocol aby3
+    python experiments/generate.py --prompt "Hi" --parties parties.json --protocol cheetah
+
+With --parties (implies --backend spu) every party is its own process on SPU's brpc link
+(protocols/party.py): this process is the data owner (it holds the prompt and reads only the
+tokenizer and architecture); the model owner reads the weights; parties with loopback
+addresses are started here, others must be running `python -m protocols.party`.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ def build_parser() -> Parser:
     p.add_argument("--no-check", action="store_true",
                    help="with --backend spu, skip the plaintext run that checks the tokens")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--parties", help="parties file (JSON): run each party as its own process "
+                   "over brpc instead of the in-process simulator (see protocols/parties.py)")
+    p.add_argument("--party-logs", help="directory for the logs of locally started parties")
     e = p.add_argument_group("KV-cache eviction")
     e.add_argument("--policy", default="full",
                    help="full, streaming_llm, h2o, snapkv, tova, quest, mpcache, "
@@ -73,14 +82,32 @@ def policy_from_args(args):
     return make_policy(args.policy, args.budget, **fields)
 
 
+def _cost_json(res, total, setup, protocol) -> dict:
+    return {
+        **total.to_json(),
+        "what": "prefill + all decode steps, steady state; setup reported separately",
+        "parties": protocol.world_size,
+        "setup": setup.to_json() if protocol.kind == "CHEETAH" else None,
+        "prefill": res.prefill_cost.to_json(),
+        "decode_steps": [{k: v for k, v in c.to_json().items() if k != "ops"}
+                         for c in res.decode_costs],
+    }
+
+
 def main() -> None:
     args = build_parser().parse_args()
     from protocols.registry import get_protocol
 
+    if args.parties:
+        args.backend = "spu"
     if args.backend not in ("plain", "spu"):
         raise ConfigError(f"unknown backend {args.backend!r}; choose plain or spu")
     protocol = get_protocol(args.protocol).with_numerics(args.field, args.fxp_bits) \
         if args.backend == "spu" else None
+    if args.parties:  # bad files fail before anything is loaded or started
+        from protocols.parties import load_parties
+
+        load_parties(args.parties).check_world(protocol.world_size, protocol.name)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.chat and args.prompt is None:
@@ -93,7 +120,13 @@ def main() -> None:
     from mpc_llama.loading import load_model
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    model = load_model(args.model)
+    if args.parties:  # the user holds no weights: architecture and tokenizer only
+        from mpc_llama.loading import LoadedModel, load_config, load_tokenizer
+
+        model = LoadedModel(load_config(args.model), None, load_tokenizer(args.model),
+                            args.model)
+    else:
+        model = load_model(args.model)
     tok = model.tokenizer
     if prompt_ids is None:
         if tok is None:
@@ -121,6 +154,18 @@ def main() -> None:
         gen = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,
                               on_token=lambda t: bar.update(1), policy=policy)
         tokens, result["attended_fraction"] = gen.tokens, gen.attended_fraction
+    elif args.parties:
+        from protocols.party import Cluster
+
+        with Cluster(args.parties, args.model, log_dir=args.party_logs) as cluster:
+            setup = cluster.warm_up(protocol) if protocol.kind == "CHEETAH" else None
+            res = cluster.generate(protocol, model.cfg, policy, prompt_ids,
+                                   args.max_new_tokens, eos)
+        bar.update(len(res.tokens))
+        tokens, total = res.tokens, res.total
+        result["parties"] = list(cluster.parties.addresses)
+        result["cost"] = _cost_json(res, total, setup, protocol)
+        result["cost"]["what"] += "; real parties over brpc (seconds: slowest party)"
     else:
         from protocols.private_generation import generate_all_parties
 
@@ -131,18 +176,13 @@ def main() -> None:
                                           args.max_new_tokens, eos, policy,
                                           on_token=lambda t, c: bar.update(1))
         tokens, total = res.tokens, res.total
-        result["cost"] = {
-            **total.to_json(),
-            "what": "prefill + all decode steps, steady state; setup reported separately",
-            "parties": protocol.world_size,
-            "setup": setup.to_json() if protocol.kind == "CHEETAH" else None,
-            "prefill": res.prefill_cost.to_json(),
-            "decode_steps": [{k: v for k, v in c.to_json().items() if k != "ops"}
-                             for c in res.decode_costs],
-        }
+        result["cost"] = _cost_json(res, total, setup, protocol)
     bar.close()
     result["seconds"] = time.perf_counter() - start
-    if protocol is not None and not args.no_check:
+    if args.parties and not args.no_check:
+        print("plaintext check skipped: with --parties this process (the user) holds no "
+              "weights", file=sys.stderr)
+    elif protocol is not None and not args.no_check:
         from mpc_llama.generation import greedy_generate
 
         check = greedy_generate(model.params, model.cfg, prompt_ids, args.max_new_tokens, eos,

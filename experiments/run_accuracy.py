@@ -46,13 +46,14 @@ def parse_args(argv=None):
                    "contexts are cut in the middle to fit, as LongBench does")
     p.add_argument("--depths", default="", help="needle depths in [0,1] (comma list); default: "
                    "spread evenly over the samples")
-    p.add_argument("--policies", default="all", help="comma list or 'all'")
+    p.add_argument("--policies", default="all", help="comma list or 'all'; a policy's settings "
+                   "as name:field=value[:field=value], e.g. mpcache:static_ratio=1.0")
     p.add_argument("--budgets", default="0.05,0.1,0.2", help="attended fractions (comma list)")
     p.add_argument("--samples", type=int, default=4, help="samples per task and length")
     p.add_argument("--questions", default="inside,after",
                    help="question protocols: inside (in the prompt), after (after compression)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, default=512, help="prefill attention chunk (queries)")
+    p.add_argument("--chunk", type=int, default=64, help="prefill attention chunk (queries)")
     p.add_argument("--backend", default="plain", choices=("plain", "spu"))
     p.add_argument("--protocol", default="semi2k", help="with --backend spu")
     p.add_argument("--out", help="directory for results.json, results.csv and score.png")
@@ -67,7 +68,7 @@ def _list(text, conv, flag):
 
 
 def build_setting(args):
-    from eviction import POLICIES, make_policy
+    from eviction import POLICIES, policy_from_spec
     from experiments import longbench
     from mpc_llama.loading import load_config
 
@@ -103,7 +104,7 @@ def build_setting(args):
     policies = {}
     for name in names:
         for b in ([1.0] if name == "full" else budgets):
-            policies[(name, b)] = None if name == "full" else make_policy(name, b)
+            policies[(name, b)] = None if name == "full" else policy_from_spec(name, b)
     questions = _list(args.questions, str, "--questions")
     if not questions or any(q not in ("inside", "after") for q in questions):
         raise ConfigError("--questions takes inside and/or after")
@@ -158,19 +159,58 @@ def longbench_samples(tokenizer, name, records, length):
 
 # ---- evaluation ----
 
+class LayerJit:
+    """`mpc_llama.model.decode_layer` jit-compiled per (policy, prompt length, diagnostics,
+    reused selection's kind): a decode step is then 30 calls of ONE compiled layer (two where
+    layers share selections) instead of a whole-model compile per policy and budget. The
+    selection's kind and cluster size (Python values) travel outside the jitted function."""
+
+    def __init__(self):
+        self._fns = {}
+
+    def __call__(self, lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg,
+                 selection=None, diagnostics=False):
+        import jax
+
+        from mpc_llama.model import decode_layer
+
+        meta_in = None if selection is None else (selection[0], selection[2])
+        key = (policy, prompt_len, cfg, diagnostics, meta_in)
+        if key not in self._fns:
+            meta_out = {}
+
+            def run(lp, x, layer_cache, cache_length, positions, sel):
+                sel = None if sel is None else (meta_in[0], sel, meta_in[1])
+                x, layer_cache, sel, count, diag = decode_layer(
+                    lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg, sel,
+                    diagnostics)
+                meta_out["meta"] = None if sel is None else (sel[0], sel[2])
+                return x, layer_cache, None if sel is None else sel[1], count, diag
+
+            self._fns[key] = (jax.jit(run), meta_out)
+        fn, meta_out = self._fns[key]
+        x, layer_cache, sel, count, diag = fn(lp, x, layer_cache, cache_length, positions,
+                                              None if selection is None else selection[1])
+        meta = meta_out["meta"]
+        return x, layer_cache, None if meta is None else (meta[0], sel, meta[1]), count, diag
+
+
 class Evaluator:
-    """Jit-compiled prompt pass, cache builds and decode steps, reused across samples."""
+    """Jit-compiled prompt pass and cache builds, decode steps as per-layer jitted calls on a
+    per-layer cache (`decode_step`'s layered form), all reused across samples."""
 
     def __init__(self, model, chunk):
         import jax
 
-        from mpc_llama.model import build_cache, decode_step, lm_head, run_prompt
+        from mpc_llama.model import build_cache, decode_step, lm_head, run_prompt, split_layers
 
-        self.model, self.cfg, self.params = model, model.cfg, model.params
+        self.model, self.cfg = model, model.cfg
+        self.params = model.params
+        self.layer_params = split_layers(model.params, model.cfg.n_layers)
         cfg = self.cfg
         self._prompt = jax.jit(lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
         self._build = {}
-        self._step = {}
+        self._layer = LayerJit()
         self._jax = jax
         self.build_cache, self.decode_step = build_cache, decode_step
 
@@ -180,24 +220,28 @@ class Evaluator:
         return self._prompt(self.params, jnp.asarray([ids], jnp.int32))
 
     def cache(self, layers, capacity, policy):
+        """The policy's cache from a prompt pass, in decode_step's per-layer form."""
         key = (capacity, policy, tuple(layers[0][1].shape))
         if key not in self._build:
             cfg = self.cfg
             self._build[key] = self._jax.jit(
-                lambda lay: self.build_cache(cfg, lay, capacity, policy))
+                lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy)))
         return self._build[key](layers)
 
     def step(self, token, position, cache, policy, prompt_len):
         import jax.numpy as jnp
 
-        key = (policy, prompt_len, cache.k.shape)
-        if key not in self._step:
-            cfg = self.cfg
-            self._step[key] = self._jax.jit(
-                lambda p, t, pos, c: self.decode_step(p, cfg, t, pos, c, policy, prompt_len,
-                                                      diagnostics=True))
-        return self._step[key](self.params, jnp.asarray([token], jnp.int32),
-                               jnp.asarray(position, jnp.int32), cache)
+        return self.decode_step(self.layer_params, self.cfg, jnp.asarray([token], jnp.int32),
+                                jnp.asarray(position, jnp.int32), cache, policy, prompt_len,
+                                diagnostics=True, layer_fn=self._layer)
+
+
+def _unstack(cache):
+    """KVCache with k, v, pos and each bounds part as per-layer tuples."""
+    def split(a):
+        return tuple(a[i] for i in range(a.shape[0]))
+    bounds = None if cache.bounds is None else tuple(split(b) for b in cache.bounds)
+    return cache.replace(k=split(cache.k), v=split(cache.v), pos=split(cache.pos), bounds=bounds)
 
 
 def _last_logits(params, cfg, tokens, chunk, run_prompt, lm_head):
@@ -226,16 +270,19 @@ def evaluate_sample(ev, sample, question, policies, eos_ids, tokenizer):
             pos += 1
         start_cache, start_logits, start_pos = cache, logits, pos
         # greedy answer
-        out = []
-        t1 = time.perf_counter()
+        out, step_times = [], []
         for i in range(sample.max_new_tokens):
             tok = int(np.argmax(np.asarray(logits)[0]))
             if tok in eos_ids:
                 break
             out.append(tok)
+            t1 = time.perf_counter()
             logits, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+            logits.block_until_ready()
+            step_times.append(time.perf_counter() - t1)
             pos += 1
-        step_s = (time.perf_counter() - t1) / max(1, len(out))
+        # the first step of a shape may compile: time the later ones
+        step_s = float(np.median(step_times[1:])) if len(step_times) > 1 else None
         text = tokenizer.decode(out)
         # teacher-forced log-probability of the reference answer
         lp, logits, cache, pos = 0.0, start_logits, start_cache, start_pos

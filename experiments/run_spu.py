@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", default="8192", help="prompt tokens in the cache (comma list)")
     p.add_argument("--policies", default="full,mpcache",
                    help="comma list of policies, or 'all' (oracle is always added as the "
-                        "free-selection reference unless --no-oracle)")
+                        "free-selection reference unless --no-oracle); settings as "
+                        "name:field=value[:field=value], e.g. mpcache:static_ratio=1.0")
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
     p.add_argument("--heads", default="2,4",
@@ -84,7 +85,7 @@ def parse_args(argv=None):
 
 def build_setting(args):
     """Validates everything before any measurement. Returns a dict of the run's setting."""
-    from eviction import POLICIES, make_policy
+    from eviction import POLICIES, policy_from_spec
     from mpc_llama.loading import load_config
     from protocols.network import custom_profile, get_profile
     from protocols.private_generation import spu_config
@@ -109,7 +110,7 @@ def build_setting(args):
         names.insert(0, "full")  # every reduction is relative to it
     if not args.no_oracle and "oracle" not in names:
         names.append("oracle")
-    policies = {n: None if n == "full" else make_policy(n, args.budget) for n in names}
+    policies = {n: None if n == "full" else policy_from_spec(n, args.budget) for n in names}
     for n, pol in policies.items():
         if getattr(pol, "gather", "scores") != "scores":
             raise ConfigError(f"policy {n}: cost blocks need gather='scores'")

@@ -158,6 +158,14 @@ def load_config(name_or_path: str) -> LlamaConfig:
     return read_config(reader)
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone (no weights read), or None for a checkpoint without one."""
+    path = embedded_gguf_path() if name_or_path == EMBEDDED else Path(name_or_path)
+    if not path.exists():
+        raise CheckpointError(f"no such model: {name_or_path}")
+    return _hf_tokenizer(path) if path.is_dir() else _gguf_tokenizer(path)
+
+
 def load_model(name_or_path: str, with_tokenizer: bool = True) -> LoadedModel:
     """`smollm2` (embedded), a `.gguf` file, or an HF checkpoint directory."""
     from mpc_llama.gguf_loader import load_gguf

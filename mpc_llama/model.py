@@ -122,7 +122,16 @@ def attention_values(probs: jax.Array, v: jax.Array, cfg: LlamaConfig) -> jax.Ar
 
 
 def _layer_params(params: dict, i: int) -> dict:
+    """Layer i's parameters; `params["layers"]` may also be a per-layer list (see
+    `split_layers`)."""
+    if isinstance(params["layers"], (list, tuple)):
+        return params["layers"][i]
     return {name: w[i] for name, w in params["layers"].items()}
+
+
+def split_layers(params: dict, n_layers: int) -> dict:
+    """The same parameters with `layers` as a per-layer list of dicts (no slicing per step)."""
+    return {**params, "layers": [_layer_params(params, i) for i in range(n_layers)]}
 
 
 def _qkv(lp: dict, h: jax.Array, positions: jax.Array, cfg: LlamaConfig):
@@ -140,21 +149,49 @@ def _round_up(n: int, m: int) -> int:
 
 
 def attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, cfg: LlamaConfig,
-                   chunk: int) -> jax.Array:
-    """Causal attention of a whole prompt, `chunk` queries at a time, each chunk against the
-    keys up to its end only: never a full T x T score matrix, and about half its work.
-    Plaintext speed path (same values as `attend` with a causal mask). q: [b, t, n, d];
-    k, v: [b, k, t, d]. Returns [b, t, n*d]."""
-    t = q.shape[1]
+                   chunk: int, band: int = 512) -> jax.Array:
+    """Causal attention of a whole prompt without a T x T score matrix (plaintext speed path).
+
+    Queries go in bands of `band` (keys up to the band's end only: about half the work of a
+    full matrix) and, inside a band, `chunk` queries at a time under `lax.map` (one compiled
+    body per band, so compile time does not grow with T / chunk). Laid out for CPU matmuls:
+    the queries of a KV group side by side, the scale folded into q, normalisation after
+    p . V. Same values as `attend` with a causal mask and cfg.softmax ("clipped" zeroes
+    exp(z) below nonlinear.EXP_CLIP). q: [b, t, n, d]; k, v: [b, k, t, d]. Returns [b, t, n*d].
+    """
+    b, t = q.shape[:2]
+    kh, g, hd = cfg.n_kv_heads, cfg.group_size, cfg.head_dim
+    chunk = min(chunk, t)
+    band = max(chunk, band // chunk * chunk)
+    padded = _round_up(t, chunk)
+    qg = (q * (1.0 / math.sqrt(hd))).reshape(b, t, kh, g, hd).transpose(0, 2, 1, 3, 4)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, padded - t), (0, 0), (0, 0)))
+
+    def one_chunk(start, end):
+        """Queries [start, start + chunk) against keys [0, end)."""
+        qc = jax.lax.dynamic_slice_in_dim(qg, start, chunk, axis=2)
+        scores = jnp.einsum("bktgd,bksd->bktgs", qc, k[:, :, :end])
+        causal = jnp.arange(end)[None, :] <= (start + jnp.arange(chunk))[:, None]   # [c, end]
+        scores = jnp.where(causal[:, None, :], scores, -1e4)
+        z = scores - jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(z)
+        if cfg.softmax == "clipped":
+            p = jnp.where(z > nonlinear.EXP_CLIP, p, 0.0)
+        out = jnp.einsum("bktgs,bksd->btkgd", p, v[:, :, :end])
+        out = out / p.sum(axis=-1).transpose(0, 2, 1, 3)[..., None]
+        return out.reshape(b, chunk, -1)
+
     outs = []
-    for start in range(0, t, chunk):
-        end = min(t, start + chunk)
-        mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]      # [c, end]
-        outs.append(attend(q[:, start:end], k[:, :, :end], v[:, :, :end], mask, cfg))
-    return jnp.concatenate(outs, axis=1)
+    for lo in range(0, padded, band):
+        hi = min(padded, lo + band)
+        starts = jnp.arange(lo, hi, chunk)
+        part = jax.lax.map(lambda s, e=min(hi, t): one_chunk(s, e), starts)   # [n, b, c, nd]
+        outs.append(part.transpose(1, 0, 2, 3).reshape(b, hi - lo, -1))
+    return jnp.concatenate(outs, axis=1)[:, :t]
 
 
-def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0):
+def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0,
+               band: int = 512):
     """The prompt through every layer with causal attention.
 
     tokens: [b, t] int32 at positions 0..t-1; chunk > 0 computes attention `chunk` queries at
@@ -171,7 +208,7 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
         q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
-        att = attend_chunked(q, k, v, cfg, chunk) if chunk else attend(q, k, v, causal, cfg)
+        att = attend_chunked(q, k, v, cfg, chunk, band) if chunk else attend(q, k, v, causal, cfg)
         x = x + att @ lp["wo"]
         x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
         layers.append((q, k, v))
@@ -237,9 +274,42 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
     return lm_head(params, x, cfg), cache
 
 
+def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, positions,
+                 policy, prompt_len: int, cfg: LlamaConfig, selection=None,
+                 diagnostics: bool = False):
+    """One layer of a decode step (what `decode_step` runs per layer).
+
+    lp: this layer's parameters; x: [b, 1, d] residual stream; layer_cache: (k [b, k, c, d],
+    v, pos [b, k, c], bounds tuple or None) of this layer; cache_length: [] entries before this
+    token; positions: [1] int32 (public); selection: a sharing source's selection to reuse, or
+    None to select here. Returns (x, new layer_cache, selection, attended counts [b, k],
+    diagnostics dict or None).
+    """
+    from eviction.clusters import update_bounds
+    from mpc_llama.selective_attention import attended_mask, decode_attention
+
+    ck, cv, cp, layer_bounds = layer_cache
+    length = cache_length + 1  # entries valid after writing the current one
+    q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
+    ck, cv, cp = write_layer(ck, cv, cp, cache_length, k, v, positions)
+    if layer_bounds is not None:
+        layer_bounds = update_bounds(layer_bounds, k[:, :, 0], cache_length,
+                                     *policy.cluster_sizes, policy.bounds_alpha)
+    out, selection, count = decode_attention(q, ck, cv, layer_bounds, length, policy,
+                                             prompt_len, cfg, selection)
+    diag = None
+    if diagnostics:
+        valid = jnp.arange(ck.shape[2]) < length
+        diag = {"attn_out": out[:, 0],
+                "attended_pos": jnp.where(attended_mask(selection, valid, ck.shape[:3]), cp, -1)}
+    x = x + out @ lp["wo"]
+    x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+    return x, (ck, cv, cp, layer_bounds), selection, count, diag
+
+
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
                 policy=None, prompt_len: int = 0, return_attended: bool = False,
-                diagnostics: bool = False):
+                diagnostics: bool = False, layer_fn=None):
     """One token through the model, appending its key/value at index `cache.length`.
 
     token: [b] int32; position: [] int32 original position of the token (public; differs from
@@ -249,46 +319,36 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     with `return_attended`, the attended entry counts [L, b, K] (plaintext diagnostics); with
     `diagnostics`, a dict instead: counts, attn_out [L, b, N*D] (each layer's attention output)
     and attended_pos [L, b, K, C] (original positions of the attended entries, -1 elsewhere).
+    layer_fn: replaces `decode_layer` (same signature), e.g. a per-layer jit for fast
+    plaintext runs. A cache whose k/v/pos (and bounds parts) are per-layer tuples instead of
+    stacked arrays is returned in the same per-layer form (no whole-cache copy per step), as are
+    `params["layers"]` given as a per-layer list.
     """
-    from eviction.clusters import update_bounds
-    from mpc_llama.selective_attention import decode_attention
-
+    run_layer = layer_fn or decode_layer
     positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
-    length = cache.length + 1  # entries valid after writing the current one
     dynamic = policy is not None and policy.dynamic
     x = embed(params, token[:, None], cfg)
-    ks, vs, ps, bounds, selections, counts, outs, attended = [], [], [], [], {}, [], [], []
+    layered = isinstance(cache.k, (list, tuple))
+    parts, selections, counts, diags = [], {}, [], []
     for i in range(cfg.n_layers):
-        lp = _layer_params(params, i)
-        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
-        ck, cv, cp = write_layer(cache.k[i], cache.v[i], cache.pos[i], cache.length, k, v,
-                                 positions)
-        if cache.bounds is not None:
-            layer_bounds = update_bounds(tuple(bb[i] for bb in cache.bounds), k[:, :, 0],
-                                         cache.length, *policy.cluster_sizes,
-                                         policy.bounds_alpha)
-            bounds.append(layer_bounds)
+        layer_bounds = None if cache.bounds is None else tuple(bb[i] for bb in cache.bounds)
         src = policy.share_source(i, cfg.n_layers) if dynamic else i
-        out, selections[src], count = decode_attention(
-            q, ck, cv, layer_bounds if cache.bounds is not None else None, length, policy,
-            prompt_len, cfg, selections.get(src))  # a sharing layer reuses its source's pick
+        x, layer_cache, selections[src], count, diag = run_layer(
+            _layer_params(params, i), x, (cache.k[i], cache.v[i], cache.pos[i], layer_bounds),
+            cache.length, positions, policy, prompt_len, cfg,
+            selections.get(src), diagnostics)  # a sharing layer reuses its source's pick
+        parts.append(layer_cache)
         counts.append(count)
-        if diagnostics:
-            from mpc_llama.selective_attention import attended_mask
-
-            outs.append(out[:, 0])
-            valid = jnp.arange(ck.shape[2]) < length
-            attended.append(jnp.where(attended_mask(selections[src], valid, ck.shape[:3]), cp,
-                                      -1))
-        x = x + out @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
-        ks.append(ck), vs.append(cv), ps.append(cp)
-    stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
-    cache = KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), length, stacked)
+        diags.append(diag)
+    collect = tuple if layered else jnp.stack
+    ks, vs, ps, bounds = zip(*parts)
+    stacked = None if cache.bounds is None else tuple(collect(b) for b in zip(*bounds))
+    cache = KVCache(collect(ks), collect(vs), collect(ps), cache.length + 1, stacked)
     logits = lm_head(params, x[:, 0], cfg)
     if diagnostics:
-        return logits, cache, {"counts": jnp.stack(counts), "attn_out": jnp.stack(outs),
-                               "attended_pos": jnp.stack(attended)}
+        return logits, cache, {"counts": jnp.stack(counts),
+                               "attn_out": jnp.stack([d["attn_out"] for d in diags]),
+                               "attended_pos": jnp.stack([d["attended_pos"] for d in diags])}
     if return_attended:
         return logits, cache, jnp.stack(counts)
     return logits, cache

@@ -117,8 +117,9 @@ class BlockMeter:
     setting, the input owners and the SPU version (exact configuration).
     """
 
-    def __init__(self, protocol: Protocol, cache_dir: Optional[str] = None):
+    def __init__(self, protocol: Protocol, cache_dir: Optional[str] = None, cluster=None):
         self.protocol = protocol
+        self.cluster = cluster  # protocols.party.Cluster: measure on real parties instead
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._sessions = None
         self.setup: Optional[Counters] = None
@@ -127,6 +128,12 @@ class BlockMeter:
     # ---- sessions ----
     def _ensure_sessions(self):
         if self._sessions is not None:
+            return self._sessions
+        if self.cluster is not None:
+            self._sessions = []
+            if self.protocol.kind == "CHEETAH":
+                self.setup = Counters.of(self.cluster.warm_up(self.protocol))
+                self._store(self._setup_key(), self.setup)
             return self._sessions
         from protocols.session import SpuSession
 
@@ -150,14 +157,19 @@ class BlockMeter:
 
     # ---- disk cache ----
     def _key(self, text: str, block: Block) -> str:
-        blob = json.dumps({"format": FORMAT, "program": text, "owners": block.owners,
-                           "protocol": dataclasses.asdict(self.protocol),
-                           "spu": _spu_version()}, sort_keys=True)
+        key = {"format": FORMAT, "program": text, "owners": block.owners,
+               "protocol": dataclasses.asdict(self.protocol), "spu": _spu_version()}
+        if self.cluster is not None:  # real parties: same counters, other seconds
+            key["backend"] = "brpc"
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _setup_key(self) -> str:
-        blob = json.dumps({"format": FORMAT, "setup": dataclasses.asdict(self.protocol),
-                           "spu": _spu_version()}, sort_keys=True)
+        key = {"format": FORMAT, "setup": dataclasses.asdict(self.protocol),
+               "spu": _spu_version()}
+        if self.cluster is not None:
+            key["backend"] = "brpc"
+        blob = json.dumps(key, sort_keys=True)
         return "setup-" + hashlib.sha256(blob.encode()).hexdigest()
 
     def _load(self, key: str) -> Optional[Counters]:
@@ -193,28 +205,45 @@ class BlockMeter:
             self.hits += 1
             return cached
         self.misses += 1
-        owners = {MODEL: 0, USER: 1}
-        values = random_inputs(block)
-        runs = []
-        for session in self._ensure_sessions():
-            inputs = [session.put(name, value, owner=owners.get(owner),
-                                  public=name in PUBLIC_ARGS)
-                      for name, owner, value in zip(block.arg_names, block.owners, values)]
-            outs = [f"__block_out{i}" for i in range(len(program.out_trees))]
-            party_runs = []
-            while len(party_runs) < (REPEATS if party_runs and
-                                     party_runs[0].seconds < REPEAT_BELOW_S else 1):
-                refs, cost = session.run(program, outs)
-                for ref in refs:
-                    session.delete(ref)
-                party_runs.append(cost)
-            for ref in inputs:  # free the shares now: 3PC holds one session per party
-                session.delete(ref)
-            runs.append(party_runs)
-        costs = [_median_cost(party_runs) for party_runs in runs]
-        counters = Counters.of(merge_parties(costs, self.protocol.world_size))
+        if self.cluster is not None:
+            self._ensure_sessions()  # CHEETAH: setup first
+            recipe = block.recipe
+            if recipe is None:
+                raise ValueError(f"block {block.name} has no recipe to send to the parties")
+            cost = _median_cost(self.cluster.measure(self.protocol, *recipe))
+            counters = Counters.of(cost)
+        else:
+            runs = [measure_runs(session, block, {MODEL: 0, USER: 1}, program)
+                    for session in self._ensure_sessions()]
+            costs = [_median_cost(party_runs) for party_runs in runs]
+            counters = Counters.of(merge_parties(costs, self.protocol.world_size))
         self._store(key, counters)
         return counters
+
+
+def measure_runs(session, block: Block, owners: dict, program=None) -> list:
+    """Runs `block` on `session` (once, or REPEATS times when it is fast) with random inputs
+    shared by their owners ({MODEL: rank, USER: rank}); returns the Costs. The same calls at
+    every party of a distributed run (protocols.party)."""
+    from protocols.session import PUBLIC, SECRET
+
+    if program is None:
+        vis = [PUBLIC if n in PUBLIC_ARGS else SECRET for n in block.arg_names]
+        program = session.compile(block.fn, block.args, block.arg_names, vis)
+    values = random_inputs(block)
+    inputs = [session.put(name, value, owner=owners.get(owner), public=name in PUBLIC_ARGS)
+              for name, owner, value in zip(block.arg_names, block.owners, values)]
+    outs = [f"__block_out{i}" for i in range(len(program.out_trees))]
+    party_runs = []
+    while len(party_runs) < (REPEATS if party_runs and
+                             party_runs[0].seconds < REPEAT_BELOW_S else 1):
+        refs, cost = session.run(program, outs)
+        for ref in refs:
+            session.delete(ref)
+        party_runs.append(cost)
+    for ref in inputs:  # free the shares now: 3PC holds one session per party
+        session.delete(ref)
+    return party_runs
 
 
 class _Compiler:

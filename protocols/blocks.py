@@ -27,6 +27,7 @@ Attention blocks may be measured on a sample of KV heads (`heads`); the caller e
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, List, Optional, Tuple
 
 import jax
@@ -60,6 +61,20 @@ class Block:
     owners: Tuple[str, ...] = ()
     count: int = 1
     heads: Optional[int] = None
+    # (cfg, policy, builder, name, seq, heads): how to build it again, e.g. at another party
+    recipe: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def _recorded(builder: str):
+    """Marks a block builder's blocks with their recipe (see Block.recipe)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def inner(cfg, *args):
+            policy, seq, heads = (tuple(args) + (None, None, None))[:3]
+            return [dataclasses.replace(b, recipe=(cfg, policy, builder, b.name, seq, heads))
+                    for b in fn(cfg, *args)]
+        return inner
+    return deco
 
 
 def _spec(shape, dtype=jnp.float32):
@@ -86,6 +101,7 @@ def _weights(cfg: LlamaConfig, names):
     return {n: _spec(shapes[n]) for n in names}
 
 
+@_recorded("dense")
 def dense_blocks(cfg: LlamaConfig) -> List[Block]:
     """Blocks outside attention, at the model's real dimensions (cfg as compiled for SPU);
     they do not depend on the cache length (the token position is a public input)."""
@@ -151,6 +167,7 @@ def n_selecting(policy, n_layers: int) -> int:
     return len({policy.share_source(i, n_layers) for i in range(n_layers)})
 
 
+@_recorded("attention")
 def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
     """One decode step's attention blocks for `heads` KV heads, as decode_attention runs them.
 
@@ -230,6 +247,7 @@ def _probe_select_args(cfg, policy, seq, length, cap):
     return jnp.zeros((1, heads, g, d)), k, bounds, jnp.asarray(length), seq, cfg
 
 
+@_recorded("static")
 def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
     """The one-time static step at the end of prefill, for `heads` KV heads: what `prefill`
     adds to a plain prefill (the prefill itself is the same for every policy and not here)."""

@@ -74,7 +74,10 @@ class PrivateGenerator:
                  model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER, policy=None):
         self.session, self.cfg, self.policy = session, spu_config(cfg), policy
         self.data_owner = data_owner
-        self.params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+        # parties other than the model owner pass ShapeDtypeStructs (placeholder_params)
+        self.params = jax.tree_util.tree_map(
+            lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a, np.float32),
+            params)
         session.put("params", self.params, owner=model_owner)
         self._programs = {}
 
@@ -117,18 +120,27 @@ class PrivateGenerator:
         length = self._cache_length(len(prompt))
         tokens, costs = [], []
         for step in range(max_new_tokens):
-            token = int(np.asarray(s.reveal(tok_ref)).reshape(-1)[0])
+            # only the user learns the token; the others learn whether generation goes on
+            token = s.reveal_to(tok_ref, self.data_owner)
+            token = None if token is None else int(np.asarray(token).reshape(-1)[0])
             tokens.append(token)
-            if on_token:
+            if on_token and token is not None:
                 on_token(token, costs[-1] if costs else prefill_cost)
-            if token in eos_ids or step == max_new_tokens - 1:
+            if s.agree(token in eos_ids or step == max_new_tokens - 1, self.data_owner):
                 break
-            s.put("token", np.asarray([token], np.int32), owner=self.data_owner)
+            s.put("token", np.asarray([token or 0], np.int32), owner=self.data_owner)
             s.put("position", np.int32(len(prompt) + step), public=True)
             s.put("length", np.int32(length + step), public=True)
             (tok_ref, _), cost = s.run(decode_prog, ("next", "cache"))
             costs.append(cost)
         return PrivateResult(tokens, prefill_cost, costs)
+
+
+def placeholder_params(cfg: LlamaConfig) -> dict:
+    """The weights' shapes without values: what parties other than the model owner pass."""
+    from mpc_llama.model import init_params
+
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
 
 
 def _merge_party(base: Cost, other: Cost, rank: int) -> Cost:

@@ -158,6 +158,17 @@ class SpuSession:
                   for n in ref.names]
         return jax.tree_util.tree_unflatten(ref.tree, leaves)
 
+    def reveal_to(self, ref: SecretRef, rank: int) -> Any:
+        """The values behind `ref` for party `rank` (in-process: the caller speaks for it)."""
+        return self.reveal(ref)
+
+    def agree(self, flag: bool, root: int) -> bool:
+        """A public decision taken by party `root` (in-process: the caller's)."""
+        return bool(flag)
+
+    def close(self) -> None:
+        """Nothing to release in-process (see protocols.distributed.PartySession)."""
+
     def rename(self, ref: SecretRef, prefix: str) -> SecretRef:
         """Moves variables to new names (a local copy inside each party, no communication)."""
         names = []

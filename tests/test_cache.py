@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import assert_close
 from mpc_llama.generation import greedy_generate
-from mpc_llama.model import decode_step, prefill
+from mpc_llama.model import decode_step, prefill, run_prompt, split_layers
 
 
 def test_cached_decoding_equals_full_recomputation(tiny):
@@ -50,3 +51,48 @@ def test_presets_have_real_shapes():
         shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
         total = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
         assert abs(total - n_params) / n_params < 0.01, (name, total)
+
+
+@pytest.mark.parametrize("softmax", ["exact", "clipped"])
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_chunked_prefill_equals_masked_attention(tiny, softmax, chunk):
+    """The plaintext speed path (attend_chunked, other layout, normalisation after p . V)
+    gives the logits and per-layer q/k/v of the one-matrix causal prefill."""
+    cfg, params = tiny
+    cfg = cfg.replace(softmax=softmax)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 13)))
+    x_ref, layers_ref = run_prompt(params, cfg, tokens)
+    x, layers = run_prompt(params, cfg, tokens, chunk=chunk)
+    assert_close(x, x_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(layers, layers_ref):
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layered_decode_equals_stacked(tiny):
+    """decode_step on a per-layer cache and per-layer params with a per-layer jitted layer
+    function (run_accuracy's fast path) gives the stacked whole-step results, for the full
+    cache and a sharing, selecting policy."""
+    from eviction import make_policy
+    from experiments.run_accuracy import LayerJit, _unstack
+
+    cfg, params = tiny
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 40)))
+    split = split_layers(params, cfg.n_layers)
+    for policy in (None, make_policy("mpcache", 0.3, s1=8, s2=4)):
+        _, cache = prefill(params, cfg, tokens, capacity=44, policy=policy)
+        layered = _unstack(cache)
+        layer_fn = LayerJit()
+        pos = 40
+        for t in (3, 9, 11):
+            logits, cache, diag = decode_step(params, cfg, jnp.asarray([t]), pos, cache, policy,
+                                              40, diagnostics=True)
+            got, layered, gdiag = decode_step(split, cfg, jnp.asarray([t]), pos, layered,
+                                              policy, 40, diagnostics=True, layer_fn=layer_fn)
+            assert_close(got, logits, rtol=1e-5, atol=1e-5)
+            for name in ("counts", "attended_pos"):
+                np.testing.assert_array_equal(np.asarray(gdiag[name]), np.asarray(diag[name]))
+            assert_close(gdiag["attn_out"], diag["attn_out"], rtol=1e-5, atol=1e-5)
+            pos += 1
+        assert_close(jnp.stack(layered.k), cache.k, rtol=1e-5, atol=1e-5)
+        assert int(layered.length) == int(cache.length)
