@@ -57,6 +57,8 @@ def build_parser() -> Parser:
     p.add_argument("--parties", help="parties file (JSON): run each party as its own process "
                    "over brpc instead of the in-process simulator (see protocols/parties.py)")
     p.add_argument("--party-logs", help="directory for the logs of locally started parties")
+    p.add_argument("--no-spawn", action="store_true",
+                   help="start no parties here: all are already running protocols.party")
     e = p.add_argument_group("KV-cache eviction")
     e.add_argument("--policy", default="full",
                    help="full, streaming_llm, h2o, snapkv, tova, quest, mpcache, "
@@ -157,7 +159,8 @@ def main() -> None:
     elif args.parties:
         from protocols.party import Cluster
 
-        with Cluster(args.parties, args.model, log_dir=args.party_logs) as cluster:
+        with Cluster(args.parties, args.model, start_local=not args.no_spawn,
+                     log_dir=args.party_logs) as cluster:
             setup = cluster.warm_up(protocol) if protocol.kind == "CHEETAH" else None
             res = cluster.generate(protocol, model.cfg, policy, prompt_ids,
                                    args.max_new_tokens, eos)

@@ -80,6 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--block-cache", default="runs/block_cache",
                    help="directory of cached block measurements ('' disables)")
     p.add_argument("--out", help="directory for results.json, results.csv and plots")
+    p.add_argument("--parties", help="parties file (JSON): measure every block on real parties "
+                   "over brpc, one process each (protocols/party.py), instead of the simulator; "
+                   "compute seconds are then those of real processes")
+    p.add_argument("--party-logs", help="directory for the logs of locally started parties")
+    p.add_argument("--no-spawn", action="store_true",
+                   help="start no parties here: all are already running protocols.party")
     return p.parse_args(argv)
 
 
@@ -388,10 +394,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setting = build_setting(args)
     jobs, hs = plan(setting, args)
-    meter = BlockMeter(setting["protocol"], args.block_cache or None)
     start = time.perf_counter()
-    measured = measure_all(meter, jobs)
-    setup = meter.setup_cost()
+    if args.parties:
+        from protocols.parties import load_parties
+        from protocols.party import Cluster
+
+        protocol = setting["protocol"]
+        load_parties(args.parties).check_world(protocol.world_size, protocol.name)
+        with Cluster(args.parties, args.model, start_local=not args.no_spawn,
+                     log_dir=args.party_logs) as cluster:
+            meter = BlockMeter(protocol, args.block_cache or None, cluster=cluster)
+            measured = measure_all(meter, jobs)
+            setup = meter.setup_cost()
+    else:
+        meter = BlockMeter(setting["protocol"], args.block_cache or None)
+        measured = measure_all(meter, jobs)
+        setup = meter.setup_cost()
     rows = make_rows(setting, measured, hs, args)
     notes = shortcuts(setting, hs, args)
     print_report(rows, setup, notes, setting["networks"])
@@ -404,6 +422,7 @@ def main(argv=None) -> None:
             "model": args.model, "config": dataclasses.asdict(cfg),
             "protocol": dataclasses.asdict(setting["protocol"]),
             "heads_measured": hs, "shortcuts": notes, "rows": rows,
+            "backend": "brpc parties " + args.parties if args.parties else "simulator",
             "setup": None if setup is None else setup.to_json(),
             "networks": {n.name: {"bandwidth_bps": n.bandwidth_bps, "rtt_s": n.rtt_s,
                                   "source": n.source} for n in setting["networks"]},

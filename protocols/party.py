@@ -162,24 +162,18 @@ def serve_forever(parties: Parties, rank: int, model: str) -> None:
     link = connect(parties, rank)
     server = JobServer(parties, rank, link, model)
     driver = parties.data_owner
-    try:
-        while True:
-            try:
-                job = json.loads(link.recv(driver))
-            except Exception as e:  # noqa: BLE001
-                from protocols.distributed import PartyError
-
-                raise PartyError(f"party {rank}: the data owner (party {driver}) went away "
-                                 f"({str(e).strip().splitlines()[-1][:200] if str(e) else e})"
-                                 ) from None
-            if job["kind"] == "stop":
-                break
-            server.serve(job)
-    finally:
+    while True:
         try:
-            link.stop_link()
+            job = json.loads(link.recv(driver))
         except Exception:  # noqa: BLE001
-            pass
+            from protocols.distributed import PartyError
+
+            raise PartyError(f"party {rank}: nothing from the data owner (party {driver}) "
+                             f"within {parties.recv_timeout_s:g} s: it went away") from None
+        if job["kind"] == "stop":
+            break
+        server.serve(job)
+    link.stop_link()  # only on a clean stop: it waits for the peers
 
 
 # ---- the user's side ----
@@ -208,7 +202,7 @@ class Cluster:
 
         p = self.parties
         for r in range(p.world_size):
-            if p.is_local(r):
+            if p.is_local(r) and (self.start_local or r == self.rank):
                 check_port_free(p, r)  # before starting anything
         try:
             if self.start_local:
@@ -329,6 +323,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from experiments.cli import run_main
+    from mpc_llama.errors import MpcacheError
 
-    run_main(main)
+    try:
+        main()
+    except MpcacheError as e:
+        # a failed party leaves at once: a dead peer's link would block a normal exit
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        os._exit(2)
