@@ -31,6 +31,12 @@ def run_main(main) -> None:
     try:
         main()
     except MpcacheError as e:
+        if getattr(e, "hard_exit", False):
+            # a broken SPU link blocks (or aborts) the normal interpreter exit: leave now
+            sys.stdout.flush()
+            sys.stderr.write(f"\nerror: {e}\n")
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_INPUT)
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted")

@@ -36,7 +36,11 @@ CONNECT_ATTEMPT_S = 10.0  # one brpc connection attempt (~9 s) plus the retry in
 
 
 class PartyError(MpcacheError):
-    """A party could not reach, or lost, its peers (one-line message, non-zero exit)."""
+    """A party could not reach, or lost, its peers (one-line message, non-zero exit).
+    Scripts leave with os._exit after printing it (experiments.cli.run_main): the link's
+    destructor would wait for, or abort on, a peer that is gone."""
+
+    hard_exit = True
 
 
 def make_desc(parties: Parties, link_id: str = "mpcache"):
