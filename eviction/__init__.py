@@ -22,12 +22,19 @@ POLICIES = {cls.name: cls for cls in (Policy, StreamingLLM, H2O, SnapKV, TOVA, Q
                                       Oracle)}
 
 
+# named settings of a registered policy: name -> budget -> policy
+VARIANTS = {"mpcache_published": MPCache.published, "mpcache_static": MPCache.with_static}
+
+
 def make_policy(name: str, budget: float = 0.1, **fields) -> Policy:
-    """Builds a registered policy; "mpcache_published" gives the paper's settings."""
-    if name == "mpcache_published":
-        return MPCache.published(budget)
+    """Builds a registered policy or named setting ("mpcache_published": the paper's,
+    "mpcache_static": MPCache with a static step), with `fields` overriding settings."""
+    if name in VARIANTS:
+        base = VARIANTS[name](budget)
+        return dataclasses.replace(base, **_checked(type(base), fields))
     if name not in POLICIES:
-        raise ConfigError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
+        raise ConfigError(f"unknown policy {name!r}; choose from "
+                          f"{sorted(POLICIES) + sorted(VARIANTS)}")
     cls = POLICIES[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(fields) - known
@@ -58,8 +65,6 @@ def policy_from_spec(spec: str, budget: float = 0.1) -> Policy:
         if not eq or not key:
             raise ConfigError(f"policy spec {spec!r}: expected field=value, got {item!r}")
         fields[key.strip()] = _value(value.strip())
-    if name == "mpcache_published" and fields:
-        return dataclasses.replace(MPCache.published(budget), **_checked(MPCache, fields))
     return make_policy(name, budget, **fields)
 
 

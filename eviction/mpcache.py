@@ -10,8 +10,18 @@ then top-k2 of their children; first and current clusters always selected. Layer
 sharing by `share` pattern. `gather` says how attention reaches the selection (see
 eviction.base.check_gather); the default "scores" gathers only score scalars, so the softmax
 runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
-attended) fixes k2; the static ratio defaults to max(0.5, 2 * budget).
-`published()` gives the paper's settings (window 20% of T, sum, no pooling).
+attended) fixes k2.
+
+Default: NO static eviction (static_ratio=1.0), the dynamic step over the whole prompt. Measured
+on SmolLM2 (README, accuracy section): every static step here (the paper's, ours with a
+32-query window and pooling, SnapKV's) loses the needle when the question arrives after the
+context was compressed, and the paper's loses it even with the question inside; the dynamic
+step alone does not. Under MPC the static step is also the most expensive part of a prompt
+(its compaction is keep x T equalities per head: ~1.7 TB at 8k tokens, LLaMA-2-7B shapes,
+ABY3/CHEETAH), worth hundreds of decode steps; dropping it makes each step select among twice
+the clusters. Named settings: "mpcache_static" = static step kept (ratio max(0.5, 2 * budget),
+32-query window, max-pooling 7: the previous default), "mpcache_published" = the paper's
+(`published()`: window 20% of T, sum, no pooling).
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from mpc_llama.errors import ConfigError
 class MPCache(Policy):
     name = "mpcache"
     budget: float = 0.1
-    static_ratio: Optional[float] = None   # None: max(0.5, 2 * budget), capped at 1
+    static_ratio: Optional[float] = 1.0    # 1.0: no static step; None: max(0.5, 2*budget)
     window: int = 32                       # observation queries; 0 = window_fraction * T
     window_fraction: float = 0.2
     aggregate: str = "sum"
@@ -77,8 +87,16 @@ class MPCache(Policy):
 
     @classmethod
     def published(cls, budget: float = 0.1) -> "MPCache":
-        """The settings of the paper: 20%-of-prompt window, summed, no pooling."""
-        return cls(budget=budget, window=0, window_fraction=0.2, aggregate="sum", kernel=1)
+        """The settings of the paper: static step keeping max(50%, 2 x budget), 20%-of-prompt
+        window, summed, no pooling."""
+        return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
+                   aggregate="sum", kernel=1)
+
+    @classmethod
+    def with_static(cls, budget: float = 0.1) -> "MPCache":
+        """A static step (max(50%, 2 x budget), 32-query window, max-pooling 7) before the
+        dynamic one: the previous default, "mpcache_static"."""
+        return cls(budget=budget, static_ratio=None)
 
     # ---- static ----
     def effective_static_ratio(self) -> float:

@@ -62,7 +62,7 @@ def build_parser() -> Parser:
     e = p.add_argument_group("KV-cache eviction")
     e.add_argument("--policy", default="full",
                    help="full, streaming_llm, h2o, snapkv, tova, quest, mpcache, "
-                        "mpcache_published, oracle")
+                        "mpcache_published, mpcache_static, oracle")
     e.add_argument("--budget", type=float, default=0.1,
                    help="fraction of the prompt attended per KV head per decode step, sinks "
                         "and windows included (ignored by full)")

@@ -68,7 +68,7 @@ def _list(text, conv, flag):
 
 
 def build_setting(args):
-    from eviction import POLICIES, policy_from_spec
+    from eviction import POLICIES, VARIANTS, policy_from_spec
     from experiments import longbench
     from mpc_llama.loading import load_config
 
@@ -98,7 +98,7 @@ def build_setting(args):
             raise ConfigError(f"budget {b} must be in (0, 1]")
     names = _list(args.policies, str, "--policies")
     if names == ["all"]:
-        names = list(POLICIES) + ["mpcache_published"]
+        names = list(POLICIES) + sorted(VARIANTS)
     if "full" not in names:
         names.insert(0, "full")
     policies = {}
@@ -206,8 +206,13 @@ class Evaluator:
 
         self.model, self.cfg = model, model.cfg
         self.params = model.params
-        self.layer_params = split_layers(model.params, model.cfg.n_layers)
         cfg = self.cfg
+        self.layer_params = split_layers(model.params, model.cfg.n_layers)
+        if cfg.tie_embeddings:  # the LM head runs eagerly: transpose the tied table once
+            self.layer_params["lm_head"] = model.params["embed"].T.copy()
+            self.step_cfg = cfg.replace(tie_embeddings=False)
+        else:
+            self.step_cfg = cfg
         self._prompt = jax.jit(lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
         self._build = {}
         self._layer = LayerJit()
@@ -231,7 +236,7 @@ class Evaluator:
     def step(self, token, position, cache, policy, prompt_len):
         import jax.numpy as jnp
 
-        return self.decode_step(self.layer_params, self.cfg, jnp.asarray([token], jnp.int32),
+        return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray([token], jnp.int32),
                                 jnp.asarray(position, jnp.int32), cache, policy, prompt_len,
                                 diagnostics=True, layer_fn=self._layer)
 

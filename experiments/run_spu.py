@@ -91,7 +91,7 @@ def parse_args(argv=None):
 
 def build_setting(args):
     """Validates everything before any measurement. Returns a dict of the run's setting."""
-    from eviction import POLICIES, policy_from_spec
+    from eviction import POLICIES, VARIANTS, policy_from_spec
     from mpc_llama.loading import load_config
     from protocols.network import custom_profile, get_profile
     from protocols.private_generation import spu_config
@@ -109,7 +109,7 @@ def build_setting(args):
         raise ConfigError("--static-max-seq must be >= 256")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     if names == ["all"]:
-        names = list(POLICIES) + ["mpcache_published"]
+        names = list(POLICIES) + sorted(VARIANTS)
     if not names:
         raise ConfigError("--policies is empty")
     if "full" not in names:

@@ -259,7 +259,7 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
     keep = policy.static_keep(seq)
     kv = _spec((1, heads, seq, d))
-    out = [
+    out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
         _block("static_select", "selection", lambda q, k: (static_selection(policy, q, k, c),),
                {"q": _spec((1, seq, heads, g, d)), "k": kv},
                count=n_selecting(policy, L), heads=heads, phase="static"),

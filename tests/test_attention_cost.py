@@ -16,15 +16,16 @@ def run(*args):
 def test_rows_and_labels(tmp_path):
     out = tmp_path / "a.json"
     r = run("--protocol", "aby3", "--seq", "128", "--heads", "1", "--head-dim", "8",
-            "--model-heads", "2", "--policies", "full,mpcache,oracle", "--budget", "0.25",
+            "--model-heads", "2", "--policies", "full,mpcache_static,mpcache,oracle", "--budget", "0.25",
             "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "projected" in r.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [x["policy"] for x in rows] == ["full", "mpcache", "oracle"]
+    assert [x["policy"] for x in rows] == ["full", "mpcache_static", "mpcache", "oracle"]
     by = {x["policy"]: x for x in rows}
     assert by["full"]["entries"] == 128 and by["oracle"]["entries"] == 32
-    assert by["mpcache"]["entries"] == 64                      # static keep 50%
+    assert by["mpcache_static"]["entries"] == 64               # static keep 50%
+    assert by["mpcache"]["entries"] == 128                     # default: no static step
     for x in rows:
         assert len(x["bytes_sent"]) == 3 and all(b > 0 for b in x["bytes_sent"])
         assert set(x["latency_s_projected"]) == {"lan", "wan"}

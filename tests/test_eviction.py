@@ -79,14 +79,16 @@ def test_topk_mask_respects_allowed():
 
 
 def test_k1_k2_formulas():
-    p = MPCache(budget=0.1)
+    p = MPCache.with_static(0.1)
     assert p.n_attend(1000) == 100
     assert p.k2(1000) == 6                # floor(100 / 16)
     assert p.static_keep(1000) == 500     # static ratio max(0.5, 2 * budget)
     assert p.k1(1000, n1=100) == 8        # ratio1 * ceil(500 / 32) = 0.5 * 16
     assert p.k1(1000, n1=5) == 5          # capped by the clusters that exist
+    assert MPCache(budget=0.1).k1(1000, n1=100) == 16   # no static step: 0.5 * ceil(1000 / 32)
     assert MPCache(budget=0.05).k2(1000) == 3
-    assert MPCache(budget=0.4).static_keep(1000) == 800
+    assert MPCache(budget=0.4, static_ratio=None).static_keep(1000) == 800
+    assert MPCache(budget=0.4).static_keep(1000) == 1000   # default: no static step
 
 
 def test_sharing_pattern():
@@ -140,7 +142,7 @@ def test_static_eviction_keeps_forced_and_compacts_in_order(six_layers):
 
 def test_mpcache_layers_share_static_and_dynamic_selection(six_layers):
     cfg, params = six_layers
-    policy = MPCache(budget=0.25)
+    policy = MPCache.with_static(0.25)
     toks = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, T)))
     _, cache = prefill(params, cfg, toks, T + 1, policy=policy)
     pos = np.asarray(cache.pos)
@@ -153,7 +155,7 @@ def test_mpcache_selects_the_cluster_the_query_points_at():
     c = 128
     u = jnp.asarray([1.0, 0.0, 0.0, 0.0])
     keys = jnp.tile(-u, (c, 1)).at[80:96].set(u)[None, None]   # [1, 1, c, d]
-    policy = MPCache(budget=0.5, s1=32, s2=16)   # k2 = 4 clusters, k1 = 3
+    policy = MPCache(budget=0.5, s1=32, s2=16, static_ratio=None)   # k2 = 4 clusters, k1 = 3
     bounds = init_bounds(keys, c, alpha=policy.alpha)
     q = u[None, None, None]                                      # [1, 1, 1, d]
     mask = np.asarray(policy.select(q, keys, bounds, jnp.asarray(c), prompt_len=c, cfg=None))[0, 0]

@@ -55,7 +55,8 @@ def selection_fn(policy, cfg):
 
 CASES = [(name, proto, None) for name in sorted(POLICIES) if name != "full"
          for proto in ("semi2k", "aby3")] + [("mpcache", "cheetah", None),
-                                             ("mpcache", "aby3", "topk"),
+                                             ("mpcache_static", "aby3", "topk"),
+                                             ("mpcache_static", "semi2k", None),
                                              ("snapkv", "semi2k", "topk")]
 
 
@@ -104,7 +105,8 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
 
 @pytest.mark.parametrize("name,selector,static_selector",
                          [(n, None, None) for n in sorted(POLICIES)]
-                         + [("mpcache", "topk", "search"), ("snapkv", "search", "search")])
+                         + [("mpcache_static", None, None), ("mpcache_static", "topk", "search"),
+                            ("snapkv", "search", "search")])
 def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector):
     """Prefill and decode programs are checked separately against their own selector."""
     cfg, params = small_model

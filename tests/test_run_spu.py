@@ -97,7 +97,7 @@ def test_head_extrapolation_matches_a_direct_measurement():
 def test_static_step_length_extrapolation():
     """The static step at 512 tokens from 128, 256 and 384, against 512 measured (SEMI2K)."""
     proto = get_protocol("semi2k")
-    pol = make_policy("mpcache", 0.25)
+    pol = make_policy("mpcache_static", 0.25)
     meter = BlockMeter(proto)
     measured = {(t, 2): [(b, meter.measure(b)) for b in static_blocks(SMALL, pol, t, 2)]
                 for t in (128, 256, 384, 512)}
