@@ -2,6 +2,8 @@
 
     python experiments/results_table.py runs/cheetah_8192/results.json runs/aby3_8192/results.json
     python experiments/results_table.py runs/acc/results.json
+    python experiments/results_table.py --pivot runs/acc_passkey/results.json runs/acc_niah/results.json
+    python experiments/results_table.py runs/netval/results.json
 """
 
 from __future__ import annotations
@@ -59,21 +61,64 @@ def accuracy_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_pivot(results: list) -> str:
+    """Score per policy (rows) and (task, length, question) (columns), over several files."""
+    rows = [r for res in results for r in res["rows"]]
+    cols = list(dict.fromkeys((r["task"], r["length"], r["question"]) for r in rows))
+    pols = list(dict.fromkeys((r["policy"], r["budget"]) for r in rows))
+    cell = {(r["policy"], r["budget"], r["task"], r["length"], r["question"]): r for r in rows}
+    lines = ["| policy | budget | " + " | ".join(f"{t} {n} {q}" for t, n, q in cols)
+             + " | mean |", "|" + "---|" * (len(cols) + 3)]
+    for pol, b in pols:
+        got = [cell.get((pol, b) + c) for c in cols]
+        scores = [g["score"] for g in got if g is not None]
+        lines.append(f"| {pol} | {b:.2f} | " + " | ".join(
+            "-" if g is None else f"{g['score']:.2f} (n={g['n']})" for g in got)
+            + f" | {sum(scores) / len(scores):.2f} |")
+    return "\n".join(lines)
+
+
+def netval_table(res: dict) -> str:
+    lines = ["| protocol | block | network | MB (busiest) | sends (busiest) | T_comp s | "
+             "measured s | projected s | error |", "|" + "---|" * 9]
+    for r in res["rows"]:
+        lines.append(f"| {r['protocol']} | {r['block']} | {r['mbit']:g} Mbit/s, "
+                     f"{r['rtt_ms']:g} ms RTT | {r['bytes_max'] / 1e6:.2f} | {r['sends_max']:,} | "
+                     f"{r['compute_s']:.2f} | {r['measured_s']:.2f} | {r['projected_s']:.2f} | "
+                     f"{r['error']:+.0%} |")
+    return "\n".join(lines)
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not res.get("rows"):
+        raise ConfigError(f"{path} has no rows")
+    return res
+
+
 def main() -> None:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+")
+    p.add_argument("--pivot", action="store_true",
+                   help="accuracy files: one score table, policies x (task, question)")
     args = p.parse_args()
-    for path in args.files:
-        try:
-            with open(path) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
-        rows = res.get("rows") or []
-        if not rows:
-            raise ConfigError(f"{path} has no rows")
+    results = [_load(path) for path in args.files]
+    if args.pivot:
+        for path, res in zip(args.files, results):
+            print(f"<!-- from {path}: {res.get('command', '')} -->")
+        print(accuracy_pivot(results))
+        return
+    for path, res in zip(args.files, results):
+        rows = res["rows"]
         print(f"<!-- from {path}: {res.get('command', '')} -->")
-        print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
+        if "measured_s" in rows[0]:
+            print(netval_table(res))
+        else:
+            print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
         print()
 
 

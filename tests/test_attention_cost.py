@@ -16,8 +16,8 @@ def run(*args):
 def test_rows_and_labels(tmp_path):
     out = tmp_path / "a.json"
     r = run("--protocol", "aby3", "--seq", "128", "--heads", "1", "--head-dim", "8",
-            "--model-heads", "2", "--policies", "full,mpcache_static,mpcache,oracle", "--budget", "0.25",
-            "--json", str(out))
+            "--model-heads", "2", "--policies", "full,mpcache_static,mpcache,oracle",
+            "--budget", "0.25", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "projected" in r.stdout
     rows = json.loads(out.read_text())["rows"]

@@ -1,0 +1,27 @@
+"""README tables are made from results files: the pivot and the validation table."""
+
+from experiments.results_table import accuracy_pivot, netval_table
+
+
+def _row(task, question, policy, budget, score, n=8):
+    return {"task": task, "length": 2048, "question": question, "policy": policy,
+            "budget": budget, "score": score, "n": n}
+
+
+def test_accuracy_pivot_cells_and_mean():
+    a = {"rows": [_row("passkey", "inside", "full", 1.0, 1.0),
+                  _row("passkey", "inside", "mpcache", 0.1, 0.75)]}
+    b = {"rows": [_row("niah_single", "after", "mpcache", 0.1, 0.25)]}
+    lines = accuracy_pivot([a, b]).splitlines()
+    assert lines[0] == ("| policy | budget | passkey 2048 inside | niah_single 2048 after "
+                        "| mean |")
+    assert lines[2] == "| full | 1.00 | 1.00 (n=8) | - | 1.00 |"
+    assert lines[3] == "| mpcache | 0.10 | 0.75 (n=8) | 0.25 (n=8) | 0.50 |"
+
+
+def test_netval_table_row():
+    row = {"protocol": "semi2k", "block": "gated", "mbit": 100.0, "rtt_ms": 10.0,
+           "bytes_max": 990000, "sends_max": 57, "compute_s": 0.07, "measured_s": 0.42,
+           "projected_s": 0.45, "error": 0.0714}
+    assert netval_table({"rows": [row]}).splitlines()[2] == (
+        "| semi2k | gated | 100 Mbit/s, 10 ms RTT | 0.99 | 57 | 0.07 | 0.42 | 0.45 | +7% |")
