@@ -63,9 +63,9 @@ def close(a, b, tol):
 
 # Tolerances: SEMI2K composes exactly up to compile-level differences (<1% measured); ABY3's
 # own run-to-run variation is up to 4% per party (two identical runs of one program), so its
-# bytes are compared on the all-party total; CHEETAH's silent-OT buffers are refilled by
+# bytes are compared on the all-party total, within 5% (a CI run measured 3.9% on it); CHEETAH's silent-OT buffers are refilled by
 # whichever run drains them, which moves up to ~2% of bytes between runs.
-@pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.03),
+@pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05),
                                                 ("cheetah", 0.03)])
 @pytest.mark.parametrize("policy", ["full", "mpcache"])
 def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
