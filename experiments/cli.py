@@ -7,11 +7,15 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mpc_llama.errors import MpcacheError
 
 EXIT_BAD_INPUT = 2
+# before a hard exit: a peer whose message to us is still in flight would otherwise abort
+# (SPU's link terminates a process whose send finds the peer gone)
+EXIT_GRACE_S = 2.0
 
 
 def fail(message: str) -> None:
@@ -36,6 +40,7 @@ def run_main(main) -> None:
             sys.stdout.flush()
             sys.stderr.write(f"\nerror: {e}\n")
             sys.stderr.flush()
+            time.sleep(EXIT_GRACE_S)  # let messages in flight to live peers be acknowledged
             os._exit(EXIT_BAD_INPUT)
         fail(str(e))
     except KeyboardInterrupt:

@@ -239,6 +239,8 @@ def main(argv=None):
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise ConfigError(f"needs the `{tool}` command (iproute2)")
+    # SIGTERM unwinds like an error, so the namespaces are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rows = []
     runs = [(p, prof) for p in protocols for prof in [None] + profiles]
     with Netns() as net, tempfile.TemporaryDirectory() as tmp, \

@@ -5,13 +5,17 @@
 This machine's kernel has no netem, so `experiments/validate_network.py` puts one of these in
 front of each party: a message crossing it arrives `delay` later, without a bandwidth limit
 (rate shaping is done by tc tbf on the veth pair). Order is kept; data is forwarded as read.
+Threads with `time.sleep` (sub-millisecond precision), not asyncio: an event loop waits in
+whole milliseconds (epoll), which doubled a 0.5 ms one-way delay in a first version.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
 import socket
+import threading
+import time
 
 
 def _split(addr: str):
@@ -19,58 +23,58 @@ def _split(addr: str):
     return host, int(port)
 
 
-async def _pipe(reader, writer, delay: float) -> None:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    """Forwards src -> dst, each chunk `delay` seconds after it was read."""
+    queue = collections.deque()
+    ready = threading.Condition()
 
-    async def pump_in():
+    def writer():
         while True:
-            data = await reader.read(1 << 16)
-            queue.put_nowait((loop.time() + delay, data))
-            if not data:
-                return
-
-    async def pump_out():
-        while True:
-            due, data = await queue.get()
-            wait = due - loop.time()
+            with ready:
+                while not queue:
+                    ready.wait()
+                due, data = queue.popleft()
+            wait = due - time.perf_counter()
             if wait > 0:
-                await asyncio.sleep(wait)
+                time.sleep(wait)
             if not data:
-                writer.close()
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
                 return
-            writer.write(data)
-            await writer.drain()
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
 
-    try:
-        await asyncio.gather(pump_in(), pump_out())
-    except (ConnectionError, OSError):
-        writer.close()
-
-
-def _nodelay(writer) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def serve(listen: str, target: str, delay_s: float) -> None:
-    host, port = _split(target)
-
-    async def handle(client_reader, client_writer):
+    threading.Thread(target=writer, daemon=True).start()
+    while True:
         try:
-            up_reader, up_writer = await asyncio.open_connection(host, port)
+            data = src.recv(1 << 16)
         except OSError:
-            client_writer.close()
+            data = b""
+        with ready:
+            queue.append((time.perf_counter() + delay, data))
+            ready.notify()
+        if not data:
             return
-        _nodelay(client_writer), _nodelay(up_writer)
-        await asyncio.gather(_pipe(client_reader, up_writer, delay_s),
-                             _pipe(up_reader, client_writer, delay_s))
 
-    lhost, lport = _split(listen)
-    server = await asyncio.start_server(handle, lhost, lport)
-    async with server:
-        await server.serve_forever()
+
+def serve(listen: str, target: str, delay_s: float) -> None:
+    """Accepts connections on `listen` and relays each to `target` with the delay."""
+    server = socket.create_server(_split(listen), reuse_port=False)
+    while True:
+        client, _ = server.accept()
+        try:
+            upstream = socket.create_connection(_split(target))
+        except OSError:
+            client.close()
+            continue
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=_pipe, args=(client, upstream, delay_s), daemon=True).start()
+        threading.Thread(target=_pipe, args=(upstream, client, delay_s), daemon=True).start()
 
 
 def main(argv=None) -> None:
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
     p.add_argument("--to", required=True)
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay")
     args = p.parse_args(argv)
-    asyncio.run(serve(args.listen, args.to, args.delay_ms / 1000.0))
+    serve(args.listen, args.to, args.delay_ms / 1000.0)
 
 
 if __name__ == "__main__":

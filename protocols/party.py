@@ -173,6 +173,7 @@ def serve_forever(parties: Parties, rank: int, model: str) -> None:
         if job["kind"] == "stop":
             break
         server.serve(job)
+    link.barrier()    # everyone is done sending before anyone leaves
     link.stop_link()  # only on a clean stop: it waits for the peers
 
 
@@ -256,6 +257,7 @@ class Cluster:
         try:
             if exc_type is None and self.server is not None:
                 self._send({"kind": "stop"})
+                self.server.link.barrier()
                 self.server.link.stop_link()
                 deadline = time.time() + 30
                 for child in self.children:
@@ -328,7 +330,11 @@ if __name__ == "__main__":
     try:
         main()
     except MpcacheError as e:
-        # a failed party leaves at once: a dead peer's link would block a normal exit
+        # a failed party leaves without the link's destructor (it would block on a dead
+        # peer), after a grace for messages still in flight to live ones
+        from experiments.cli import EXIT_GRACE_S
+
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
+        time.sleep(EXIT_GRACE_S)
         os._exit(2)

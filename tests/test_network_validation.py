@@ -1,6 +1,5 @@
 """The delay proxy and the shaped-network validation (namespaces + tbf, needs root)."""
 
-import asyncio
 import json
 import os
 import socket
@@ -36,10 +35,9 @@ def test_delay_proxy_adds_the_one_way_delay_each_way():
 
     threading.Thread(target=echo_once, daemon=True).start()
     port = _free_port()
-    loop = asyncio.new_event_loop()
     target = f"127.0.0.1:{echo.getsockname()[1]}"
-    threading.Thread(target=lambda: loop.run_until_complete(
-        serve(f"127.0.0.1:{port}", target, 0.05)), daemon=True).start()
+    threading.Thread(target=serve, args=(f"127.0.0.1:{port}", target, 0.05),
+                     daemon=True).start()
     time.sleep(0.3)
     payload = os.urandom(200_000)
     with socket.create_connection(("127.0.0.1", port)) as c:
