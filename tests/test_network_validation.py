@@ -63,7 +63,7 @@ def test_projection_matches_a_shaped_two_party_run(tmp_path):
     """SEMI2K, one block, 100 Mbit/s and 10 ms RTT between two namespaces: the cost model's
     projection is within 30% of the measured time (and the namespaces are gone after)."""
     out = subprocess.run([sys.executable, "experiments/validate_network.py", "--protocols",
-                          "semi2k", "--profiles", "100/10", "--blocks", "softmax_1k", "--out",
+                          "semi2k", "--profiles", "100/10", "--blocks", "select_1k", "--out",
                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
