@@ -75,3 +75,15 @@ def write_json_atomic(path: str, payload: dict) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def rows_to_csv(rows) -> str:
+    """CSV text of a list of flat dicts (columns: the first row's keys)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

@@ -20,15 +20,14 @@ Question protocols: "inside" (the question ends the prompt; static steps see it)
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.cli import Parser, run_main, write_json_atomic, write_outputs_atomic  # noqa: E402
+from experiments.cli import (Parser, rows_to_csv, run_main, write_json_atomic,  # noqa: E402
+                             write_outputs_atomic)
 from mpc_llama.errors import ConfigError  # noqa: E402
 
 SYNTHETIC = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
@@ -376,14 +375,6 @@ def print_summary(rows):
               f"{f(r['needle_fraction'], '>8.2f')}{f(r['attended_fraction'], '>9.3f')}")
 
 
-def to_csv(rows):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def plot(rows, path):
     import matplotlib
 
@@ -419,7 +410,7 @@ def write_outputs(out_dir, payload):
     """results.json, results.csv and the plots, all or none (experiments.cli)."""
     def fill(tmp):
         write_json_atomic(str(tmp / "results.json"), payload)
-        (tmp / "results.csv").write_text(to_csv(payload["rows"]))
+        (tmp / "results.csv").write_text(rows_to_csv(payload["rows"]))
         plot(payload["rows"], str(tmp / "score.png"))
 
     write_outputs_atomic(out_dir, fill)

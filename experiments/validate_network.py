@@ -20,8 +20,6 @@ Needs root (namespaces, tc) and Linux `ip`/`tc`.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -34,7 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.cli import Parser, run_main, write_json_atomic, write_outputs_atomic  # noqa: E402
+from experiments.cli import (Parser, rows_to_csv, run_main, write_json_atomic,  # noqa: E402
+                             write_outputs_atomic)
 from mpc_llama.errors import ConfigError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,14 +208,6 @@ def project(base_s, row, mbit, rtt_ms, kind):
     return projected_seconds(base_s, row["bytes_sent"], row["sends"], prof, kind)
 
 
-def to_csv(rows):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.inner:
@@ -280,7 +271,7 @@ def main(argv=None):
 
         def fill(tmp_dir):
             write_json_atomic(str(tmp_dir / "results.json"), payload)
-            (tmp_dir / "results.csv").write_text(to_csv(rows))
+            (tmp_dir / "results.csv").write_text(rows_to_csv(rows))
 
         write_outputs_atomic(args.out, fill)
         print(f"wrote {args.out}/results.json, results.csv")

@@ -281,10 +281,4 @@ class PartySession(SpuSession):
         cost = Cost(parties, ops, max(v[4] for v in values), self.rank,
                     includes_setup=self._setup_pending)
         self._setup_pending = False
-        refs, offset = [], 0
-        for tree, prefix in zip(program.out_trees, out_names):
-            n = tree.num_leaves
-            out = SecretRef(tuple(f"__out:{i}" for i in range(offset, offset + n)), tree)
-            refs.append(self.rename(out, prefix))
-            offset += n
-        return tuple(refs), cost
+        return self._name_outputs(program, out_names), cost

@@ -225,10 +225,14 @@ class SpuSession:
         cost = Cost(tuple(parties), ops, seconds, self.profile_rank,
                     includes_setup=self._setup_pending)
         self._setup_pending = False
+        return self._name_outputs(program, out_names), cost
+
+    def _name_outputs(self, program: Program, out_names: Sequence[str]) -> tuple:
+        """A run's outputs ("__out:i") renamed `out_names[j]:i`, one SecretRef per output."""
         refs, offset = [], 0
         for tree, prefix in zip(program.out_trees, out_names):
             n = tree.num_leaves
             out = SecretRef(tuple(f"__out:{i}" for i in range(offset, offset + n)), tree)
             refs.append(self.rename(out, prefix))
             offset += n
-        return tuple(refs), cost
+        return tuple(refs)
