@@ -100,7 +100,32 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     expected = greedy_generate(params, cfg, prompt, 3, policy=policy).tokens
     session = SpuSession(get_protocol("semi2k"))
     got = PrivateGenerator(session, cfg, params, policy=policy).generate(prompt, 3).tokens
-    assert got == expected
+    if got != expected:
+        # SPU's randomized truncation can flip a near-tied greedy choice (seen for snapkv's
+        # third token in about 1 run in 5: plaintext top-2 logits 55.69 vs 55.60): accept a
+        # difference only where SPU picked the plaintext runner-up and the two are within
+        # 0.5% (FM64 fixed-point error at logits of ~50), on the same prefix
+        i = next(j for j, (a, b) in enumerate(zip(got, expected)) if a != b)
+        logits = _plain_logits(params, cfg, prompt + expected[:i], policy, len(prompt))
+        top2 = np.sort(logits)[-2:]
+        assert (top2[1] - top2[0] < 5e-3 * max(abs(top2[1]), 1.0)
+                and got[i] in np.argsort(logits)[-2:]), (
+            got, expected, top2, np.argsort(logits)[-2:])
+        assert got[:i] == expected[:i]
+
+
+def _plain_logits(params, cfg, tokens, policy, prompt_len):
+    """Plaintext logits after `tokens` (prompt, then decode steps with the policy)."""
+    import jax.numpy as jnp
+
+    from mpc_llama.model import decode_step, prefill
+
+    logits, cache = prefill(params, cfg, jnp.asarray([tokens[:prompt_len]], jnp.int32),
+                            len(tokens) + 1, last_only=True, policy=policy)
+    for pos in range(prompt_len, len(tokens)):
+        logits, cache = decode_step(params, cfg, jnp.asarray([tokens[pos]], jnp.int32), pos,
+                                    cache, policy, prompt_len)
+    return np.asarray(logits[0])
 
 
 @pytest.mark.parametrize("name,selector,static_selector",
