@@ -20,6 +20,7 @@ Needs root (namespaces, tc) and Linux `ip`/`tc`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -54,15 +55,9 @@ def parse_args(argv=None):
                    help="shaped networks as MBIT/RTT_MS (comma list)")
     p.add_argument("--blocks", default=",".join(BLOCKS), help=f"from {list(BLOCKS)}")
     p.add_argument("--out", help="directory for results.json and results.csv")
-    p.add_argument("--inner", help=argparse_hidden())
-    p.add_argument("--protocol", help=argparse_hidden())
+    p.add_argument("--inner", help=argparse.SUPPRESS)      # the driver inside a namespace
+    p.add_argument("--protocol", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _profiles(text):
