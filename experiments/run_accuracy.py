@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=64, help="prefill attention chunk (queries)")
     p.add_argument("--backend", default="plain", choices=("plain", "spu"))
     p.add_argument("--protocol", default="semi2k", help="with --backend spu")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="start no new sample after this many minutes; the results then say "
+                   "how many samples ran (0: no limit)")
     p.add_argument("--out", help="directory for results.json, results.csv and score.png")
     return p.parse_args(argv)
 
@@ -115,6 +118,8 @@ def build_setting(args):
         raise ConfigError("--depths must be in [0, 1]")
     if args.chunk < 16:
         raise ConfigError("--chunk must be >= 16")
+    if args.max_minutes < 0:
+        raise ConfigError("--max-minutes must be >= 0")
     if args.backend == "spu":
         from protocols.registry import get_protocol
 
@@ -125,11 +130,19 @@ def build_setting(args):
 
 # ---- samples ----
 
+def spread_order(n):
+    """0..n-1 in bit-reversed (van der Corput) order: every prefix spreads over the range, so
+    a run cut short by --max-minutes still covers needle depths evenly."""
+    bits = max(1, (n - 1).bit_length())
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+
+
 def synthetic_samples(tokenizer, task, length, depths, n, seed):
+    """n samples (seed + i at depth i), in spread_order."""
     from experiments.tasks import generate
 
     return [generate(task, tokenizer, length, depths[i % len(depths)], seed + i)
-            for i in range(n)]
+            for i in spread_order(n)]
 
 
 def longbench_samples(tokenizer, name, records, length):
@@ -406,6 +419,18 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def platform_info():
+    """Where the numbers came from: JAX version, backend and device, matmul precision."""
+    import platform
+
+    import jax
+
+    return {"jax": jax.__version__, "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "host_cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "matmul_precision": str(jax.config.jax_default_matmul_precision)}
+
+
 def write_outputs(out_dir, payload):
     """results.json, results.csv and the plots, all or none (experiments.cli)."""
     def fill(tmp):
@@ -474,7 +499,13 @@ def main(argv=None):
     eos = set(tok.eos_ids)
     records, prefill_times = [], {}
     work = [(length, s, q) for length, s in jobs for q in setting["questions"]]
+    started, done = time.monotonic(), 0
     for length, sample, question in tqdm(work, desc="samples", unit="sample", file=sys.stderr):
+        if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+            print(f"--max-minutes {args.max_minutes}: stopping after {done} of {len(work)} "
+                  "samples", file=sys.stderr)
+            break
+        done += 1
         res, prefill_s, timing = evaluate_sample(ev, sample, question, setting["policies"], eos,
                                                  tok)
         prefill_times.setdefault(length, []).append(prefill_s)
@@ -494,6 +525,7 @@ def main(argv=None):
         write_outputs(args.out, {
             "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
             "model": args.model, "rows": rows, "samples": records, "prefill": times,
+            "runs": {"planned": len(work), "done": done}, "platform": platform_info(),
             "setting": {k: v for k, v in vars(args).items()}})
         print(f"wrote {args.out}/results.json, results.csv, score.png")
 

@@ -123,3 +123,41 @@ def test_cli_end_to_end(tmp_path):
             assert row["attended_fraction"] < 0.75
     full = [row for row in res["rows"] if row["policy"] == "full"]
     assert all(row["score"] == 1.0 for row in full)  # SmolLM2 finds a pass key at 256 tokens
+    # merging runs split by question protocol re-aggregates to the same rows
+    from experiments.merge_accuracy import main as merge_main
+
+    parts = []
+    for q in ("inside", "after"):
+        part = dict(res, samples=[s for s in res["samples"] if s["question"] == q])
+        (tmp_path / f"{q}.json").write_text(json.dumps(part))
+        parts.append(str(tmp_path / f"{q}.json"))
+    merge_main(["--out", str(tmp_path / "merged"), *parts])
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["rows"] == res["rows"]
+    assert res["runs"] == {"planned": 4, "done": 4} and res["platform"]["backend"] == "cpu"
+    with pytest.raises(ConfigError, match="more than one input"):  # the same sample twice
+        merge_main(["--out", str(tmp_path / "twice"), parts[0], parts[0]])
+    assert not (tmp_path / "twice").exists()
+
+
+def test_cli_max_minutes_stops_early_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
+                "full", "--questions", "inside", "--max-minutes", "0.0001", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "stopping after 1 of 2 samples" in r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"] == {"planned": 2, "done": 1}
+    assert [row["n"] for row in res["rows"]] == [1]
+
+
+def test_spread_order_prefixes_cover_the_range():
+    from experiments.run_accuracy import spread_order
+
+    assert spread_order(1) == [0]
+    assert spread_order(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    for n in (8, 20, 33):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+        half = sorted(order[: n // 2])  # the first half has samples in every quarter
+        assert all(any(q * n / 4 <= i < (q + 1) * n / 4 for i in half) for q in range(4))
