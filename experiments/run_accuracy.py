@@ -20,6 +20,7 @@ Question protocols: "inside" (the question ends the prompt; static steps see it)
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--questions", default="inside,after",
                    help="question protocols: inside (in the prompt), after (after compression)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=10, help="samples decoded together (same "
+                   "task, length and question protocol; rows never interact)")
     p.add_argument("--chunk", type=int, default=64, help="prefill attention chunk (queries)")
     p.add_argument("--backend", default="plain", choices=("plain", "spu"))
     p.add_argument("--protocol", default="semi2k", help="with --backend spu")
@@ -116,6 +119,8 @@ def build_setting(args):
         (i + 0.5) / args.samples for i in range(args.samples)]
     if any(not 0 <= d <= 1 for d in depths):
         raise ConfigError("--depths must be in [0, 1]")
+    if args.batch < 1:
+        raise ConfigError("--batch must be >= 1")
     if args.chunk < 16:
         raise ConfigError("--chunk must be >= 16")
     if args.max_minutes < 0:
@@ -232,9 +237,10 @@ class Evaluator:
         self.build_cache, self.decode_step = build_cache, decode_step
 
     def prompt(self, ids):
+        """ids: [b][t] token ids (equal lengths) -> (last logits [b, V], per-layer q/k/v)."""
         import jax.numpy as jnp
 
-        return self._prompt(self.params, jnp.asarray([ids], jnp.int32))
+        return self._prompt(self.params, jnp.asarray(ids, jnp.int32))
 
     def cache(self, layers, capacity, policy):
         """The policy's cache from a prompt pass, in decode_step's per-layer form."""
@@ -245,10 +251,11 @@ class Evaluator:
                 lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy)))
         return self._build[key](layers)
 
-    def step(self, token, position, cache, policy, prompt_len):
+    def step(self, tokens, position, cache, policy, prompt_len):
+        """tokens: [b] ids, one per row, all at `position`."""
         import jax.numpy as jnp
 
-        return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray([token], jnp.int32),
+        return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray(tokens, jnp.int32),
                                 jnp.asarray(position, jnp.int32), cache, policy, prompt_len,
                                 diagnostics=True, layer_fn=self._layer)
 
@@ -266,67 +273,97 @@ def _last_logits(params, cfg, tokens, chunk, run_prompt, lm_head):
     return lm_head(params, x[:, -1], cfg), layers
 
 
-def evaluate_sample(ev, sample, question, policies, eos_ids, tokenizer):
-    """Every policy on one sample. Returns {(name, budget): metrics dict} and timings."""
+def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
+    """Every policy on a batch of samples whose prompts (and, for "after", questions) have equal
+    lengths: one batched prompt pass, then each policy's cache and decode steps for all rows at
+    once (rows never interact; the dense layers read their weights once per step for the whole
+    batch). Returns one {(name, budget): metrics} per sample, the prompt pass seconds per
+    sample, and {(name, budget): decode seconds per token (median batch step / rows)}."""
     import numpy as np
 
-    ids = sample.prompt_ids if question == "inside" else sample.context_ids
-    feed = () if question == "inside" else sample.question_ids
+    rows = len(samples)
+    ids = [s.prompt_ids if question == "inside" else s.context_ids for s in samples]
+    feed = [() if question == "inside" else s.question_ids for s in samples]
+    if len({len(i) for i in ids}) > 1 or len({len(f) for f in feed}) > 1:
+        raise ValueError("a batch needs prompts and questions of equal lengths")
     t0 = time.perf_counter()
-    logits0, layers = ev.prompt(list(ids))
+    logits0, layers = ev.prompt([list(i) for i in ids])
     logits0.block_until_ready()
-    prefill_s = time.perf_counter() - t0
-    answer_ids = tokenizer.encode_piece(" " + sample.answers[0])
-    capacity = len(ids) + len(feed) + max(sample.max_new_tokens, len(answer_ids)) + 1
-    results, ref, timing = {}, None, {}
+    prefill_s = (time.perf_counter() - t0) / rows
+    answers = [tokenizer.encode_piece(" " + s.answers[0]) for s in samples]
+    new_tokens = max(s.max_new_tokens for s in samples)
+    prompt_len = len(ids[0])
+    capacity = prompt_len + len(feed[0]) + max(new_tokens, max(map(len, answers))) + 1
+    pad = min(eos_ids)
+    results, timing = [{} for _ in samples], {}
     for key, policy in policies.items():
         cache = ev.cache(layers, capacity, policy)
-        logits, pos = logits0, len(ids)
-        for tok in feed:  # question after compression: teacher-forced through decode steps
-            logits, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+        logits, pos = logits0, prompt_len
+        for j in range(len(feed[0])):  # question after compression, teacher-forced
+            logits, cache, _ = ev.step([f[j] for f in feed], pos, cache, policy, prompt_len)
             pos += 1
         start_cache, start_logits, start_pos = cache, logits, pos
-        # greedy answer
-        out, step_times = [], []
-        for i in range(sample.max_new_tokens):
-            tok = int(np.argmax(np.asarray(logits)[0]))
-            if tok in eos_ids:
+        # greedy answers; a row that emitted EOS is done (its later tokens are ignored)
+        outs, done, step_times = [[] for _ in samples], [False] * rows, []
+        for _ in range(new_tokens):
+            toks = np.argmax(np.asarray(logits), axis=-1)
+            for r in range(rows):
+                done[r] = done[r] or int(toks[r]) in eos_ids or \
+                    len(outs[r]) >= samples[r].max_new_tokens
+                if not done[r]:
+                    outs[r].append(int(toks[r]))
+            if all(done):
                 break
-            out.append(tok)
             t1 = time.perf_counter()
-            logits, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+            logits, cache, _ = ev.step([t if not d else pad for t, d in zip(toks, done)], pos,
+                                       cache, policy, prompt_len)
             logits.block_until_ready()
             step_times.append(time.perf_counter() - t1)
             pos += 1
         # the first step of a shape may compile: time the later ones
-        step_s = float(np.median(step_times[1:])) if len(step_times) > 1 else None
-        text = tokenizer.decode(out)
-        # teacher-forced log-probability of the reference answer
-        lp, logits, cache, pos = 0.0, start_logits, start_cache, start_pos
+        timing[key] = float(np.median(step_times[1:])) / rows if len(step_times) > 1 else None
+        # teacher-forced log-probability of each reference answer (padded to the longest)
+        lp, logits, cache, pos = np.zeros(rows), start_logits, start_cache, start_pos
         first_diag = None
-        for tok in answer_ids:
-            z = np.asarray(logits, np.float64)[0]
-            lp += float(z[tok] - np.log(np.exp(z - z.max()).sum()) - z.max())
-            logits, cache, diag = ev.step(tok, pos, cache, policy, len(ids))
+        for j in range(max(map(len, answers))):
+            z = np.asarray(logits, np.float64)
+            logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+            toks = [a[j] if j < len(a) else pad for a in answers]
+            lp += [z[r, t] - logz[r] if j < len(answers[r]) else 0.0
+                   for r, t in enumerate(toks)]
+            logits, cache, diag = ev.step(toks, pos, cache, policy, prompt_len)
             first_diag = first_diag or diag
             pos += 1
         d = {k: np.asarray(v) for k, v in first_diag.items()}
         attended = (d["attended_pos"] >= 0).sum(axis=-1)            # [L, b, K]
-        results[key] = {"output": text, "answer_logprob": lp, "attn_out": d["attn_out"],
-                        "attended_fraction": float(attended.mean() / (start_pos + 1)),
-                        "needle_fraction": _needle_fraction(d["attended_pos"],
-                                                            sample.needle_spans)}
-        timing[key] = step_s
-        if key[0] == "full":
-            ref = results[key]
-    b = ref["attn_out"]                                            # [L, b, N*D]
-    for key, r in results.items():
-        a = r.pop("attn_out")
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-9)
-        r["attn_cosine"] = float(cos.mean())
-        r["attn_cosine_worst_layer"] = float(cos.mean(axis=-1).min())
-        r["logprob_vs_full"] = r["answer_logprob"] - ref["answer_logprob"]
+        for r, s in enumerate(samples):
+            results[r][key] = {
+                "output": tokenizer.decode(outs[r]), "answer_logprob": float(lp[r]),
+                "attn_out": d["attn_out"][:, r],
+                "attended_fraction": float(attended[:, r].mean() / (start_pos + 1)),
+                "needle_fraction": _needle_fraction(d["attended_pos"][:, r], s.needle_spans)}
+    for res in results:
+        ref = res[next(k for k in res if k[0] == "full")]
+        b = ref["attn_out"]                                        # [L, N*D]
+        for r in res.values():
+            a = r.pop("attn_out")
+            cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+                                     + 1e-9)
+            r["attn_cosine"] = float(cos.mean())
+            r["attn_cosine_worst_layer"] = float(cos.min())
+        for r in res.values():
+            r["logprob_vs_full"] = r["answer_logprob"] - ref["answer_logprob"]
     return results, prefill_s, timing
+
+
+def batches(samples, question, size):
+    """Batches of at most `size` samples with equal prompt (and question) lengths: samples
+    grouped by length (groups in order of first appearance, order kept inside a group)."""
+    groups = {}
+    for s in samples:
+        groups.setdefault(len(s.prompt_ids if question == "inside" else s.context_ids),
+                          []).append(s)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _needle_fraction(attended_pos, spans):
@@ -498,23 +535,35 @@ def main(argv=None):
     ev = Evaluator(model, args.chunk)
     eos = set(tok.eos_ids)
     records, prefill_times = [], {}
-    work = [(length, s, q) for length, s in jobs for q in setting["questions"]]
+    # batches of samples of one task, length and question protocol, in spread order
+    groups = {}
+    for length, s in jobs:
+        groups.setdefault((length, s.task), []).append(s)
+    work = []
+    for (length, _), ss in groups.items():  # the protocols' batches alternate
+        per_q = [[(length, b, q) for b in batches(ss, q, args.batch)]
+                 for q in setting["questions"]]
+        work += [w for ws in itertools.zip_longest(*per_q) for w in ws if w is not None]
+    planned = sum(len(b) for _, b, _ in work)
     started, done = time.monotonic(), 0
-    for length, sample, question in tqdm(work, desc="samples", unit="sample", file=sys.stderr):
+    bar = tqdm(total=planned, desc="samples", unit="sample", file=sys.stderr)
+    for length, batch, question in work:
         if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
-            print(f"--max-minutes {args.max_minutes}: stopping after {done} of {len(work)} "
+            print(f"--max-minutes {args.max_minutes}: stopping after {done} of {planned} "
                   "samples", file=sys.stderr)
             break
-        done += 1
-        res, prefill_s, timing = evaluate_sample(ev, sample, question, setting["policies"], eos,
-                                                 tok)
+        res, prefill_s, timing = evaluate_batch(ev, batch, question, setting["policies"], eos,
+                                                tok)
         prefill_times.setdefault(length, []).append(prefill_s)
-        for (name, budget), r in res.items():
-            records.append({"task": sample.task, "length": length, "question": question,
-                            "policy": name, "budget": budget, "depth": sample.depth,
-                            "score": score_output(sample, r["output"]),
-                            "decode_s_per_token": timing[(name, budget)],
-                            **{k: v for k, v in r.items()}})
+        for sample, r_sample in zip(batch, res):
+            for (name, budget), r in r_sample.items():
+                records.append({"task": sample.task, "length": length, "question": question,
+                                "policy": name, "budget": budget, "depth": sample.depth,
+                                "score": score_output(sample, r["output"]),
+                                "decode_s_per_token": timing[(name, budget)], **r})
+        done += len(batch)
+        bar.update(len(batch))
+    bar.close()
     rows = aggregate(records)
     print_summary(rows)
     times = {str(n): {"prefill_s_first": t[0], "prefill_s_median_after_first":
@@ -525,7 +574,7 @@ def main(argv=None):
         write_outputs(args.out, {
             "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
             "model": args.model, "rows": rows, "samples": records, "prefill": times,
-            "runs": {"planned": len(work), "done": done}, "platform": platform_info(),
+            "runs": {"planned": planned, "done": done}, "platform": platform_info(),
             "setting": {k: v for k, v in vars(args).items()}})
         print(f"wrote {args.out}/results.json, results.csv, score.png")
 

@@ -143,7 +143,8 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_max_minutes_stops_early_and_says_so(tmp_path):
     out = tmp_path / "out"
     r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
-                "full", "--questions", "inside", "--max-minutes", "0.0001", "--out", str(out))
+                "full", "--questions", "inside", "--max-minutes", "0.0001", "--batch", "1",
+                "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "stopping after 1 of 2 samples" in r.stderr
     res = json.loads((out / "results.json").read_text())
@@ -161,3 +162,37 @@ def test_spread_order_prefixes_cover_the_range():
         assert sorted(order) == list(range(n))
         half = sorted(order[: n // 2])  # the first half has samples in every quarter
         assert all(any(q * n / 4 <= i < (q + 1) * n / 4 for i in half) for q in range(4))
+
+
+@pytest.mark.parametrize("question", ["inside", "after"])
+def test_batched_rows_equal_one_by_one(smollm2, question):
+    """Rows of a batch never interact: every metric matches decoding each sample alone."""
+    from eviction import policy_from_spec
+    from experiments.run_accuracy import Evaluator, batches, evaluate_batch, synthetic_samples
+
+    tok = smollm2.tokenizer
+    samples = synthetic_samples(tok, "niah_single", 256, [0.2, 0.7], 2, seed=3)
+    policies = {("full", 1.0): None, ("mpcache", 0.3): policy_from_spec("mpcache", 0.3),
+                ("snapkv", 0.3): policy_from_spec("snapkv", 0.3)}
+    ev, eos = Evaluator(smollm2, 64), set(tok.eos_ids)
+    groups = batches(samples, question, 2)
+    assert len(groups) == 1  # one batch of two
+    together = [r for b in groups for r in evaluate_batch(ev, b, question, policies, eos, tok)[0]]
+    alone = [evaluate_batch(ev, [s], question, policies, eos, tok)[0][0] for s in samples]
+    assert len(together) == len(alone) == 2
+    for a, b in zip(together, alone):
+        for key in policies:
+            assert a[key]["output"] == b[key]["output"]
+            for m in ("answer_logprob", "attn_cosine", "attended_fraction", "needle_fraction"):
+                assert a[key][m] == pytest.approx(b[key][m], abs=2e-3), (key, m)
+
+
+def test_batches_group_equal_lengths_in_order():
+    from experiments.run_accuracy import batches
+    from experiments.tasks import Sample
+
+    def s(n):
+        return Sample("t", (0,) * n, (0,) * (n - 1), (0,), ("a",), (), 0.0, 1)
+
+    got = batches([s(5), s(5), s(5), s(6), s(5)], "inside", 2)
+    assert [[len(x.prompt_ids) for x in b] for b in got] == [[5, 5], [5, 5], [6]]
