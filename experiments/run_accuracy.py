@@ -248,7 +248,8 @@ class Evaluator:
         if key not in self._build:
             cfg = self.cfg
             self._build[key] = self._jax.jit(
-                lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy)))
+                lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy,
+                                                      compaction="index")))
         return self._build[key](layers)
 
     def step(self, tokens, position, cache, policy, prompt_len):
@@ -539,11 +540,13 @@ def main(argv=None):
     groups = {}
     for length, s in jobs:
         groups.setdefault((length, s.task), []).append(s)
-    work = []
-    for (length, _), ss in groups.items():  # the protocols' batches alternate
-        per_q = [[(length, b, q) for b in batches(ss, q, args.batch)]
-                 for q in setting["questions"]]
-        work += [w for ws in itertools.zip_longest(*per_q) for w in ws if w is not None]
+    def interleave(lists):
+        return [w for ws in itertools.zip_longest(*lists) for w in ws if w is not None]
+
+    # the protocols' batches alternate, and the tasks' (a run cut short stays balanced)
+    work = interleave([interleave([[(length, b, q) for b in batches(ss, q, args.batch)]
+                                   for q in setting["questions"]])
+                       for (length, _), ss in groups.items()])
     planned = sum(len(b) for _, b, _ in work)
     started, done = time.monotonic(), 0
     bar = tqdm(total=planned, desc="samples", unit="sample", file=sys.stderr)

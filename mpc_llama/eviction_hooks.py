@@ -32,6 +32,15 @@ def static_selection(policy, q, k, cfg) -> jax.Array:
     return compaction_matrix(mask, policy.static_keep(k.shape[2])).astype(k.dtype)
 
 
+def kept_indices(policy, q, k, cfg) -> jax.Array:
+    """Plaintext twin of `static_selection`: int [b, k, keep], the kept positions in order
+    (an index gather with them moves exactly the entries the one-hot matrix moves). Not for
+    SPU: it forms secret indices."""
+    mask = static_mask(policy, q, k, cfg)
+    order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)
+    return order[..., :policy.static_keep(k.shape[2])]
+
+
 def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
     """One-hot matrix P [b, k, n, t] moving the kept entries of `mask` [b, k, t] to the front
     in position order: P[i, j] = mask[j] and (rank of j among kept == i). Built from a prefix

@@ -215,14 +215,20 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
     return x, layers
 
 
-def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None) -> KVCache:
+def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
+                compaction: str = "onehot") -> KVCache:
     """A fresh cache from a prompt's per-layer (q, k, v) (see `run_prompt`), after the
     policy's static step. capacity: static cache size C >= t (prompt plus room for generated
     tokens). With a policy that has a static step, each layer keeps policy.static_keep(t)
     entries (compacted, original positions kept), so the cache holds that many plus
     capacity - t free slots; policies with a dynamic step also get per-cluster key bounds and
-    a capacity rounded up to whole clusters."""
-    from mpc_llama.eviction_hooks import gather_rows, static_selection
+    a capacity rounded up to whole clusters. compaction: "onehot" moves the kept entries with
+    the one-hot matrix (what SPU runs: no secret index), "index" with an index gather (the
+    same entries, bit for bit: a plaintext shortcut for the accuracy harness)."""
+    from mpc_llama.eviction_hooks import gather_rows, kept_indices, static_selection
+
+    if compaction not in ("onehot", "index"):
+        raise ValueError(f"compaction must be onehot or index, got {compaction!r}")
 
     b, _, t, _ = layers[0][1].shape
     if capacity < t:
@@ -243,9 +249,16 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None) -> KVCache
             if src not in moves:  # a sharing layer reuses its source's compaction matrix
                 qs = layers[src][0]
                 qg = qs.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                moves[src] = static_selection(policy, qg, layers[src][1], cfg)
-            k, v, pos = (gather_rows(moves[src], a) for a in (k, v, pos.astype(jnp.float32)))
-            pos = jnp.round(pos).astype(jnp.int32)
+                moves[src] = (static_selection if compaction == "onehot" else kept_indices)(
+                    policy, qg, layers[src][1], cfg)
+            if compaction == "onehot":
+                k, v, pos = (gather_rows(moves[src], a)
+                             for a in (k, v, pos.astype(jnp.float32)))
+                pos = jnp.round(pos).astype(jnp.int32)
+            else:
+                idx = moves[src]
+                k, v = (jnp.take_along_axis(a, idx[..., None], axis=2) for a in (k, v))
+                pos = jnp.take_along_axis(pos, idx, axis=2)
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
         if policy is not None and policy.needs_bounds:

@@ -96,3 +96,21 @@ def test_layered_decode_equals_stacked(tiny):
             pos += 1
         assert_close(jnp.stack(layered.k), cache.k, rtol=1e-5, atol=1e-5)
         assert int(layered.length) == int(cache.length)
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "h2o", "tova", "mpcache_static", "streaming_llm"])
+def test_index_compaction_moves_the_same_entries_as_onehot(tiny, spec):
+    """The accuracy harness's index gather is the one-hot compaction SPU runs, bit for bit."""
+    from eviction import policy_from_spec
+    from mpc_llama.model import build_cache
+
+    cfg, params = tiny
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 40)),
+                         jnp.int32)
+    _, layers = run_prompt(params, cfg, tokens)
+    policy = policy_from_spec(spec, 0.25)
+    a = build_cache(cfg, layers, 48, policy)
+    b = build_cache(cfg, layers, 48, policy, compaction="index")
+    assert int(a.length) == int(b.length) < 40
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
