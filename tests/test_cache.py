@@ -79,7 +79,7 @@ def test_layered_decode_equals_stacked(tiny):
     cfg, params = tiny
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 40)))
     split = split_layers(params, cfg.n_layers)
-    for policy in (None, make_policy("mpcache", 0.3, s1=8, s2=4)):
+    for policy in (None, make_policy("mpcache", 0.3, s1=8, s2=4, share="pairs")):
         _, cache = prefill(params, cfg, tokens, capacity=44, policy=policy)
         layered = _unstack(cache)
         layer_fn = LayerJit()
