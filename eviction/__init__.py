@@ -29,8 +29,8 @@ VARIANTS = {"mpcache_published": MPCache.published, "mpcache_static": MPCache.wi
 
 def make_policy(name: str, budget: float = 0.1, **fields) -> Policy:
     """Builds a registered policy or named setting ("mpcache_published": the paper's,
-    "mpcache_static": MPCache with a static step, "mpcache_shared": the paper's clusters and
-    layer sharing without a static step), with `fields` overriding settings."""
+    "mpcache_static": MPCache with a static step, "mpcache_shared": the paper's layer sharing
+    without a static step), with `fields` overriding settings."""
     if name in VARIANTS:
         base = VARIANTS[name](budget)
         return dataclasses.replace(base, **_checked(type(base), fields))

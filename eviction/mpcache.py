@@ -4,7 +4,7 @@ Static step (once, end of prefill): keep round(static_ratio * T) entries per lay
 by observation-window attention (window, aggregation and max-pooling are fields; defaults from
 the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-pooling 7,
 where the published 20%-of-prompt window washed out the question), sink and window forced.
-Dynamic step (each decode step): two-level clusters (s1=32 -> s2=8) scored with the
+Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
 then top-k2 of their children; first and current clusters always selected. Layer-wise index
 sharing by `share` pattern. `gather` says how attention reaches the selection (see
@@ -12,21 +12,20 @@ eviction.base.check_gather); the default "scores" gathers only score scalars, so
 runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
 attended) fixes k2.
 
-Default: NO static eviction (static_ratio=1.0), level-2 clusters of 8 (s2=8) and NO layer
-sharing (share="none"): the dynamic step over the whole prompt, every layer selecting its own
-clusters. Measured on SmolLM2 (README, accuracy section): every static step here (the paper's,
-ours with a 32-query window and pooling, SnapKV's) loses the needle when the question arrives
-after the context was compressed, and the paper's loses it even with the question inside; the
-dynamic step alone does not. Under MPC the static step is also the most expensive part of a
-prompt (its compaction is keep x T equalities per head: ~1.7 TB at 8k tokens, LLaMA-2-7B
-shapes, ABY3/CHEETAH), worth hundreds of decode steps. With the paper's clusters of 16 and
-pair sharing the dynamic step alone kept 75% of the full-cache score at a 10% budget; clusters
-of 8 with every layer selecting kept 100% (n=8 per cell, two tasks, both question protocols),
-at a higher per-step selection cost (README, cost next to accuracy). Named settings:
-"mpcache_shared" = s2=16, share="pairs" (no static step: the second default),
-"mpcache_static" = static step kept (ratio max(0.5, 2 * budget), 32-query window,
-max-pooling 7, s2=16, pairs: the first default), "mpcache_published" = the paper's
-(`published()`: window 20% of T, sum, no pooling, s2=16, pairs).
+Default: NO static eviction (static_ratio=1.0) and NO layer sharing (share="none"): the
+dynamic step over the whole prompt, every layer selecting its own clusters. Measured on
+SmolLM2 (README, accuracy section): every static step here (the paper's, ours with a 32-query
+window and pooling, SnapKV's) loses the needle when the question arrives after the context was
+compressed, and the paper's loses it even with the question inside; the dynamic step alone
+does not. Under MPC the static step is also the most expensive part of a prompt (its
+compaction is keep x T equalities per head: ~1.7 TB at 8k tokens, LLaMA-2-7B shapes,
+ABY3/CHEETAH), worth hundreds of decode steps. Pair sharing lost further needles (README).
+Level-2 clusters of 8 (`mpcache:s2=8`) kept more of the score still, but double the slots and
+the clusters of the per-step compaction (4x its equalities, ~2x the layer's bytes): reported
+as a variant, not the default. Named settings: "mpcache_shared" = share="pairs" (no static
+step: the second default), "mpcache_static" = static step kept (ratio max(0.5, 2 * budget),
+32-query window, max-pooling 7, pairs: the first default), "mpcache_published" = the paper's
+(`published()`: window 20% of T, sum, no pooling, pairs).
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ class MPCache(Policy):
     ratio1: float = 0.5
     share: str = "none"                    # every layer selects ("pairs": the paper's sharing)
     s1: int = 32
-    s2: int = 8                            # the paper's 16 loses needles (README, accuracy)
+    s2: int = 16
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     dynamic = True
     needs_bounds = True
@@ -95,20 +94,20 @@ class MPCache(Policy):
         """The settings of the paper: static step keeping max(50%, 2 x budget), 20%-of-prompt
         window, summed, no pooling."""
         return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
-                   aggregate="sum", kernel=1, s2=16, share="pairs")
+                   aggregate="sum", kernel=1, share="pairs")
 
     @classmethod
     def with_static(cls, budget: float = 0.1) -> "MPCache":
         """A static step (max(50%, 2 x budget), 32-query window, max-pooling 7) before the
-        dynamic one with the paper's clusters and sharing: the first default,
+        dynamic one with the paper's layer sharing: the first default,
         "mpcache_static"."""
-        return cls(budget=budget, static_ratio=None, s2=16, share="pairs")
+        return cls(budget=budget, static_ratio=None, share="pairs")
 
     @classmethod
     def shared(cls, budget: float = 0.1) -> "MPCache":
-        """No static step, the paper's level-2 clusters of 16 and layer sharing "pairs": the
-        second default, "mpcache_shared" (cheaper per step, lower accuracy)."""
-        return cls(budget=budget, s2=16, share="pairs")
+        """No static step, the paper's layer sharing "pairs": the second default,
+        "mpcache_shared" (cheaper per step, lower accuracy)."""
+        return cls(budget=budget, share="pairs")
 
     # ---- static ----
     def effective_static_ratio(self) -> float:

@@ -87,7 +87,8 @@ def main() -> None:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--protocol", default="aby3")
     p.add_argument("--seq", default="1024", help="comma list of retained cache lengths")
-    p.add_argument("--policies", default="full,mpcache,oracle")
+    p.add_argument("--policies", default="full,mpcache,oracle",
+                   help="comma list; settings as name:field=value, e.g. mpcache:s2=16")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--selector", help="top-k method for every policy: search or topk "
                    "(default: each policy's own)")
@@ -99,7 +100,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from eviction import make_policy
+    from eviction import policy_from_spec
     from protocols.network import PROFILES, projected_seconds
     from protocols.registry import get_protocol
 
@@ -111,8 +112,8 @@ def main() -> None:
     if any(s < 64 for s in seqs):
         raise ConfigError("--seq values must be >= 64")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    extra = {"selector": args.selector} if args.selector else {}
-    policies = {n: (None if n == "full" else make_policy(n, args.budget, **extra))
+    extra = f":selector={args.selector}" if args.selector else ""
+    policies = {n: (None if n == "full" else policy_from_spec(n + extra, args.budget))
                 for n in names}
     rows = []
     jobs = [(s, n) for s in seqs for n in names]

@@ -86,8 +86,9 @@ def test_k1_k2_formulas():
     assert p.k1(1000, n1=100) == 8        # ratio1 * ceil(500 / 32) = 0.5 * 16
     assert p.k1(1000, n1=5) == 5          # capped by the clusters that exist
     assert MPCache(budget=0.1).k1(1000, n1=100) == 16   # no static step: 0.5 * ceil(1000 / 32)
-    assert MPCache(budget=0.05).k2(1000) == 6            # floor(50 / 8): default s2 = 8
-    assert MPCache.shared(0.05).k2(1000) == 3            # the paper's s2 = 16
+    assert MPCache(budget=0.05).k2(1000) == 3
+    assert MPCache(budget=0.05, s2=8).k2(1000) == 6     # floor(50 / 8)
+    assert MPCache().share == "none" and MPCache.shared().share == "pairs"
     assert MPCache(budget=0.4, static_ratio=None).static_keep(1000) == 800
     assert MPCache(budget=0.4).static_keep(1000) == 1000   # default: no static step
 
