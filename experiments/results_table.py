@@ -78,6 +78,36 @@ def accuracy_pivot(results: list) -> str:
     return "\n".join(lines)
 
 
+def rename_policies(paths, results, renames):
+    """Copies of `results` with policies renamed per file ([(path, old, new)], applied at
+    once, not chained). The same cell in two files (the full cache, say) is kept once if both
+    agree on score and n. An OLD missing from its file, an unknown file, or two disagreeing
+    rows for one cell is an error."""
+    by_file = {}
+    for path, old, new in renames:
+        if path not in paths:
+            raise ConfigError(f"--rename: {path} is not among the files")
+        by_file.setdefault(path, {})[old] = new
+    out, seen = [], {}
+    for path, res in zip(paths, results):
+        table = by_file.get(path, {})
+        missing = set(table) - {r["policy"] for r in res["rows"]}
+        if missing:
+            raise ConfigError(f"--rename: {path} has no policy {sorted(missing)[0]}")
+        rows = []
+        for r in res["rows"]:
+            r = dict(r, policy=table.get(r["policy"], r["policy"]))
+            key = (r["policy"], r["budget"], r["task"], r["length"], r["question"])
+            if key in seen:
+                if (seen[key]["score"], seen[key]["n"]) != (r["score"], r["n"]):
+                    raise ConfigError(f"two different rows for {key} (check --rename)")
+                continue
+            seen[key] = r
+            rows.append(r)
+        out.append(dict(res, rows=rows))
+    return out
+
+
 def netval_table(res: dict) -> str:
     lines = ["| protocol | block | network | MB (busiest) | sends (busiest) | T_comp s | "
              "measured s | projected s | error |", "|" + "---|" * 9]
@@ -105,12 +135,19 @@ def main() -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--pivot", action="store_true",
                    help="accuracy files: one score table, policies x (task, question)")
+    p.add_argument("--rename", nargs=3, action="append", default=[],
+                   metavar=("FILE", "OLD", "NEW"),
+                   help="with --pivot: report FILE's policy OLD as NEW (a default that changed "
+                   "since FILE was written; printed with the table)")
     args = p.parse_args()
     results = [_load(path) for path in args.files]
     if args.pivot:
+        renames = rename_policies(args.files, results, args.rename)
         for path, res in zip(args.files, results):
             print(f"<!-- from {path}: {res.get('command', '')} -->")
-        print(accuracy_pivot(results))
+        for path, old, new in args.rename:
+            print(f"<!-- {path}: policy {old} reported as {new} -->")
+        print(accuracy_pivot(renames))
         return
     for path, res in zip(args.files, results):
         rows = res["rows"]

@@ -1,6 +1,9 @@
 """README tables are made from results files: the pivot and the validation table."""
 
-from experiments.results_table import accuracy_pivot, netval_table
+import pytest
+
+from experiments.results_table import accuracy_pivot, netval_table, rename_policies
+from mpc_llama.errors import ConfigError
 
 
 def _row(task, question, policy, budget, score, n=8):
@@ -25,3 +28,19 @@ def test_netval_table_row():
            "projected_s": 0.45, "error": 0.0714}
     assert netval_table({"rows": [row]}).splitlines()[2] == (
         "| semi2k | gated | 100 Mbit/s, 10 ms RTT | 0.99 | 57 | 0.07 | 0.42 | 0.45 | +7% |")
+
+
+def test_rename_per_file_not_chained_and_checked():
+    old = {"rows": [_row("passkey", "inside", "full", 1.0, 1.0),
+                    _row("passkey", "inside", "mpcache", 0.1, 0.75)]}
+    new = {"rows": [_row("passkey", "inside", "full", 1.0, 1.0),
+                    _row("passkey", "inside", "mpcache:share=none", 0.1, 1.0)]}
+    got = rename_policies(["o", "n"], [old, new], [("o", "mpcache", "mpcache_shared"),
+                                                   ("n", "mpcache:share=none", "mpcache")])
+    rows = [(r["policy"], r["score"]) for res in got for r in res["rows"]]
+    # the full row both files share is kept once; "mpcache" is not renamed again
+    assert rows == [("full", 1.0), ("mpcache_shared", 0.75), ("mpcache", 1.0)]
+    with pytest.raises(ConfigError, match="has no policy"):
+        rename_policies(["o"], [old], [("o", "quest", "x")])
+    with pytest.raises(ConfigError, match="two different rows"):
+        rename_policies(["o", "n"], [old, new], [("n", "mpcache:share=none", "mpcache")])
