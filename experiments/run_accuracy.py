@@ -10,7 +10,9 @@ compiles, on a real model and long-context tasks.
 
 One prefill per sample (chunked attention, jit reused across samples); every policy and budget
 is applied to that same prefilled prompt (`mpc_llama.model.build_cache` runs each static step
-on the stored per-layer q/k/v), then greedy decoding. Metrics per (task, length, question
+on the stored per-layer q/k/v), then greedy decoding. Samples with equal prompt lengths run
+as one batch (--batch; rows never interact); decode seconds per token = a batch step's
+median / its rows. Metrics per (task, length, question
 protocol, policy, budget): task score; relative to the full cache: teacher-forced answer
 log-probability, cosine of every layer's attention output at the first answer step (mean and
 worst layer), fraction of needle tokens attended at that step, attended fraction of the cache.
