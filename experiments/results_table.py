@@ -61,9 +61,12 @@ def accuracy_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def accuracy_pivot(results: list) -> str:
-    """Score per policy (rows) and (task, length, question) (columns), over several files."""
-    rows = [r for res in results for r in res["rows"]]
+def accuracy_pivot(results: list, tasks=None) -> str:
+    """Score per policy (rows) and (task, length, question) (columns), over several files;
+    only `tasks` if given."""
+    rows = [r for res in results for r in res["rows"] if tasks is None or r["task"] in tasks]
+    if not rows:
+        raise ConfigError(f"no rows for tasks {sorted(tasks)}")
     cols = list(dict.fromkeys((r["task"], r["length"], r["question"]) for r in rows))
     pols = list(dict.fromkeys((r["policy"], r["budget"]) for r in rows))
     cell = {(r["policy"], r["budget"], r["task"], r["length"], r["question"]): r for r in rows}
@@ -139,6 +142,7 @@ def main() -> None:
                    metavar=("FILE", "OLD", "NEW"),
                    help="with --pivot: report FILE's policy OLD as NEW (a default that changed "
                    "since FILE was written; printed with the table)")
+    p.add_argument("--tasks", help="with --pivot: only these tasks (comma list)")
     args = p.parse_args()
     results = [_load(path) for path in args.files]
     if args.pivot:
@@ -147,7 +151,8 @@ def main() -> None:
             print(f"<!-- from {path}: {res.get('command', '')} -->")
         for path, old, new in args.rename:
             print(f"<!-- {path}: policy {old} reported as {new} -->")
-        print(accuracy_pivot(renames))
+        tasks = set(args.tasks.split(",")) if args.tasks else None
+        print(accuracy_pivot(renames, tasks))
         return
     for path, res in zip(args.files, results):
         rows = res["rows"]

@@ -20,6 +20,9 @@ def test_accuracy_pivot_cells_and_mean():
                         "| mean |")
     assert lines[2] == "| full | 1.00 | 1.00 (n=8) | - | 1.00 |"
     assert lines[3] == "| mpcache | 0.10 | 0.75 (n=8) | 0.25 (n=8) | 0.50 |"
+    only = accuracy_pivot([a, b], {"niah_single"}).splitlines()
+    assert only[0] == "| policy | budget | niah_single 2048 after | mean |"
+    assert only[2] == "| mpcache | 0.10 | 0.25 (n=8) | 0.25 |"
 
 
 def test_netval_table_row():
