@@ -73,11 +73,20 @@ def rms_norm(x: jax.Array, weight: jax.Array, cfg: LlamaConfig) -> jax.Array:
     return x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps) * weight
 
 
+ONEHOT_CHUNK = 1 << 20  # one-hot elements per piece of a long prompt's embedding
+
+
 def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """tokens [b, t] -> [b, t, d]; "onehot" avoids a secret-index gather under MPC."""
+    """tokens [b, t] -> [b, t, d]; "onehot" avoids a secret-index gather under MPC. A long
+    prompt's one-hot embedding runs in pieces of at most ONEHOT_CHUNK (token, vocabulary)
+    pairs: the same values, but SPU holds one piece's equality tests in memory at a time
+    (SmolLM2's 49,152-word vocabulary at 128 tokens under FM128 ran out of 24 GB whole)."""
     if cfg.embedding == "onehot":
-        onehot = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=params["embed"].dtype)
-        return onehot @ params["embed"]
+        step = max(1, ONEHOT_CHUNK // (cfg.vocab_size * tokens.shape[0]))
+        parts = [jax.nn.one_hot(tokens[:, i:i + step], cfg.vocab_size,
+                                dtype=params["embed"].dtype) @ params["embed"]
+                 for i in range(0, tokens.shape[1], step)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return params["embed"][tokens]
 
 

@@ -114,3 +114,15 @@ def test_index_compaction_moves_the_same_entries_as_onehot(tiny, spec):
     assert int(a.length) == int(b.length) < 40
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_onehot_embedding_in_pieces_equals_the_table_rows(tiny, monkeypatch):
+    """A long prompt's one-hot embedding runs in pieces (SPU memory); values are unchanged."""
+    from mpc_llama import model
+
+    cfg, params = tiny
+    cfg = cfg.replace(embedding="onehot")
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 50)))
+    monkeypatch.setattr(model, "ONEHOT_CHUNK", cfg.vocab_size * 2 * 7)  # pieces of 7 tokens
+    np.testing.assert_array_equal(np.asarray(model.embed(params, tokens, cfg)),
+                                  np.asarray(params["embed"])[np.asarray(tokens)])
