@@ -142,7 +142,7 @@ def test_cli_end_to_end(tmp_path):
 
 def test_cli_max_minutes_stops_early_and_says_so(tmp_path):
     out = tmp_path / "out"
-    r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
+    r = run_cli("--tasks", "passkey", "--lengths", "160", "--samples", "2", "--policies",
                 "full", "--questions", "inside", "--max-minutes", "0.0001", "--batch", "1",
                 "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -172,7 +172,7 @@ def test_batched_rows_equal_one_by_one(smollm2):
     from experiments.run_accuracy import Evaluator, batches, evaluate_batch, synthetic_samples
 
     tok = smollm2.tokenizer
-    samples = synthetic_samples(tok, "passkey", 256, [0.2, 0.7], 2, seed=3)
+    samples = synthetic_samples(tok, "passkey", 160, [0.2, 0.7], 2, seed=3)
     policies = {("full", 1.0): None, ("mpcache", 0.3): policy_from_spec("mpcache", 0.3),
                 ("snapkv", 0.3): policy_from_spec("snapkv", 0.3)}
     ev, eos = Evaluator(smollm2, 64), set(tok.eos_ids)
