@@ -12,6 +12,9 @@ from eviction.base import Policy, group_probs, check_ratio
 from mpc_llama import nonlinear
 
 
+QUERY_CHUNK = 256  # prompt queries per step of the accumulated-attention score
+
+
 @dataclasses.dataclass(frozen=True)
 class H2O(Policy):
     name = "h2o"
@@ -30,6 +33,17 @@ class H2O(Policy):
         return np.arange(prompt_len) >= prompt_len - recent
 
     def static_scores(self, q, k, cfg):
+        """Attention accumulated over all prompt queries, in query chunks of QUERY_CHUNK: a
+        chunk ending at query e reads keys 0..e-1 only (the rest are causally masked, their
+        probabilities exactly 0), so no t x t probability matrix is formed and half the
+        products are skipped. q: [b, t, k, g, d]; k: [b, k, t, d] -> [b, k, t]."""
         t = q.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        return group_probs(q, k, causal, nonlinear.SOFTMAX[cfg.softmax]).sum(axis=2)
+        softmax = nonlinear.SOFTMAX[cfg.softmax]
+        total = None
+        for s in range(0, t, QUERY_CHUNK):
+            e = min(s + QUERY_CHUNK, t)
+            causal = jnp.arange(e)[None, :] <= jnp.arange(s, e)[:, None]       # [e - s, e]
+            part = group_probs(q[:, s:e], k[:, :, :e], causal, softmax).sum(axis=2)
+            part = jnp.pad(part, ((0, 0), (0, 0), (0, t - e)))
+            total = part if total is None else total + part
+        return total

@@ -305,38 +305,59 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
         for j in range(len(feed[0])):  # question after compression, teacher-forced
             logits, cache, _ = ev.step([f[j] for f in feed], pos, cache, policy, prompt_len)
             pos += 1
-        start_cache, start_logits, start_pos = cache, logits, pos
-        # greedy answers; a row that emitted EOS is done (its later tokens are ignored)
+        # teacher-forced log-probability of each reference answer (padded to the longest);
+        # greedy decoding rides along while every unfinished row's greedy token is its
+        # reference token (the same step: computed once) and goes on alone from the first step
+        # where one differs. A row that emitted EOS is done (its later tokens are ignored).
         outs, done, step_times = [[] for _ in samples], [False] * rows, []
-        for _ in range(new_tokens):
-            toks = np.argmax(np.asarray(logits), axis=-1)
-            for r in range(rows):
-                done[r] = done[r] or int(toks[r]) in eos_ids or \
-                    len(outs[r]) >= samples[r].max_new_tokens
-                if not done[r]:
-                    outs[r].append(int(toks[r]))
-            if all(done):
-                break
-            t1 = time.perf_counter()
-            logits, cache, _ = ev.step([t if not d else pad for t, d in zip(toks, done)], pos,
-                                       cache, policy, prompt_len)
-            logits.block_until_ready()
-            step_times.append(time.perf_counter() - t1)
-            pos += 1
-        # the first step of a shape may compile: time the later ones
-        timing[key] = float(np.median(step_times[1:])) / rows if len(step_times) > 1 else None
-        # teacher-forced log-probability of each reference answer (padded to the longest)
-        lp, logits, cache, pos = np.zeros(rows), start_logits, start_cache, start_pos
-        first_diag = None
+        lp, first_diag, start_pos = np.zeros(rows), None, pos
+        riding, fork = True, (0, logits, cache, pos)  # greedy's state at its last shared step
         for j in range(max(map(len, answers))):
             z = np.asarray(logits, np.float64)
             logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
             toks = [a[j] if j < len(a) else pad for a in answers]
             lp += [z[r, t] - logz[r] if j < len(answers[r]) else 0.0
                    for r, t in enumerate(toks)]
+            shared = False
+            if riding:
+                if j >= new_tokens:
+                    riding, fork = False, None
+                else:
+                    greedy = np.argmax(z, axis=-1)
+                    ends = _greedy_done(greedy, done, outs, samples, eos_ids)
+                    if all(ends):
+                        _greedy_commit(greedy, ends, outs)
+                        done, riding, fork = ends, False, None
+                    elif all(e or int(g) == t for g, e, t in zip(greedy, ends, toks)):
+                        _greedy_commit(greedy, ends, outs)
+                        done, shared = ends, True
+                    else:
+                        riding = False
+            t1 = time.perf_counter()
             logits, cache, diag = ev.step(toks, pos, cache, policy, prompt_len)
             first_diag = first_diag or diag
             pos += 1
+            if shared:
+                logits.block_until_ready()
+                step_times.append(time.perf_counter() - t1)
+                fork = (j + 1, logits, cache, pos)
+        if fork is not None:  # greedy goes on alone from its first step of its own
+            j0, logits, cache, pos = fork
+            for _ in range(j0, new_tokens):
+                greedy = np.argmax(np.asarray(logits), axis=-1)
+                done = _greedy_done(greedy, done, outs, samples, eos_ids)
+                _greedy_commit(greedy, done, outs)
+                if all(done):
+                    break
+                t1 = time.perf_counter()
+                logits, cache, _ = ev.step([int(t) if not d else pad
+                                            for t, d in zip(greedy, done)], pos, cache,
+                                           policy, prompt_len)
+                logits.block_until_ready()
+                step_times.append(time.perf_counter() - t1)
+                pos += 1
+        # the first step of a shape may compile: time the later ones
+        timing[key] = float(np.median(step_times[1:])) / rows if len(step_times) > 1 else None
         d = {k: np.asarray(v) for k, v in first_diag.items()}
         attended = (d["attended_pos"] >= 0).sum(axis=-1)            # [L, b, K]
         for r, s in enumerate(samples):
@@ -357,6 +378,19 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
         for r in res.values():
             r["logprob_vs_full"] = r["answer_logprob"] - ref["answer_logprob"]
     return results, prefill_s, timing
+
+
+def _greedy_done(greedy, done, outs, samples, eos_ids):
+    """Rows done after greedy tokens `greedy` [b]: done before, EOS now, or at their limit."""
+    return [d or int(g) in eos_ids or len(o) >= s.max_new_tokens
+            for g, d, o, s in zip(greedy, done, outs, samples)]
+
+
+def _greedy_commit(greedy, done, outs):
+    """Appends each unfinished row's greedy token to its output."""
+    for g, d, o in zip(greedy, done, outs):
+        if not d:
+            o.append(int(g))
 
 
 def batches(samples, question, size):

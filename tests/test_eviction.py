@@ -53,6 +53,28 @@ def test_similarity_is_linear_in_q():
     assert float(q @ k) == pytest.approx(0.6 * float(q @ rmax) + 0.4 * float(q @ rmin))
 
 
+@pytest.mark.parametrize("softmax", ["exact", "clipped"])
+def test_h2o_chunked_scores_equal_one_shot(monkeypatch, softmax):
+    """H2O's query-chunked accumulated attention (keys past a chunk skipped) equals the sum
+    over all queries of one causal t x t softmax; t not a multiple of the chunk."""
+    from eviction import h2o
+    from eviction.base import group_probs
+    from mpc_llama import nonlinear
+
+    cfg = preset("tiny").replace(softmax=softmax)
+    rng = np.random.default_rng(3)
+    t = 45
+    q = jnp.asarray(rng.normal(size=(2, t, cfg.n_kv_heads, cfg.group_size, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, cfg.n_kv_heads, t, 8)), jnp.float32)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    want = group_probs(q, k, causal, nonlinear.SOFTMAX[softmax]).sum(axis=2)
+    monkeypatch.setattr(h2o, "QUERY_CHUNK", 16)
+    got = h2o.H2O(budget=0.2).static_scores(q, k, cfg)
+    assert got.shape == (2, cfg.n_kv_heads, t)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(got - want).max()) < 1e-4 and float(got.sum()) > 0
+
+
 def test_quest_bound_is_never_below_a_true_score():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, 2, 3, 8)), jnp.float32)       # [b, k, g, d]
