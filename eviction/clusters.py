@@ -30,9 +30,16 @@ def bounds_of(keys: jax.Array, length: int, size: int):
 
 
 def init_bounds(keys: jax.Array, length: int, s1: int = S1, s2: int = S2, alpha: float = 0.6):
-    """(rmax2, rmin2, rmax1, rmin1, khat2, khat1) for one layer's cache keys [b, k, C, d]."""
+    """(rmax2, rmin2, rmax1, rmin1, khat2, khat1) for one layer's cache keys [b, k, C, d].
+
+    Level-1 bounds are the max/min of their s1/s2 level-2 children's (exact: a level-1
+    cluster is the union of its children; empty children hold -BIG/+BIG): one comparison per
+    level-1 cluster and dimension at s1 = 2*s2 instead of s1 - 1."""
     rmax2, rmin2 = bounds_of(keys, length, s2)
-    rmax1, rmin1 = bounds_of(keys, length, s1)
+    b, h, n2, d = rmax2.shape
+    per = s1 // s2
+    rmax1 = rmax2.reshape(b, h, n2 // per, per, d).max(axis=3)
+    rmin1 = rmin2.reshape(b, h, n2 // per, per, d).min(axis=3)
     return (rmax2, rmin2, rmax1, rmin1, khat(rmax2, rmin2, alpha), khat(rmax1, rmin1, alpha))
 
 

@@ -197,3 +197,93 @@ def test_batches_group_equal_lengths_in_order():
 
     got = batches([s(5), s(5), s(5), s(6), s(5)], "inside", 2)
     assert [[len(x.prompt_ids) for x in b] for b in got] == [[5, 5], [5, 5], [6]]
+
+
+class _TableModel:
+    """A stand-in evaluator for `evaluate_batch`: row r's next-token logits are a one-hot-ish
+    function of the token it was last fed, table[r][token]; the cache is each row's history."""
+
+    def __init__(self, table, first):
+        import numpy as np
+
+        self.table, self.first, self.steps = np.asarray(table), first, 0
+        self.V = self.table.shape[1]
+
+    def _logits(self, nxt):
+        import jax.numpy as jnp
+        import numpy as np
+
+        z = np.full((len(nxt), self.V), -3.0, np.float32)
+        z[np.arange(len(nxt)), nxt] = 2.0
+        z += 0.01 * np.arange(self.V)  # distinct log-probabilities per token
+        return jnp.asarray(z)
+
+    def prompt(self, ids):
+        return self._logits(self.first), None
+
+    def cache(self, layers, capacity, policy):
+        return tuple(() for _ in self.first)
+
+    def step(self, tokens, position, cache, policy, prompt_len):
+        import numpy as np
+
+        self.steps += 1
+        tokens = [int(t) for t in tokens]
+        nxt = [self.table[r][t] for r, t in enumerate(tokens)]
+        diag = {"attended_pos": np.zeros((1, len(tokens), 1, 2), np.int32),
+                "attn_out": np.ones((1, len(tokens), 4), np.float32)}
+        return self._logits(nxt), tuple(h + (t,) for h, t in zip(cache, tokens)), diag
+
+
+class _Digits:
+    """Token i <-> character str(i); a leading space is token 10."""
+
+    def encode_piece(self, text):
+        return [10 if c == " " else int(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(" " if i == 10 else str(i) for i in ids)
+
+
+@pytest.mark.parametrize("rows", [
+    # (first token, table as {fed: next}, answer, max new tokens): greedy == answer, then EOS
+    [(10, {10: 1, 1: 2, 2: 3, 3: 11}, "123", 6)],
+    # one row diverges at the second digit, the other agrees and stops early at its limit
+    [(10, {10: 1, 1: 5, 5: 5, 2: 3, 3: 11}, "123", 6), (10, {10: 4, 4: 4}, "44", 2)],
+    # wrong from the first token; greedy never reaches EOS
+    [(7, {7: 7, 10: 1, 1: 2}, "12", 5)],
+])
+def test_greedy_rides_on_teacher_forcing(rows):
+    """evaluate_batch's greedy outputs and answer log-probabilities equal separate greedy and
+    teacher-forced decodes; shared steps are computed once."""
+    import numpy as np
+
+    from experiments.run_accuracy import evaluate_batch
+    from experiments.tasks import Sample
+
+    V, eos = 12, {11}
+    table = np.full((len(rows), V), 9)
+    for r, (_, nxt, _, _) in enumerate(rows):
+        for a, b in nxt.items():
+            table[r][a] = b
+    ev = _TableModel(table, [first for first, _, _, _ in rows])
+    samples = [Sample("passkey", (0, 0), (0, 0), (), (ans,), (), 0.5, n)
+               for _, _, ans, n in rows]
+    res = evaluate_batch(ev, samples, "inside", {("full", 1.0): None}, eos, _Digits())[0]
+    tok = _Digits()
+    for r, (first, _, ans, n) in enumerate(rows):
+        out, t = [], first                      # plain greedy decode
+        while t not in eos and len(out) < n:
+            out.append(t)
+            t = table[r][t]
+        lp, prev = 0.0, None                    # plain teacher forcing
+        for a in tok.encode_piece(" " + ans):
+            z = np.asarray(ev._logits([first if prev is None else table[r][prev]])[0],
+                           np.float64)
+            lp += z[a] - np.log(np.exp(z).sum())
+            prev = a
+        got = res[r][("full", 1.0)]
+        assert got["output"] == tok.decode(out)
+        assert got["answer_logprob"] == pytest.approx(lp, abs=1e-5)
+    if len(rows) == 1 and rows[0][2] == "123":   # all greedy steps shared with teacher forcing
+        assert ev.steps == len(" 123")

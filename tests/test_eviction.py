@@ -44,6 +44,20 @@ def test_incremental_bounds_equal_recomputed():
         np.testing.assert_allclose(got, want)
 
 
+@pytest.mark.parametrize("s1,s2", [(32, 16), (32, 8), (16, 16)])
+@pytest.mark.parametrize("length", [64, 40, 17, 0])
+def test_level1_bounds_from_children_equal_direct(s1, s2, length):
+    """init_bounds' level-1 bounds (from the level-2 ones) equal the max/min over the level-1
+    cluster's own entries, partly filled and empty clusters included."""
+    keys = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 64, 4))
+    rmax2, rmin2, rmax1, rmin1, khat2, khat1 = init_bounds(keys, length, s1, s2, 0.6)
+    want_max, want_min = bounds_of(keys, length, s1)
+    np.testing.assert_array_equal(rmax1, want_max)
+    np.testing.assert_array_equal(rmin1, want_min)
+    np.testing.assert_array_equal(khat1, khat(want_max, want_min, 0.6))
+    assert rmax1.shape == (1, 2, 64 // s1, 4) and rmax2.shape == (1, 2, 64 // s2, 4)
+
+
 def test_similarity_is_linear_in_q():
     q = jnp.asarray([1.0, 2.0])
     rmax, rmin = jnp.asarray([3.0, 0.0]), jnp.asarray([1.0, -1.0])
