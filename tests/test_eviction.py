@@ -229,6 +229,39 @@ def test_bad_settings_fail_at_construction(build, message):
         build()
 
 
+def test_rank_selector_equals_topk_with_ties():
+    """Pairwise ranks select exactly what lax.top_k + earliest ties does, ties and disallowed
+    entries included, and fewer allowed entries than k."""
+    rng = np.random.default_rng(11)
+    s = jnp.asarray(rng.integers(0, 5, size=(4, 3, 40)), jnp.float32)   # many ties
+    for k, p in ((7, 0.3), (25, 0.5), (39, 0.9)):
+        allowed = jnp.asarray(rng.random(40) > p)
+        want = np.asarray(topk_mask(s, k, allowed, "topk"))
+        got = np.asarray(topk_mask(s, k, allowed, "rank"))
+        np.testing.assert_array_equal(got, want)
+        assert (got.sum(-1) == min(k, int(allowed.sum()))).all()
+
+
+def test_auto_selector_switches_on_row_length():
+    from eviction import base
+
+    s = jnp.arange(8.0)
+    m = base.topk_mask(s, 3, jnp.ones(8, bool), "auto")
+    np.testing.assert_array_equal(m, np.arange(8) >= 5)
+    with jax.disable_jit():  # which kernel ran: rank forms an n x n comparison
+        calls = []
+        orig = base._rank_select
+        try:
+            base._rank_select = lambda *a: calls.append(1) or orig(*a)
+            base.topk_mask(s, 3, jnp.ones(8, bool), "auto")
+            base.topk_mask(jnp.arange(base.RANK_MAX + 1.0), 3,
+                           jnp.ones(base.RANK_MAX + 1, bool), "auto")
+        finally:
+            base._rank_select = orig
+    assert calls == [1]
+    assert MPCache().selector == "auto" and make_policy("quest", 0.1).selector == "search"
+
+
 def test_topk_mask_is_exact_under_ties():
     s = jnp.asarray([[3., 7., 7., 7., 1., 7.]])
     m = topk_mask(s, 2, jnp.ones(6, bool))
@@ -256,7 +289,7 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
         np.testing.assert_array_equal(outs[0][1], counts)
 
 
-@pytest.mark.parametrize("selector", ["search", "topk"])
+@pytest.mark.parametrize("selector", ["search", "topk", "rank", "auto"])
 def test_selectors_agree_on_random_scores(selector):
     rng = np.random.default_rng(7)
     s = jnp.asarray(rng.normal(size=(3, 5, 97)), jnp.float32)

@@ -22,7 +22,8 @@ BUDGET = 0.25
 # The only custom calls allowed in compiled programs: a share-type hint, and, only where the
 # selector is "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only
 # comparison bits of the shuffled array, whose count is public): see the README.
-ALLOWED_CALLS = {"search": {"spu.prefer_a"}, "topk": {"spu.prefer_a", "mhlo.topk"}}
+ALLOWED_CALLS = {"search": {"spu.prefer_a"}, "rank": {"spu.prefer_a"}, "auto": {"spu.prefer_a"},
+                 "topk": {"spu.prefer_a", "mhlo.topk"}}
 CALL = r"pphlo\.custom_call @([\w.]+)"
 
 
@@ -57,12 +58,14 @@ CASES = [(name, proto, None) for name in sorted(POLICIES) if name != "full"
          for proto in ("semi2k", "aby3")] + [("mpcache", "cheetah", None),
                                              ("mpcache_static", "aby3", "topk"),
                                              ("mpcache_static", "semi2k", None),
-                                             ("snapkv", "semi2k", "topk")]
+                                             ("snapkv", "semi2k", "topk"),
+                                             ("mpcache", "aby3", "search")]
 
 
 @pytest.mark.parametrize("name,proto,selector", CASES)
 def test_selection_on_spu_equals_plaintext(name, proto, selector):
-    """Each policy with its default selector (search; topk for the oracle), plus topk cases."""
+    """Each policy with its default selector (search; auto = rank here for mpcache; topk for
+    the oracle), plus topk cases and mpcache's search."""
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
     policy = make_policy(name, BUDGET, **({"selector": selector} if selector else {}))
     fn = selection_fn(policy, cfg)
