@@ -253,12 +253,13 @@ def test_auto_selector_switches_on_row_length():
         orig = base._rank_select
         try:
             base._rank_select = lambda *a: calls.append(1) or orig(*a)
-            base.topk_mask(s, 3, jnp.ones(8, bool), "auto")
-            base.topk_mask(jnp.arange(base.RANK_MAX + 1.0), 3,
-                           jnp.ones(base.RANK_MAX + 1, bool), "auto")
+            base.topk_mask(s, 3, jnp.ones(8, bool), "auto")                  # ranked
+            base.topk_mask(jnp.zeros((1, 3, 147)), 3, jnp.ones(147, bool), "auto")  # ranked
+            base.topk_mask(jnp.zeros((1, 4, 130)), 3, jnp.ones(130, bool), "auto")   # searched
+            base.topk_mask(jnp.zeros((5, 3, 147)), 3, jnp.ones(147, bool), "auto")  # ranked
         finally:
             base._rank_select = orig
-    assert calls == [1]
+    assert calls == [1, 1, 1]  # the batch size does not change the kernel
     assert MPCache().selector == "auto" and make_policy("quest", 0.1).selector == "search"
 
 
