@@ -53,10 +53,12 @@ SEARCH_WAYS = 8    # parts per round: 3 bits per round, 4 rounds
 MIN_STEP = 2.0 ** -14  # 16 ulps of FM64 with 18 fraction bits
 
 
-# "auto" ranks when a batch element's rows x n^2 pairwise comparisons are at most this many,
-# else searches: from the ABY3 costs above, where ranking's extra bytes cost less than the
-# ~240 rounds it saves on the LAN profile (1 Gbps, 0.5 ms; on WAN ranking wins further)
-RANK_MAX_PAIRS = 2 ** 16
+# "auto" ranks rows of at most this many entries and searches longer ones. Per row only, so
+# that a layer measured on a few of its heads runs the same kernel as all of them. From the
+# ABY3 costs above: with SmolLM2's 3 KV heads ranking's extra bytes cost less than the ~240
+# rounds it saves on the LAN profile up to ~147 entries (on WAN it wins much further); with
+# 32 heads the LAN break-even is ~45 entries (rank there costs more on LAN, less on WAN).
+RANK_MAX = 160
 SELECTORS = ("search", "topk", "rank", "auto")
 
 
@@ -77,8 +79,8 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
     selector "rank": every pair compared in one batched comparison, each entry's rank counted,
     rank < k: two comparison rounds whatever n is, n^2 comparisons (ABY3, 3 rows: 22 sends
     instead of 261 at n=64, 2.8x the bytes; 10.7x the bytes at n=256).
-    selector "auto": "rank" while rows x n^2 <= RANK_MAX_PAIRS (rows: the axes between batch
-    and entries, e.g. KV heads), else "search"; independent of the batch size.
+    selector "auto": "rank" for rows of at most RANK_MAX entries, else "search" (the choice
+    depends on the row length only: not on heads or batch).
     selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
     quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
     then the same exact-count tie breaking.
@@ -94,8 +96,7 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
         kth = jax.lax.top_k(masked, k)[0][..., -1:]
         return _exact_count(masked, masked > kth, masked == kth, allowed, k)
     if selector == "auto":
-        rows = math.prod(shape[1:-1])
-        selector = "rank" if rows * n * n <= RANK_MAX_PAIRS else "search"
+        selector = "rank" if n <= RANK_MAX else "search"
     if selector == "rank":
         return _rank_select(masked, allowed, k)
     # min and max in one reduction (min = -max(-x), exact): one comparison tree, half the

@@ -59,7 +59,7 @@ class MPCache(Policy):
     s1: int = 32
     s2: int = 16
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
-    selector: str = "auto"    # cluster top-k: pairwise rank while small (base.RANK_MAX_PAIRS)
+    selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
     dynamic = True
     needs_bounds = True
 

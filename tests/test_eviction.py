@@ -253,13 +253,14 @@ def test_auto_selector_switches_on_row_length():
         orig = base._rank_select
         try:
             base._rank_select = lambda *a: calls.append(1) or orig(*a)
-            base.topk_mask(s, 3, jnp.ones(8, bool), "auto")                  # ranked
-            base.topk_mask(jnp.zeros((1, 3, 147)), 3, jnp.ones(147, bool), "auto")  # ranked
-            base.topk_mask(jnp.zeros((1, 4, 130)), 3, jnp.ones(130, bool), "auto")   # searched
-            base.topk_mask(jnp.zeros((5, 3, 147)), 3, jnp.ones(147, bool), "auto")  # ranked
+            n = base.RANK_MAX
+            base.topk_mask(s, 3, jnp.ones(8, bool), "auto")                          # ranked
+            base.topk_mask(jnp.zeros((1, 3, n)), 3, jnp.ones(n, bool), "auto")      # ranked
+            base.topk_mask(jnp.zeros((1, 3, n + 1)), 3, jnp.ones(n + 1, bool), "auto")  # searched
+            base.topk_mask(jnp.zeros((4, 32, n)), 3, jnp.ones(n, bool), "auto")     # ranked
         finally:
             base._rank_select = orig
-    assert calls == [1, 1, 1]  # the batch size does not change the kernel
+    assert calls == [1, 1, 1]  # heads and batch size do not change the kernel
     assert MPCache().selector == "auto" and make_policy("quest", 0.1).selector == "search"
 
 
