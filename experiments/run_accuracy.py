@@ -602,20 +602,28 @@ def main(argv=None):
                                 "decode_s_per_token": timing[(name, budget)], **r})
         done += len(batch)
         bar.update(len(batch))
+        if args.out and done < planned:  # a run killed later keeps what it measured
+            write_outputs(args.out, _payload(args, argv, records, prefill_times, planned, done))
     bar.close()
-    rows = aggregate(records)
-    print_summary(rows)
+    payload = _payload(args, argv, records, prefill_times, planned, done)
+    print_summary(payload["rows"])
+    print("prefill seconds (first includes jit compilation):", payload["prefill"])
+    if args.out:
+        write_outputs(args.out, payload)
+        print(f"wrote {args.out}/results.json, results.csv, score.png")
+
+
+def _payload(args, argv, records, prefill_times, planned, done):
+    """results.json's content for the samples run so far (`runs` says how many)."""
+    import numpy as np
+
     times = {str(n): {"prefill_s_first": t[0], "prefill_s_median_after_first":
                       float(np.median(t[1:])) if len(t) > 1 else None}
              for n, t in prefill_times.items()}
-    print("prefill seconds (first includes jit compilation):", times)
-    if args.out:
-        write_outputs(args.out, {
-            "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
-            "model": args.model, "rows": rows, "samples": records, "prefill": times,
-            "runs": {"planned": planned, "done": done}, "platform": platform_info(),
-            "setting": {k: v for k, v in vars(args).items()}})
-        print(f"wrote {args.out}/results.json, results.csv, score.png")
+    return {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+            "model": args.model, "rows": aggregate(records), "samples": records,
+            "prefill": times, "runs": {"planned": planned, "done": done},
+            "platform": platform_info(), "setting": {k: v for k, v in vars(args).items()}}
 
 
 if __name__ == "__main__":

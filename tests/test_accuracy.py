@@ -287,3 +287,29 @@ def test_greedy_rides_on_teacher_forcing(rows):
         assert got["answer_logprob"] == pytest.approx(lp, abs=1e-5)
     if len(rows) == 1 and rows[0][2] == "123":   # all greedy steps shared with teacher forcing
         assert ev.steps == len(" 123")
+
+
+def test_results_written_after_each_batch(tmp_path, monkeypatch):
+    """A run killed after its first batch leaves complete outputs for that batch (runs says
+    1 of 2 samples), not nothing."""
+    from experiments import run_accuracy
+
+    real, calls = run_accuracy.evaluate_batch, []
+
+    def dies_second_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_accuracy, "evaluate_batch", dies_second_time)
+    out = tmp_path / "out"
+    with pytest.raises(MemoryError):
+        run_accuracy.main(["--tasks", "passkey", "--lengths", "160", "--samples", "2",
+                           "--policies", "full", "--questions", "inside", "--batch", "1",
+                           "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json",
+                                                      "score.png"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"] == {"planned": 2, "done": 1}
+    assert [row["n"] for row in res["rows"]] == [1] and len(res["samples"]) == 1
