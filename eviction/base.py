@@ -55,9 +55,10 @@ MIN_STEP = 2.0 ** -14  # 16 ulps of FM64 with 18 fraction bits
 
 # "auto" ranks rows of at most this many entries and searches longer ones. Per row only, so
 # that a layer measured on a few of its heads runs the same kernel as all of them. From the
-# ABY3 costs in topk_mask's docstring: with SmolLM2's 3 KV heads ranking's extra bytes cost less than the ~240
-# rounds it saves on the LAN profile up to ~147 entries (on WAN it wins much further); with
-# 32 heads the LAN break-even is ~45 entries (rank there costs more on LAN, less on WAN).
+# ABY3 costs in topk_mask's docstring: with SmolLM2's 3 KV heads ranking's extra bytes cost
+# less than the ~240 rounds it saves on the LAN profile up to ~147 entries (on WAN it wins
+# much further); with 32 heads the LAN break-even is ~45 entries (rank costs more on LAN,
+# less on WAN).
 RANK_MAX = 160
 SELECTORS = ("search", "topk", "rank", "auto")
 
