@@ -139,7 +139,9 @@ def test_distributed_runs_match_the_simulator(tmp_path, tiny_hf, protocol_name, 
     model = load_model(tiny_hf, with_tokenizer=False)
     n = protocol.world_size
     path = parties_file(tmp_path / "parties.json", n)
-    policy = make_policy("mpcache", 0.5, s1=4, s2=2)
+    # the search's select block (~300 sends): ABY3's run-to-run variation of a couple of
+    # sends and ~1.5 KB is beyond 2% / 6% of the default ranking block's ~60 sends and 20 KB
+    policy = make_policy("mpcache", 0.5, s1=4, s2=2, selector="search")
     block = [b for b in attention_blocks(spu_config(model.cfg), policy, 24, 1)
              if b.name == "select"][0]
     with Cluster(path, tiny_hf, log_dir=str(tmp_path / "logs")) as cluster:
