@@ -64,6 +64,9 @@ def parse_args(argv=None):
                    help="start no new sample after this many minutes; the results then say "
                    "how many samples ran (0: no limit)")
     p.add_argument("--out", help="directory for results.json, results.csv and score.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same "
+                   "settings; --batch and --max-minutes may differ): its samples are kept and "
+                   "not run again")
     return p.parse_args(argv)
 
 
@@ -131,8 +134,59 @@ def build_setting(args):
         from protocols.registry import get_protocol
 
         get_protocol(args.protocol)
-    return {"tasks": tasks, "longbench": lb_data, "lengths": lengths, "budgets": budgets,
+    done, commands = resumed_records(args) if args.resume else ([], [])
+    return {"done": done, "earlier_commands": commands, "tasks": tasks, "longbench": lb_data, "lengths": lengths, "budgets": budgets,
             "policies": policies, "questions": questions, "depths": depths}
+
+
+RESUME_FREE = ("batch", "max_minutes", "out", "resume")  # settings a resumed run may change
+
+
+def resumed_records(args):
+    """The per-sample records of the run in --out that --resume continues (checked to have
+    the same settings, apart from RESUME_FREE)."""
+    import json
+
+    if not args.out:
+        raise ConfigError("--resume needs --out DIR (the run to continue)")
+    path = os.path.join(args.out, "results.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: no results file at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--resume: {path} is not JSON: {e}") from None
+    if "samples" not in old or "setting" not in old:
+        raise ConfigError(f"--resume: {path} is not a run_accuracy.py results file")
+    now = vars(args)
+    diff = sorted(k for k in set(now) | set(old["setting"]) if k not in RESUME_FREE
+                  and now.get(k) != old["setting"].get(k))
+    if diff:
+        raise ConfigError(f"--resume: settings differ from the run in {args.out}: "
+                          + ", ".join(f"{k} {old['setting'].get(k)!r} -> {now.get(k)!r}"
+                                      for k in diff))
+    cmds = old["command"] if isinstance(old["command"], list) else [old["command"]]
+    return old["samples"], cmds
+
+
+def pending(jobs, records, questions):
+    """(length, sample, question) still to run: those without records. Samples are told
+    apart by task, length, question and depth, counted with multiplicity in job order (a
+    group's batches run in order, so the done ones are its first)."""
+    from collections import Counter
+
+    done = Counter((r["task"], r["length"], r["question"], r["depth"])
+                   for r in records if r["policy"] == "full")
+    out = []
+    for q in questions:
+        for length, s in jobs:
+            key = (s.task, length, q, s.depth)
+            if done[key]:
+                done[key] -= 1
+            else:
+                out.append((length, s, q))
+    return out
 
 
 # ---- samples ----
@@ -206,7 +260,9 @@ class LayerJit:
                 meta_out["meta"] = None if sel is None else (sel[0], sel[2])
                 return x, layer_cache, None if sel is None else sel[1], count, diag
 
-            self._fns[key] = (jax.jit(run), meta_out)
+            # the layer's cache is updated in place (donated): callers keep no reference
+            # to a cache they pass (Evaluator.copy_cache when they need one)
+            self._fns[key] = (jax.jit(run, donate_argnums=(2,)), meta_out)
         fn, meta_out = self._fns[key]
         x, layer_cache, sel, count, diag = fn(lp, x, layer_cache, cache_length, positions,
                                               None if selection is None else selection[1])
@@ -221,14 +277,15 @@ class Evaluator:
     def __init__(self, model, chunk):
         import jax
 
-        from mpc_llama.model import build_cache, decode_step, lm_head, run_prompt, split_layers
+        from mpc_llama.model import (build_cache, decode_step, device_params, lm_head,
+                                     run_prompt, split_layers)
 
         self.model, self.cfg = model, model.cfg
-        self.params = model.params
+        self.params = device_params(model.params)  # numpy arguments convert on every call
         cfg = self.cfg
-        self.layer_params = split_layers(model.params, model.cfg.n_layers)
+        self.layer_params = split_layers(self.params, model.cfg.n_layers)
         if cfg.tie_embeddings:  # the LM head runs eagerly: transpose the tied table once
-            self.layer_params["lm_head"] = model.params["embed"].T.copy()
+            self.layer_params["lm_head"] = jax.device_put(model.params["embed"].T.copy())
             self.step_cfg = cfg.replace(tie_embeddings=False)
         else:
             self.step_cfg = cfg
@@ -254,8 +311,12 @@ class Evaluator:
                                                       compaction="index")))
         return self._build[key](layers)
 
+    def copy_cache(self, cache):
+        """A copy of a cache (`step` updates the cache it is given in place)."""
+        return self._jax.tree_util.tree_map(lambda a: a.copy(), cache)
+
     def step(self, tokens, position, cache, policy, prompt_len):
-        """tokens: [b] ids, one per row, all at `position`."""
+        """tokens: [b] ids, one per row, all at `position`; `cache` is consumed (donated)."""
         import jax.numpy as jnp
 
         return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray(tokens, jnp.int32),
@@ -311,7 +372,7 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
         # where one differs. A row that emitted EOS is done (its later tokens are ignored).
         outs, done, step_times = [[] for _ in samples], [False] * rows, []
         lp, first_diag, start_pos = np.zeros(rows), None, pos
-        riding, fork = True, (0, logits, cache, pos)  # greedy's state at its last shared step
+        riding, fork = True, None  # fork: greedy's state after its last shared step
         for j in range(max(map(len, answers))):
             z = np.asarray(logits, np.float64)
             logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -331,8 +392,8 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
                     elif all(e or int(g) == t for g, e, t in zip(greedy, ends, toks)):
                         _greedy_commit(greedy, ends, outs)
                         done, shared = ends, True
-                    else:
-                        riding = False
+                    else:  # the steps donate their cache: keep a copy for greedy
+                        riding, fork = False, (j, logits, ev.copy_cache(cache), pos)
             t1 = time.perf_counter()
             logits, cache, diag = ev.step(toks, pos, cache, policy, prompt_len)
             first_diag = first_diag or diag
@@ -340,7 +401,8 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
             if shared:
                 logits.block_until_ready()
                 step_times.append(time.perf_counter() - t1)
-                fork = (j + 1, logits, cache, pos)
+        if riding:  # the reference answers ended first
+            fork = (max(map(len, answers)), logits, cache, pos)
         if fork is not None:  # greedy goes on alone from its first step of its own
             j0, logits, cache, pos = fork
             for _ in range(j0, new_tokens):
@@ -571,21 +633,26 @@ def main(argv=None):
         return
     ev = Evaluator(model, args.chunk)
     eos = set(tok.eos_ids)
-    records, prefill_times = [], {}
+    records, prefill_times = list(setting["done"]), {}
+    planned = len(jobs) * len(setting["questions"])
     # batches of samples of one task, length and question protocol, in spread order
     groups = {}
-    for length, s in jobs:
-        groups.setdefault((length, s.task), []).append(s)
+    for length, s, q in pending(jobs, records, setting["questions"]):
+        groups.setdefault((length, s.task, q), []).append(s)
     def interleave(lists):
         return [w for ws in itertools.zip_longest(*lists) for w in ws if w is not None]
 
     # the protocols' batches alternate, and the tasks' (a run cut short stays balanced)
-    work = interleave([interleave([[(length, b, q) for b in batches(ss, q, args.batch)]
-                                   for q in setting["questions"]])
-                       for (length, _), ss in groups.items()])
-    planned = sum(len(b) for _, b, _ in work)
-    started, done = time.monotonic(), 0
-    bar = tqdm(total=planned, desc="samples", unit="sample", file=sys.stderr)
+    by_task = {}
+    for (length, task, q), ss in groups.items():
+        by_task.setdefault((length, task), []).append([(length, b, q)
+                                                       for b in batches(ss, q, args.batch)])
+    work = interleave([interleave(qs) for qs in by_task.values()])
+    done = planned - sum(len(b) for _, b, _ in work)
+    if done:
+        print(f"--resume: {done} of {planned} samples done in {args.out}", file=sys.stderr)
+    started = time.monotonic()
+    bar = tqdm(total=planned, initial=done, desc="samples", unit="sample", file=sys.stderr)
     for length, batch, question in work:
         if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes}: stopping after {done} of {planned} "
@@ -603,9 +670,11 @@ def main(argv=None):
         done += len(batch)
         bar.update(len(batch))
         if args.out and done < planned:  # a run killed later keeps what it measured
-            write_outputs(args.out, _payload(args, argv, records, prefill_times, planned, done))
+            write_outputs(args.out, _payload(args, argv, records, prefill_times, planned, done,
+                                              setting["earlier_commands"]))
     bar.close()
-    payload = _payload(args, argv, records, prefill_times, planned, done)
+    payload = _payload(args, argv, records, prefill_times, planned, done,
+                       setting["earlier_commands"])
     print_summary(payload["rows"])
     print("prefill seconds (first includes jit compilation):", payload["prefill"])
     if args.out:
@@ -613,14 +682,16 @@ def main(argv=None):
         print(f"wrote {args.out}/results.json, results.csv, score.png")
 
 
-def _payload(args, argv, records, prefill_times, planned, done):
-    """results.json's content for the samples run so far (`runs` says how many)."""
+def _payload(args, argv, records, prefill_times, planned, done, earlier_commands=()):
+    """results.json's content for the samples run so far (`runs` says how many); `command`
+    lists every command of a resumed run (prefill times are this command's)."""
     import numpy as np
 
     times = {str(n): {"prefill_s_first": t[0], "prefill_s_median_after_first":
                       float(np.median(t[1:])) if len(t) > 1 else None}
              for n, t in prefill_times.items()}
-    return {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+    command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+    return {"command": [*earlier_commands, command] if earlier_commands else command,
             "model": args.model, "rows": aggregate(records), "samples": records,
             "prefill": times, "runs": {"planned": planned, "done": done},
             "platform": platform_info(), "setting": {k: v for k, v in vars(args).items()}}

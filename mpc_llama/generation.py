@@ -12,7 +12,7 @@ import numpy as np
 
 from mpc_llama.config import LlamaConfig
 from mpc_llama.errors import ConfigError
-from mpc_llama.model import decode_step, prefill
+from mpc_llama.model import decode_step, device_params, prefill
 
 
 def check_lengths(cfg: LlamaConfig, prompt_len: int, max_new_tokens: int) -> None:
@@ -52,6 +52,7 @@ def greedy_generate(params: dict, cfg: LlamaConfig, prompt: Sequence[int], max_n
                     policy=None) -> Generation:
     """Generates up to `max_new_tokens` greedy tokens after `prompt` (stops at an EOS id)."""
     check_lengths(cfg, len(prompt), max_new_tokens)
+    params = device_params(params)  # once, not per jitted call
     capacity = len(prompt) + max_new_tokens
     logits, cache = _prefill_last(params, cfg, jnp.asarray([prompt], jnp.int32), capacity,
                                   policy)

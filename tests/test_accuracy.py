@@ -224,6 +224,9 @@ class _TableModel:
     def cache(self, layers, capacity, policy):
         return tuple(() for _ in self.first)
 
+    def copy_cache(self, cache):
+        return cache  # tuples: nothing is updated in place
+
     def step(self, tokens, position, cache, policy, prompt_len):
         import numpy as np
 
@@ -313,3 +316,22 @@ def test_results_written_after_each_batch(tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert res["runs"] == {"planned": 2, "done": 1}
     assert [row["n"] for row in res["rows"]] == [1] and len(res["samples"]) == 1
+    # --resume runs only the missing sample and keeps the first one's records
+    monkeypatch.setattr(run_accuracy, "evaluate_batch", real)
+    first = res["samples"]
+    args = ["--tasks", "passkey", "--lengths", "160", "--samples", "2", "--policies", "full",
+            "--questions", "inside", "--out", str(out), "--resume"]
+    counted = []
+    monkeypatch.setattr(run_accuracy, "evaluate_batch",
+                        lambda ev, batch, *a: counted.append(len(batch)) or real(ev, batch, *a))
+    run_accuracy.main(args)
+    res = json.loads((out / "results.json").read_text())
+    assert counted == [1] and res["runs"] == {"planned": 2, "done": 2}
+    assert res["samples"][0] == first[0] and res["rows"][0]["n"] == 2
+    assert len({s["depth"] for s in res["samples"]}) == 2 and len(res["command"]) == 2
+    run_accuracy.main(args)  # nothing left: nothing runs
+    assert counted == [1]
+    with pytest.raises(ConfigError, match="settings differ.*samples 2 -> 3"):
+        run_accuracy.main(args[:5] + ["3"] + args[6:])
+    with pytest.raises(ConfigError, match="--resume needs --out"):
+        run_accuracy.main(args[:-3] + ["--resume"])
