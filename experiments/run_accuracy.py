@@ -135,8 +135,9 @@ def build_setting(args):
 
         get_protocol(args.protocol)
     done, commands = resumed_records(args) if args.resume else ([], [])
-    return {"done": done, "earlier_commands": commands, "tasks": tasks, "longbench": lb_data, "lengths": lengths, "budgets": budgets,
-            "policies": policies, "questions": questions, "depths": depths}
+    return {"tasks": tasks, "longbench": lb_data, "lengths": lengths, "budgets": budgets,
+            "policies": policies, "questions": questions, "depths": depths, "done": done,
+            "earlier_commands": commands}
 
 
 RESUME_FREE = ("batch", "max_minutes", "out", "resume")  # settings a resumed run may change
