@@ -141,8 +141,8 @@ def _layer_params(params: dict, i: int) -> dict:
 def device_params(params: dict) -> dict:
     """The parameter tree as device arrays, for plaintext loops that call jitted functions
     many times. Loaded checkpoints hold numpy arrays (often transposed views, Fortran-ordered);
-    jax converts a numpy argument on EVERY call: for SmolLM2 a 14 MB relayout per layer, about
-    20x a decode step's own work on 2 cores. Convert once, then pass these."""
+    jax converts a numpy argument on EVERY call (SmolLM2, 2 cores: a layer's MLP call took
+    6.3 ms with numpy weights, 0.36 ms with these). Convert once, then pass these."""
     return jax.tree_util.tree_map(jax.device_put, params)
 
 

@@ -317,7 +317,6 @@ def test_results_written_after_each_batch(tmp_path, monkeypatch):
     assert res["runs"] == {"planned": 2, "done": 1}
     assert [row["n"] for row in res["rows"]] == [1] and len(res["samples"]) == 1
     # --resume runs only the missing sample and keeps the first one's records
-    monkeypatch.setattr(run_accuracy, "evaluate_batch", real)
     first = res["samples"]
     args = ["--tasks", "passkey", "--lengths", "160", "--samples", "2", "--policies", "full",
             "--questions", "inside", "--out", str(out), "--resume"]
