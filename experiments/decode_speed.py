@@ -53,7 +53,7 @@ def main(argv=None):
     times = []
     for _ in tqdm(range(2), desc="prompt pass (1st compiles)", file=sys.stderr):
         t0 = time.perf_counter()
-        logits, layers = ev.prompt(ids)
+        logits, layers = ev.prompt([ids])  # a batch of one row
         logits.block_until_ready()
         times.append(time.perf_counter() - t0)
     out = {"length": len(ids), "prefill_s_first": times[0], "prefill_s": times[1],
@@ -64,7 +64,7 @@ def main(argv=None):
         tok, pos, step_s = int(np.argmax(np.asarray(logits)[0])), len(ids), []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
-            z, cache, _ = ev.step(tok, pos, cache, policy, len(ids))
+            z, cache, _ = ev.step([tok], pos, cache, policy, len(ids))
             z.block_until_ready()
             if i >= args.warmup:
                 step_s.append(time.perf_counter() - t0)

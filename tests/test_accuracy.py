@@ -334,3 +334,16 @@ def test_results_written_after_each_batch(tmp_path, monkeypatch):
         run_accuracy.main(args[:5] + ["3"] + args[6:])
     with pytest.raises(ConfigError, match="--resume needs --out"):
         run_accuracy.main(args[:-3] + ["--resume"])
+
+
+def test_decode_speed_script(tmp_path):
+    """experiments/decode_speed.py runs (batch-1 rows through the harness's Evaluator)."""
+    from experiments.decode_speed import main as speed_main
+
+    out = tmp_path / "speed.json"
+    speed_main(["--length", "128", "--steps", "2", "--warmup", "1", "--policies",
+                "full,mpcache", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["length"] == 128 and set(res["policies"]) == {"full", "mpcache"}
+    assert all(len(p["all"]) == 2 and p["decode_s_per_token"] > 0
+               for p in res["policies"].values())
