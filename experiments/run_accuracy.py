@@ -146,20 +146,13 @@ RESUME_FREE = ("batch", "max_minutes", "out", "resume")  # settings a resumed ru
 def resumed_records(args):
     """The per-sample records of the run in --out that --resume continues (checked to have
     the same settings, apart from RESUME_FREE)."""
-    import json
+    from experiments.merge_accuracy import load
 
     if not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
-    path = os.path.join(args.out, "results.json")
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--resume: no results file at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--resume: {path} is not JSON: {e}") from None
-    if "samples" not in old or "setting" not in old:
-        raise ConfigError(f"--resume: {path} is not a run_accuracy.py results file")
+    old = load(args.out)
+    if "setting" not in old:
+        raise ConfigError(f"--resume: {args.out} holds no run settings to continue")
     now = vars(args)
     diff = sorted(k for k in set(now) | set(old["setting"]) if k not in RESUME_FREE
                   and now.get(k) != old["setting"].get(k))
