@@ -60,27 +60,19 @@ def block_inputs(policy, seq: int, heads: int, dim: int, seed: int = 0):
 
 
 def measure(protocol, policy, seq, heads, dim):
-    """Cost with every party's counters (ABY3: one run per profiled rank)."""
-    from protocols.cost import Cost
+    """Cost with every party's counters (one run; see protocols.session.SpuSession)."""
     from protocols.session import SpuSession
 
     fn, args, names, entries = block_inputs(policy, seq, heads, dim)
-    parties, first = [], None
-    ranks = [0] if protocol.world_size == 2 else range(protocol.world_size)
-    for rank in ranks:
-        session = SpuSession(protocol, profile_rank=rank)
-        if protocol.kind == "CHEETAH":
-            session.warm_up()
-        prog = session.compile(fn, args, names)
-        for n, a in zip(names, args):
-            if a is not None:
-                session.put(n, a)
-        (_,), cost = session.run(prog, ("out",))
-        first = first or cost
-        parties.append(cost.parties[rank])
-    if protocol.world_size > 2:
-        first = Cost(tuple(parties), first.ops, first.seconds, 0, first.includes_setup)
-    return first, entries
+    session = SpuSession(protocol)
+    if protocol.kind == "CHEETAH":
+        session.warm_up()
+    prog = session.compile(fn, args, names)
+    for n, a in zip(names, args):
+        if a is not None:
+            session.put(n, a)
+    (_,), cost = session.run(prog, ("out",))
+    return cost, entries
 
 
 def main() -> None:

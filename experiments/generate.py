@@ -172,9 +172,6 @@ def main() -> None:
     else:
         from protocols.private_generation import generate_all_parties
 
-        if protocol.world_size > 2:
-            print(f"{protocol.name}: one run per party to measure each party's counters",
-                  file=sys.stderr)
         res, setup = generate_all_parties(protocol, model.cfg, model.params, prompt_ids,
                                           args.max_new_tokens, eos, policy,
                                           on_token=lambda t, c: bar.update(1))

@@ -33,7 +33,8 @@ FORMAT = 3  # bump when what a cached measurement means changes
 # refill multiplied by 32 layers (or by a head extrapolation) would swamp the block's own
 # rounds (a 4-head softmax over 8k entries: ~700 sends steady). A median keeps a refill only
 # where most runs of the block trigger one (blocks moving tens of MB per run); run_spu.py
-# says so. ABY3's counters also vary a few % from run to run.
+# says so. ABY3's per-party counters also vary a few % from run to run (its truncation draws
+# the parties' roles from a public random pivot; their sum is fixed): medians per party.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
 PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in decode_step)
 
@@ -110,8 +111,7 @@ def extrapolate(measured: Dict[int, Counters], heads: int) -> Counters:
 class BlockMeter:
     """Runs blocks under one protocol and returns every party's counters.
 
-    In-process runtimes print one party's counters; with 2 parties the other's follow exactly,
-    with 3 each block runs once per party. CHEETAH sessions pay their one-time setup in
+    Every party's counters come from one run (protocols.session.SpuSession). CHEETAH sessions pay their one-time setup in
     `warm_up` first (reported as `setup`), so block counters are steady state. Measurements
     are cached in `cache_dir` as JSON keyed by the compiled program text, the protocol
     setting, the input owners and the SPU version (exact configuration).
@@ -137,11 +137,9 @@ class BlockMeter:
             return self._sessions
         from protocols.session import SpuSession
 
-        ranks = [0] if self.protocol.world_size == 2 else range(self.protocol.world_size)
-        self._sessions = [SpuSession(self.protocol, profile_rank=r) for r in ranks]
+        self._sessions = [SpuSession(self.protocol)]
         if self.protocol.kind == "CHEETAH":
-            setups = [s.warm_up() for s in self._sessions]
-            self.setup = Counters.of(merge_parties(setups, self.protocol.world_size))
+            self.setup = Counters.of(self._sessions[0].warm_up())
             self._store(self._setup_key(), self.setup)
         return self._sessions
 
@@ -161,6 +159,8 @@ class BlockMeter:
                "protocol": dataclasses.asdict(self.protocol), "spu": _spu_version()}
         if self.cluster is not None:  # real parties: same counters, other seconds
             key["backend"] = "brpc"
+        elif self.protocol.world_size > 2:  # all parties from one run (earlier: one per party)
+            key["parties"] = "one run"
         blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -213,10 +213,9 @@ class BlockMeter:
             cost = _median_cost(self.cluster.measure(self.protocol, *recipe))
             counters = Counters.of(cost)
         else:
-            runs = [measure_runs(session, block, {MODEL: 0, USER: 1}, program)
-                    for session in self._ensure_sessions()]
-            costs = [_median_cost(party_runs) for party_runs in runs]
-            counters = Counters.of(merge_parties(costs, self.protocol.world_size))
+            session = self._ensure_sessions()[0]
+            counters = Counters.of(_median_cost(measure_runs(session, block,
+                                                             {MODEL: 0, USER: 1}, program)))
         self._store(key, counters)
         return counters
 
@@ -276,16 +275,6 @@ def _median_cost(costs):
         parties.append(PartyCost(*(int(np.median(v)) for v in fields)))
     return dataclasses.replace(costs[0], parties=tuple(parties),
                                seconds=float(np.median([c.seconds for c in costs])))
-
-
-def merge_parties(costs, world_size: int):
-    """One Cost with party i's counters from the run that profiled party i."""
-    base = costs[0]
-    if world_size == 2:
-        return base
-    parties = tuple(c.parties[i] for i, c in enumerate(costs))
-    return dataclasses.replace(base, parties=parties,
-                               seconds=sum(c.seconds for c in costs) / len(costs))
 
 
 def _spu_version() -> str:

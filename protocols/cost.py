@@ -2,8 +2,11 @@
 
 SPU 0.9.5 has no Python API for its counters. With `enable_pphlo_profile` the C++ runtime of a
 party prints, after each run, one line per op kind and a `Link details` total to file
-descriptor 1; we capture fd 1 around the run and parse them. Only the party whose runtime has
-profiling on prints, so one run measures one party exactly.
+descriptor 1; we capture fd 1 around the run and parse them. A party's lines carry no rank, so
+with several parties profiling, each runs an executable named after its rank (the block's
+first line, "SPU execution NAME completed"), and `parse_parties` attributes each block to its
+party (ABY3 needs this: its truncation draws the parties' roles from a public random pivot,
+so per-party counters are only consistent within one run).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 _OP = re.compile(r"- (\S+), executed (\d+) times, duration ([\d.e+-]+)s, send bytes (\d+) "
                  r"recv bytes (\d+), send actions (\d+), recv actions (\d+)")
+_HEAD = re.compile(r"SPU execution (\S+) completed")
 _LINK = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), "
                    r"send actions (\d+), recv actions (\d+)")
 
@@ -119,6 +123,32 @@ def parse_profile(text: str) -> Tuple[Optional[PartyCost], Dict[str, OpCost]]:
                            prev.bytes_sent + int(sb), prev.bytes_recv + int(rb),
                            prev.sends + int(sa))
     return link, ops
+
+
+def parse_parties(text: str, names: List[str]
+                  ) -> Optional[List[Tuple[PartyCost, Dict[str, OpCost]]]]:
+    """Each party's (link counters, per-op counters) from the profile of ONE run in which party
+    i ran an executable named `names[i]`; None when parties' blocks interleaved (their lines
+    cannot be attributed: run again)."""
+    blocks: Dict[str, List[str]] = {}
+    current = None
+    for line in text.splitlines():
+        head = _HEAD.search(line)
+        if head:
+            if current is not None or head.group(1) in blocks:
+                return None
+            current = head.group(1)
+            blocks[current] = []
+        if current is not None:
+            blocks[current].append(line)
+            if _LINK.search(line):
+                current = None
+        elif _OP.search(line) or _LINK.search(line):
+            return None
+    if current is not None or sorted(blocks) != sorted(names):
+        return None
+    parsed = [parse_profile("\n".join(blocks[n])) for n in names]
+    return None if any(link is None for link, _ in parsed) else parsed
 
 
 @contextlib.contextmanager

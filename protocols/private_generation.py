@@ -143,38 +143,16 @@ def placeholder_params(cfg: LlamaConfig) -> dict:
     return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
 
 
-def _merge_party(base: Cost, other: Cost, rank: int) -> Cost:
-    """`base` with party `rank`'s counters taken from `other` (a run profiling that rank)."""
-    parties = list(base.parties)
-    parties[rank] = other.parties[rank]
-    return dataclasses.replace(base, parties=tuple(parties))
-
-
 def generate_all_parties(protocol, cfg: LlamaConfig, params: dict, prompt: Sequence[int],
                          max_new_tokens: int, eos_ids: Sequence[int] = (), policy=None,
                          on_token: Optional[Callable[[int, Cost], None]] = None):
-    """Private generation with every party's counters measured.
-
-    In-process runtimes print the counters of one profiled party. In 2PC the other party's
-    follow exactly; with more parties the generation is repeated once per extra rank, each
-    run profiling that rank (same programs, same inputs), and the tokens must agree.
-    Returns (PrivateResult with all parties' counters, setup Cost of the first session).
+    """Private generation with every party's counters measured (one session: in 2PC the
+    other party's counters follow the profiled party's exactly; with three parties every party
+    prints its own, see protocols.session.SpuSession).
+    Returns (PrivateResult with all parties' counters, setup Cost of the session).
     """
-    runs, setup = [], None
-    ranks = [0] if protocol.world_size == 2 else list(range(protocol.world_size))
-    for rank in ranks:
-        session = SpuSession(protocol, profile_rank=rank)
-        warm = session.warm_up()
-        setup = setup or warm
-        gen = PrivateGenerator(session, cfg, params, policy=policy)
-        runs.append(gen.generate(prompt, max_new_tokens, eos_ids,
-                                 on_token=on_token if rank == 0 else None))
-    result = runs[0]
-    for rank, run in enumerate(runs[1:], start=1):
-        if run.tokens != result.tokens:
-            raise RuntimeError(f"the run profiling party {rank} generated other tokens "
-                               f"({run.tokens} vs {result.tokens}): fixed-point near-tie")
-        result = PrivateResult(
-            result.tokens, _merge_party(result.prefill_cost, run.prefill_cost, rank),
-            [_merge_party(a, b, rank) for a, b in zip(result.decode_costs, run.decode_costs)])
+    session = SpuSession(protocol)
+    setup = session.warm_up()
+    gen = PrivateGenerator(session, cfg, params, policy=policy)
+    result = gen.generate(prompt, max_new_tokens, eos_ids, on_token=on_token)
     return result, setup

@@ -120,11 +120,12 @@ def test_wrong_party_count_for_protocol(tmp_path, tiny_hf):
 # ---- the same runs as the simulator ----
 
 @pytest.mark.parametrize("protocol_name, rtol", [("semi2k", 0.0), ("cheetah", 0.01),
-                                                 ("aby3", 0.06)])
+                                                 ("aby3", 0.0)])
 def test_distributed_runs_match_the_simulator(tmp_path, tiny_hf, protocol_name, rtol):
     """Private generation and one benchmark block on real parties (one process each) give
-    the simulator's tokens and, per party, its bytes (SEMI2K exactly; CHEETAH's silent-OT
-    refills and ABY3's run-to-run variation within rtol) and sends."""
+    the simulator's tokens and its bytes and sends: per party in 2PC (SEMI2K exactly,
+    CHEETAH's silent-OT refills within rtol); summed over the parties in ABY3, exactly (a
+    party's share of them follows a public random pivot drawn at each truncation)."""
     from mpc_llama.loading import load_model
     from protocols.benchmark import BlockMeter
     from protocols.blocks import attention_blocks
@@ -150,22 +151,23 @@ def test_distributed_runs_match_the_simulator(tmp_path, tiny_hf, protocol_name, 
         dist = cluster.generate(protocol, model.cfg, None, PROMPT, 3)
         dist_block = BlockMeter(protocol, cluster=cluster).measure(block)
     assert not _orphans(path)
-    sims = []
-    for rank in ([0] if n == 2 else range(n)):
-        session = SpuSession(protocol, profile_rank=rank)
-        if protocol.kind == "CHEETAH":
-            session.warm_up()
-        sims.append(PrivateGenerator(session, model.cfg, model.params).generate(PROMPT, 3))
+    session = SpuSession(protocol)
+    if protocol.kind == "CHEETAH":
+        session.warm_up()
+    sim = PrivateGenerator(session, model.cfg, model.params).generate(PROMPT, 3)
     sim_block = BlockMeter(protocol).measure(block)
-    assert dist.tokens == sims[0].tokens
-    for rank in range(n):
-        sim = sims[0 if n == 2 else rank]
-        got, want = dist.total.parties[rank], sim.total.parties[rank]
-        assert got.bytes_sent == pytest.approx(want.bytes_sent, rel=rtol), rank
-        assert got.sends == pytest.approx(want.sends, rel=0.02), rank
-        assert dist_block.bytes_sent[rank] == pytest.approx(sim_block.bytes_sent[rank],
-                                                            rel=max(rtol, 0.01))
-        assert dist_block.sends[rank] == pytest.approx(sim_block.sends[rank], rel=0.02)
+    assert dist.tokens == sim.tokens
+    # the block keeps each party's median over repeated runs (protocols.benchmark.REPEATS)
+    pairs = [(dist.total, sim.total, rtol), (dist_block, sim_block, max(rtol, 0.01))]
+    if n == 2:
+        for rank in range(n):
+            for got, want, tol in pairs:
+                assert got.bytes_sent[rank] == pytest.approx(want.bytes_sent[rank], rel=tol)
+                assert got.sends[rank] == pytest.approx(want.sends[rank], rel=0.02), rank
+    else:
+        for got, want, tol in pairs:
+            assert sum(got.bytes_sent) == pytest.approx(sum(want.bytes_sent), rel=tol)
+            assert sum(got.sends) == pytest.approx(sum(want.sends), rel=tol)
 
 
 def test_tls_links(tmp_path, tiny_hf):

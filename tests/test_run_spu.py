@@ -14,7 +14,7 @@ from eviction import make_policy
 from mpc_llama.config import LlamaConfig
 from mpc_llama.model import init_params, prefill
 from protocols.benchmark import (BlockMeter, Counters, compose_static, compose_step, extrapolate,
-                                 extrapolate_seq, merge_parties, total)
+                                 extrapolate_seq, total)
 from protocols.blocks import attention_blocks, dense_blocks, retained, static_blocks
 from protocols.private_generation import PrivateGenerator, _secret_part, spu_config
 from protocols.registry import get_protocol
@@ -29,24 +29,21 @@ SEQ = 256
 def direct_step(protocol, cfg, policy, seq):
     """Every party's counters of one real decode step (PrivateGenerator's program) on a cache
     of `seq` prompt tokens."""
-    costs = []
-    for rank in [0] if protocol.world_size == 2 else range(protocol.world_size):
-        s = SpuSession(protocol, profile_rank=rank)
-        if protocol.kind == "CHEETAH":
-            s.warm_up()
-        gen = PrivateGenerator(s, cfg, init_params(cfg, jax.random.PRNGKey(0)), policy=policy)
-        prog = gen.decode_program(seq, seq + 1)
-        spec = jax.eval_shape(lambda p, t: prefill(p, gen.cfg, t, seq + 1, policy=policy)[1],
-                              gen.params, jax.ShapeDtypeStruct((1, seq), np.int32))
-        rng = np.random.default_rng(0)
-        s.put("cache", jax.tree_util.tree_map(
-            lambda a: rng.normal(size=a.shape).astype(np.float32) if a.dtype == np.float32
-            else np.zeros(a.shape, a.dtype), _secret_part(spec)))
-        s.put("token", np.zeros((1,), np.int32), owner=1)
-        s.put("position", np.int32(seq), public=True)
-        s.put("length", np.int32(retained(policy, seq)[0] - 1), public=True)
-        costs.append(s.run(prog, ("next", "cache"))[1])
-    return Counters.of(merge_parties(costs, protocol.world_size))
+    s = SpuSession(protocol)
+    if protocol.kind == "CHEETAH":
+        s.warm_up()
+    gen = PrivateGenerator(s, cfg, init_params(cfg, jax.random.PRNGKey(0)), policy=policy)
+    prog = gen.decode_program(seq, seq + 1)
+    spec = jax.eval_shape(lambda p, t: prefill(p, gen.cfg, t, seq + 1, policy=policy)[1],
+                          gen.params, jax.ShapeDtypeStruct((1, seq), np.int32))
+    rng = np.random.default_rng(0)
+    s.put("cache", jax.tree_util.tree_map(
+        lambda a: rng.normal(size=a.shape).astype(np.float32) if a.dtype == np.float32
+        else np.zeros(a.shape, a.dtype), _secret_part(spec)))
+    s.put("token", np.zeros((1,), np.int32), owner=1)
+    s.put("position", np.int32(seq), public=True)
+    s.put("length", np.int32(retained(policy, seq)[0] - 1), public=True)
+    return Counters.of(s.run(prog, ("next", "cache"))[1])
 
 
 def composed_step(protocol, cfg, policy, seq, heads):
@@ -61,12 +58,12 @@ def close(a, b, tol):
     return abs(a - b) <= tol * max(abs(a), abs(b))
 
 
-# Tolerances: SEMI2K composes exactly up to compile-level differences (<1% measured); ABY3's
-# own run-to-run variation is up to 4% per party (two identical runs of one program), so its
-# bytes are compared on the all-party total, within 5% (a CI run measured 3.9% on it), and so
-# are its sends (a full-suite run: busiest party 1,372 composed vs 1,408 direct, 2.6%; the
-# all-party totals 4,074 vs 4,111, 0.9%); CHEETAH's silent-OT buffers are refilled by
-# whichever run drains them, which moves up to ~2% of bytes between runs.
+# Tolerances: SEMI2K composes exactly up to compile-level differences (<1% measured). ABY3's
+# truncation draws the parties' roles from a public random pivot, so a party's counters vary
+# from run to run while the all-party sums do not: ABY3 is compared on those sums (measured:
+# bytes 2.5% apart for mpcache, 1.70 vs 1.74 MB, the direct step identical in every run;
+# sends 0.5%). CHEETAH's silent-OT buffers are refilled by whichever run drains them, which
+# moves up to ~2% of bytes between runs.
 @pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05),
                                                 ("cheetah", 0.03)])
 @pytest.mark.parametrize("policy", ["full", "mpcache"])
@@ -76,7 +73,7 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
     direct = direct_step(proto, SMALL, pol, SEQ)
     comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads])
     assert close(comp.total_bytes, direct.total_bytes, tol_bytes), (comp, direct)
-    if protocol == "aby3":  # per-party sends vary run to run: 1,372 vs 1,408 on one party
+    if protocol == "aby3":  # a party's sends follow the random truncation roles
         assert close(sum(comp.sends), sum(direct.sends), 0.02), (comp.sends, direct.sends)
     else:
         assert close(max(comp.sends), max(direct.sends), 0.02), (comp.sends, direct.sends)
