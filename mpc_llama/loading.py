@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -81,11 +83,23 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _gguf_tokenizer(path: Path) -> Tokenizer:
+def _gguf_tokenizer(path: Path, cache: bool = True) -> Tokenizer:
+    """The tokenizer of a GGUF file. Building it (transformers converts the GGUF vocabulary)
+    takes ~25 s for SmolLM2, mostly parsing 49k tokens and merges field by field, so the
+    result is saved once (`save_pretrained`) under the cache directory, keyed by the file's
+    path, size and modification time and the transformers version, and read back in ~1 s."""
     import gguf
     from transformers import AutoTokenizer
 
     _quiet_transformers()
+    cached = _tokenizer_cache_dir(path) if cache else None
+    if cached is not None and (cached / _FACTS).exists():
+        try:
+            facts = json.loads((cached / _FACTS).read_text())
+            hf = AutoTokenizer.from_pretrained(str(cached))
+            return Tokenizer(hf, facts["bos_id"], tuple(facts["eos_ids"]), facts["add_bos"])
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry: rebuilt below
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields
 
@@ -98,8 +112,58 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
     add_bos = bool(value("tokenizer.ggml.add_bos_token", value("tokenizer.ggml.model") == "llama"))
     if value("tokenizer.chat_template"):
         hf.chat_template = value("tokenizer.chat_template")
-    return Tokenizer(hf, None if bos is None else int(bos),
-                     () if eos is None else (int(eos),), add_bos)
+    tok = Tokenizer(hf, None if bos is None else int(bos),
+                    () if eos is None else (int(eos),), add_bos)
+    if cached is not None:
+        _save_tokenizer(tok, cached)
+    return tok
+
+
+_FACTS = "mpcache_tokenizer.json"
+
+
+def cache_root() -> Optional[Path]:
+    """Where derived files (converted tokenizers) are kept: $MPCACHE_CACHE_DIR, else
+    $XDG_CACHE_HOME/mpcache or ~/.cache/mpcache; MPCACHE_CACHE_DIR="" turns caching off."""
+    root = os.environ.get("MPCACHE_CACHE_DIR")
+    if root is not None:
+        return Path(root) if root else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpcache"
+
+
+def _tokenizer_cache_dir(path: Path) -> Optional[Path]:
+    import hashlib
+
+    import transformers
+
+    root = cache_root()
+    if root is None:
+        return None
+    st = path.stat()
+    key = json.dumps({"file": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+                      "transformers": transformers.__version__, "format": 1}, sort_keys=True)
+    return root / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _save_tokenizer(tok: Tokenizer, target: Path) -> None:
+    """Writes the tokenizer to `target` atomically (a temporary directory renamed); a cache
+    that cannot be written is skipped silently (it only saves time)."""
+    import shutil
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        tok.hf.save_pretrained(str(tmp))
+        (tmp / _FACTS).write_text(json.dumps({"bos_id": tok.bos_id,
+                                              "eos_ids": list(tok.eos_ids),
+                                              "add_bos": tok.add_bos}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # written meanwhile by another process
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _hf_tokenizer(directory: Path) -> Optional[Tokenizer]:
@@ -115,8 +179,6 @@ def _hf_tokenizer(directory: Path) -> Optional[Tokenizer]:
     eos = hf.eos_token_id
     gen_cfg = directory / "generation_config.json"
     if gen_cfg.exists():
-        import json
-
         try:
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
         except ValueError:
@@ -129,8 +191,6 @@ def _hf_tokenizer(directory: Path) -> Optional[Tokenizer]:
 def load_config(name_or_path: str) -> LlamaConfig:
     """The architecture only (no weights read): a preset name (`llama-2-7b`, ...), `smollm2`
     (the embedded GGUF's header), a `.gguf` file or an HF checkpoint directory."""
-    import json
-
     from mpc_llama.config import PRESETS
     from mpc_llama.gguf_loader import read_config
     from mpc_llama.hf_loader import config_from_hf

@@ -9,6 +9,16 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def pytest_configure(config):
+    """Derived files (the GGUF tokenizer, mpc_llama.loading.cache_root) go to a directory of
+    this run, inherited by the CLIs the tests start: built once per run, never read from an
+    earlier one."""
+    import tempfile
+
+    os.environ["MPCACHE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mpcache-test-cache-")
+
+
 from mpc_llama.config import preset  # noqa: E402
 from mpc_llama.model import init_params  # noqa: E402
 

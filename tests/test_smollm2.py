@@ -28,3 +28,29 @@ def test_unpermute_inverts_llama_cpp_permutation():
     hf = np.arange(n_heads * head_dim * d_in, dtype=np.float32).reshape(-1, d_in)
     permuted = hf.reshape(n_heads, 2, head_dim // 2, d_in).swapaxes(1, 2).reshape(hf.shape)
     np.testing.assert_array_equal(unpermute_qk(permuted, n_heads), hf)
+
+
+def test_tokenizer_cache_reads_back_what_was_built(tmp_path, monkeypatch):
+    """The GGUF tokenizer saved to the cache reads back the same: ids (special tokens and
+    BOS rules included), decoding and the chat template."""
+    from mpc_llama.loading import _gguf_tokenizer, embedded_gguf_path
+
+    monkeypatch.setenv("MPCACHE_CACHE_DIR", str(tmp_path))
+    built = _gguf_tokenizer(embedded_gguf_path())
+    entries = list((tmp_path / "tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").exists()
+    cached = _gguf_tokenizer(embedded_gguf_path())
+    assert cached.hf is not built.hf
+    assert (cached.bos_id, cached.eos_ids, cached.add_bos) == (built.bos_id, built.eos_ids,
+                                                               built.add_bos)
+    for text in ["The pass key is 71432. Remember it.", "<|im_start|>user\nhi<|im_end|>",
+                 "  tabs\tand ünïcödé 😀\n\n"]:
+        assert cached.encode(text) == built.encode(text)
+        assert cached.encode_start(text) == built.encode_start(text)
+        assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
+    assert cached.chat("What is the capital of France?") == built.chat(
+        "What is the capital of France?")
+    from mpc_llama.loading import cache_root
+
+    monkeypatch.setenv("MPCACHE_CACHE_DIR", "")  # caching off
+    assert cache_root() is None
