@@ -34,7 +34,8 @@ FORMAT = 3  # bump when what a cached measurement means changes
 # rounds (a 4-head softmax over 8k entries: ~700 sends steady). A median keeps a refill only
 # where most runs of the block trigger one (blocks moving tens of MB per run); run_spu.py
 # says so. ABY3's per-party counters also vary a few % from run to run (its truncation draws
-# the parties' roles from a public random pivot; their sum is fixed): medians per party.
+# the parties' roles from a public random pivot; their sum is fixed): the parties come busiest
+# first, and each position keeps its median.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
 PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in decode_step)
 

@@ -2,11 +2,11 @@
 
 SPU 0.9.5 has no Python API for its counters. With `enable_pphlo_profile` the C++ runtime of a
 party prints, after each run, one line per op kind and a `Link details` total to file
-descriptor 1; we capture fd 1 around the run and parse them. A party's lines carry no rank, so
-with several parties profiling, each runs an executable named after its rank (the block's
-first line, "SPU execution NAME completed"), and `parse_parties` attributes each block to its
-party (ABY3 needs this: its truncation draws the parties' roles from a public random pivot,
-so per-party counters are only consistent within one run).
+descriptor 1; we capture fd 1 around the run and parse them. The lines carry no rank, and
+parties that finish together interleave them: with three parties profiling (ABY3 needs it:
+its truncation draws the parties' roles from a public random pivot, so one party's counters
+are only consistent with the others' within one run), `parse_links` returns the three
+`Link details` lines in the order printed, and the per-op lines sum over the parties.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Tuple
 
 _OP = re.compile(r"- (\S+), executed (\d+) times, duration ([\d.e+-]+)s, send bytes (\d+) "
                  r"recv bytes (\d+), send actions (\d+), recv actions (\d+)")
-_HEAD = re.compile(r"SPU execution (\S+) completed")
 _LINK = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), "
                    r"send actions (\d+), recv actions (\d+)")
 
@@ -49,8 +48,9 @@ class PartyCost:
 class Cost:
     """What one program run cost.
 
-    parties: per-party link counters (index = rank; None where not measured);
-    ops: per-op breakdown of party `ops_rank`;
+    parties: per-party link counters (index = rank; in-process 3PC runs: busiest first, see
+    protocols.session.SpuSession);
+    ops: per-op breakdown of party `ops_rank` (None: all parties summed);
     seconds: wall-clock of the run (all parties as threads on this machine);
     includes_setup: True for the first run of a CHEETAH runtime, which also pays its one-time
     HE key and OT setup.
@@ -59,7 +59,7 @@ class Cost:
     parties: Tuple[Optional[PartyCost], ...]
     ops: Dict[str, OpCost]
     seconds: float
-    ops_rank: int = 0
+    ops_rank: Optional[int] = 0
     includes_setup: bool = False
 
     @property
@@ -125,30 +125,9 @@ def parse_profile(text: str) -> Tuple[Optional[PartyCost], Dict[str, OpCost]]:
     return link, ops
 
 
-def parse_parties(text: str, names: List[str]
-                  ) -> Optional[List[Tuple[PartyCost, Dict[str, OpCost]]]]:
-    """Each party's (link counters, per-op counters) from the profile of ONE run in which party
-    i ran an executable named `names[i]`; None when parties' blocks interleaved (their lines
-    cannot be attributed: run again)."""
-    blocks: Dict[str, List[str]] = {}
-    current = None
-    for line in text.splitlines():
-        head = _HEAD.search(line)
-        if head:
-            if current is not None or head.group(1) in blocks:
-                return None
-            current = head.group(1)
-            blocks[current] = []
-        if current is not None:
-            blocks[current].append(line)
-            if _LINK.search(line):
-                current = None
-        elif _OP.search(line) or _LINK.search(line):
-            return None
-    if current is not None or sorted(blocks) != sorted(names):
-        return None
-    parsed = [parse_profile("\n".join(blocks[n])) for n in names]
-    return None if any(link is None for link, _ in parsed) else parsed
+def parse_links(text: str) -> List[PartyCost]:
+    """Every `Link details` line of `text`, in the order printed (one per profiled party)."""
+    return [PartyCost(*(int(v) for v in m.groups())) for m in _LINK.finditer(text)]
 
 
 @contextlib.contextmanager

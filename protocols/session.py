@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import jax
 import numpy as np
 
-from protocols.cost import Cost, PartyCost, capture_fd1, parse_parties, parse_profile
+from protocols.cost import Cost, PartyCost, capture_fd1, parse_links, parse_profile
 from protocols.registry import Protocol
 
 SECRET, PUBLIC = "secret", "public"
@@ -70,12 +70,12 @@ class SpuSession:
 
     Every run measures every party. In 2PC the profiled party (`profile_rank`, default 0)
     prints SPU's counters and the other's follow exactly (its sends are the profiled party's
-    receives). With three parties all of them print, each running a copy of the executable
-    named after its rank so that its lines can be told apart (`parse_parties`); a run whose
-    parties' lines interleaved is repeated (same inputs: programs only write their outputs).
+    receives); `ops` are the profiled party's. With three parties all of them print: their
+    link counters are listed busiest first (most bytes sent), NOT by rank (SPU 0.9.5's log
+    lines carry no rank, and parties finishing together interleave them), and `ops` sum all
+    parties'.
     ABY3 needs the one-run measurement: its truncation picks the parties' roles by a public
-    random pivot, so a party's counters differ from run to run while their sum does not.
-    `ops` (Cost.ops) are party `profile_rank`'s.
+    random pivot, so one party's counters differ from run to run while their sum does not.
     """
 
     def __init__(self, protocol: Protocol, profile_rank: int = 0):
@@ -100,7 +100,6 @@ class SpuSession:
             self._runtimes = _run_parallel([lambda r=r: make(r) for r in range(self.world_size)])
         # CHEETAH's first run also pays its one-time setup; SEMI2K's dealer and ABY3 have none
         self._setup_pending = protocol.kind == "CHEETAH"
-        self._named = {}  # id(executable) -> (executable, one renamed copy per rank)
 
     # ---- compiling ----
     def compile(self, fn: Callable, args: Sequence[Any], arg_names: Sequence[str],
@@ -217,54 +216,29 @@ class SpuSession:
 
         Returns (a tuple of SecretRefs, output j's variables renamed `out_names[j]:i`; Cost).
         """
+        start = time.perf_counter()
+        with capture_fd1() as captured:
+            _run_parallel([lambda rt=rt: rt.run(program.executable) for rt in self._runtimes])
+        seconds = time.perf_counter() - start
+        link, ops = parse_profile(captured[0])
+        if link is None:
+            raise RuntimeError("SPU printed no link counters; was profiling disabled?")
         if self.world_size > 2:
-            parties, ops, seconds = self._run_all_profiled(program.executable)
+            parties = sorted(parse_links(captured[0]), reverse=True,
+                             key=lambda p: (p.bytes_sent, p.sends))
+            if len(parties) != self.world_size:
+                raise RuntimeError(f"expected {self.world_size} parties' link counters, "
+                                   f"SPU printed {len(parties)}")
         else:
-            start = time.perf_counter()
-            with capture_fd1() as captured:
-                _run_parallel([lambda rt=rt: rt.run(program.executable)
-                               for rt in self._runtimes])
-            seconds = time.perf_counter() - start
-            link, ops = parse_profile(captured[0])
-            if link is None:
-                raise RuntimeError("SPU printed no link counters; was profiling disabled?")
             parties = [None] * self.world_size
             parties[self.profile_rank] = link
             parties[1 - self.profile_rank] = PartyCost(link.bytes_recv, link.bytes_sent,
                                                        link.recvs, link.sends)
-        cost = Cost(tuple(parties), ops, seconds, self.profile_rank,
+        cost = Cost(tuple(parties), ops, seconds,
+                    self.profile_rank if self.world_size == 2 else None,
                     includes_setup=self._setup_pending)
         self._setup_pending = False
         return self._name_outputs(program, out_names), cost
-
-    def _run_all_profiled(self, executable, attempts: int = 5):
-        """(per-party PartyCosts, ops of `profile_rank`, seconds) of one run in which every
-        party printed its counters; repeated when the parties' lines interleaved."""
-        import copy
-
-        _, copies = self._named.get(id(executable), (None, None))
-        if copies is None:
-            copies = []
-            for rank in range(self.world_size):
-                named = copy.deepcopy(executable)
-                named.name = f"{executable.name}@party{rank}"
-                copies.append(named)
-            # the original is kept alive with its copies so that its id is not reused; the
-            # few latest programs only (a benchmark runs hundreds of blocks once each)
-            if len(self._named) >= 8:
-                self._named.pop(next(iter(self._named)))
-            self._named[id(executable)] = (executable, copies)
-        for _ in range(attempts):
-            start = time.perf_counter()
-            with capture_fd1() as captured:
-                _run_parallel([lambda rt=rt, ex=ex: rt.run(ex)
-                               for rt, ex in zip(self._runtimes, copies)])
-            seconds = time.perf_counter() - start
-            parsed = parse_parties(captured[0], [c.name for c in copies])
-            if parsed is not None:
-                return [link for link, _ in parsed], parsed[self.profile_rank][1], seconds
-        raise RuntimeError(f"the parties' profile lines interleaved in {attempts} runs in a "
-                           "row; their counters cannot be attributed")
 
     def _name_outputs(self, program: Program, out_names: Sequence[str]) -> tuple:
         """A run's outputs ("__out:i") renamed `out_names[j]:i`, one SecretRef per output."""

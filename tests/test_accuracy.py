@@ -292,10 +292,13 @@ def test_greedy_rides_on_teacher_forcing(rows):
         assert ev.steps == len(" 123")
 
 
-def test_results_written_after_each_batch(tmp_path, monkeypatch):
+def test_results_written_after_each_batch(tmp_path, monkeypatch, smollm2):
     """A run killed after its first batch leaves complete outputs for that batch (runs says
     1 of 2 samples), not nothing."""
     from experiments import run_accuracy
+
+    # the session's SmolLM2 instead of a load per call (the CLI's own load: test_cli_*)
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
 
     real, calls = run_accuracy.evaluate_batch, []
 
@@ -336,9 +339,11 @@ def test_results_written_after_each_batch(tmp_path, monkeypatch):
         run_accuracy.main(args[:-3] + ["--resume"])
 
 
-def test_decode_speed_script(tmp_path):
+def test_decode_speed_script(tmp_path, monkeypatch, smollm2):
     """experiments/decode_speed.py runs (batch-1 rows through the harness's Evaluator)."""
     from experiments.decode_speed import main as speed_main
+
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
 
     out = tmp_path / "speed.json"
     speed_main(["--length", "128", "--steps", "2", "--warmup", "1", "--policies",
