@@ -112,10 +112,11 @@ def extrapolate(measured: Dict[int, Counters], heads: int) -> Counters:
 class BlockMeter:
     """Runs blocks under one protocol and returns every party's counters.
 
-    Every party's counters come from one run (protocols.session.SpuSession). CHEETAH sessions pay their one-time setup in
-    `warm_up` first (reported as `setup`), so block counters are steady state. Measurements
-    are cached in `cache_dir` as JSON keyed by the compiled program text, the protocol
-    setting, the input owners and the SPU version (exact configuration).
+    Every party's counters come from one run (protocols.session.SpuSession). CHEETAH
+    sessions pay their one-time setup in `warm_up` first (reported as `setup`), so block
+    counters are steady state. Measurements are cached in `cache_dir` as JSON keyed by the
+    compiled program text, the protocol setting, the input owners and the SPU version (exact
+    configuration).
     """
 
     def __init__(self, protocol: Protocol, cache_dir: Optional[str] = None, cluster=None):
