@@ -101,6 +101,20 @@ def test_quest_bound_is_never_below_a_true_score():
     assert (bound >= per_head - 1e-5).all()
 
 
+@pytest.mark.parametrize("length", [64, 57])
+def test_quest_split_bound_equals_the_elementwise_max(length):
+    """relu(q) . r_max + min(q, 0) . r_min = sum_d max(q_d r_max, q_d r_min) on filled pages
+    (the last one partly filled when length = 57)."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(2, 2, 64, 8)), jnp.float32)
+    rmax, rmin = bounds_of(keys, length, 16)
+    split = np.asarray(quest_bound(q, rmax, rmin, "split"))
+    literal = np.asarray(quest_bound(q, rmax, rmin, "max"))
+    np.testing.assert_allclose(split, literal, rtol=1e-5, atol=1e-5)
+    assert np.ptp(split) > 1.0  # not a constant
+
+
 def test_forced_clusters_and_candidates():
     cand, forced = cluster_candidates(jnp.asarray(40), 4, 16)
     np.testing.assert_array_equal(forced, [True, False, True, False])  # sink, current (39//16)
@@ -221,6 +235,7 @@ def test_oracle_equals_full_at_full_budget(six_layers):
     (lambda: MPCache(share="odd"), "sharing pattern"),
     (lambda: MPCache(gather="rows"), "gather"),
     (lambda: make_policy("quest", 0.1, selector="sort"), "selector"),
+    (lambda: make_policy("quest", 0.1, bound="min"), "bound"),
     (lambda: make_policy("lru"), "unknown policy"),
     (lambda: make_policy("h2o", 0.1, alpha=0.5), "no setting"),
 ])

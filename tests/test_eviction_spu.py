@@ -9,6 +9,7 @@ import pytest
 
 from eviction import POLICIES, make_policy
 from eviction.clusters import init_bounds
+from eviction.quest import quest_bound
 from mpc_llama.config import preset
 from mpc_llama.eviction_hooks import static_mask
 from mpc_llama.generation import greedy_generate
@@ -81,6 +82,37 @@ def test_selection_on_spu_equals_plaintext(name, proto, selector):
         got = np.asarray(session.reveal(ref)).astype(bool)
         for h in range(K):   # compared as sets of selected entries per KV head
             assert set(np.flatnonzero(got[0, h])) == set(np.flatnonzero(want[0, h]))
+
+
+def test_quest_split_bound_selects_the_same_pages_for_fewer_bytes():
+    """Quest's bound as relu(q) . r_max + min(q, 0) . r_min compares the query only, not every
+    page: under SPU it selects what plaintext selects with either form, and the bound itself
+    sends a fraction of the literal per-page max's bytes (the gap grows with the pages)."""
+    cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
+    inputs = separated_inputs(seed=3)
+    session = SpuSession(get_protocol("semi2k"))
+    for n, x in zip(("q_all", "keys", "q_now"), inputs):
+        session.put(n, x)
+    rmax, rmin = init_bounds(jnp.asarray(inputs[1]), T, 32, 16)[:2]
+    session.put("rmax", np.asarray(rmax))
+    session.put("rmin", np.asarray(rmin))
+    sent = {}
+    for form in ("split", "max"):
+        fn = selection_fn(make_policy("quest", BUDGET, bound=form), cfg)
+        want = np.asarray(fn(*inputs)[1])
+        assert want.any()
+        prog = session.compile(lambda *a, fn=fn: tuple(fn(*a)), inputs,
+                               ("q_all", "keys", "q_now"))
+        refs, _ = session.run(prog, ("static", "dynamic"))
+        np.testing.assert_array_equal(np.asarray(session.reveal(refs[1])).astype(bool), want)
+        args = (inputs[2], np.asarray(rmax), np.asarray(rmin))
+        prog = session.compile(lambda *a, form=form: (quest_bound(*a, form),), args,
+                               ("q_now", "rmax", "rmin"))
+        refs, cost = session.run(prog, ("bound",))
+        np.testing.assert_allclose(session.reveal(refs[0]), quest_bound(*args, form),
+                                   rtol=1e-2, atol=2e-2)
+        sent[form] = cost.parties[0].bytes_sent
+    assert sent["split"] < 0.25 * sent["max"], sent
 
 
 @pytest.fixture(scope="module")
