@@ -6,7 +6,10 @@ the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-p
 where the published 20%-of-prompt window washed out the question), sink and window forced.
 Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
-then top-k2 of their children; first and current clusters always selected. Layer-wise index
+then top-k2 of their children; first and current clusters always selected. `score1` /
+`score2` pick each level's cluster score: "khat" (the paper's similarity) or "bound" (Quest's
+exact upper bound in its split form, relu(q) . r_max + min(q, 0) . r_min: G*D comparisons per
+step whatever the cache length, and a matmul twice as wide). Layer-wise index
 sharing by `share` pattern. `gather` says how attention reaches the selection (see
 eviction.base.check_gather); the default "scores" gathers only score scalars, so the softmax
 runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
@@ -39,9 +42,13 @@ import numpy as np
 
 from eviction.base import Policy, check_gather, check_ratio, topk_mask
 from eviction.clusters import cluster_candidates, expand
+from eviction.quest import quest_bound
 from eviction.sharing import PATTERNS, share_source
 from eviction.static_scores import max_pool, window_attention
 from mpc_llama.errors import ConfigError
+
+
+SCORES = ("khat", "bound", "mix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +67,8 @@ class MPCache(Policy):
     s2: int = 16
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
+    score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's bound)
+    score2: str = "khat"      # level-2 cluster score: khat | bound
     dynamic = True
     needs_bounds = True
 
@@ -82,6 +91,10 @@ class MPCache(Policy):
             raise ConfigError("window must be >= 0 and kernel >= 1")
         if self.share not in PATTERNS:
             raise ConfigError(f"unknown sharing pattern {self.share!r}; choose from {PATTERNS}")
+        for field in ("score1", "score2"):
+            if getattr(self, field) not in SCORES:
+                raise ConfigError(f"{field} must be one of {SCORES}, got "
+                                  f"{getattr(self, field)!r}")
         if self.s2 < 1 or self.s1 % self.s2:
             raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
                               f"{self.s1}")
@@ -148,12 +161,24 @@ class MPCache(Policy):
     def bounds_alpha(self):
         return self.alpha
 
+    def cluster_score(self, q, bounds, level: int):
+        """Level-1 or level-2 cluster scores [b, k, c], summed over the group's query heads.
+
+        "khat": the comparison-free similarity q . khat (khat kept in the cache);
+        "bound": Quest's exact upper bound on q . k over the cluster, in its split form
+        (one comparison per element of q, G*D per step, whatever the cache length)."""
+        form = self.score1 if level == 1 else self.score2
+        rmax, rmin, kh = (bounds[2], bounds[3], bounds[5]) if level == 1 else (
+            bounds[0], bounds[1], bounds[4])
+        if form == "bound":
+            return quest_bound(q, rmax, rmin, "split")
+        sim = jnp.einsum("bkgd,bkcd->bkc", q, kh)
+        return sim + quest_bound(q, rmax, rmin, "split") if form == "mix" else sim
+
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
-        khat2, khat1 = bounds[4], bounds[5]
-        n1, n2 = khat1.shape[2], khat2.shape[2]
-        # comparison-free similarity (khat kept in the cache), summed over the group's heads
-        sim1 = jnp.einsum("bkgd,bkcd->bkc", q, khat1)
-        sim2 = jnp.einsum("bkgd,bkcd->bkc", q, khat2)
+        n1, n2 = bounds[5].shape[2], bounds[4].shape[2]
+        sim1 = self.cluster_score(q, bounds, 1)
+        sim2 = self.cluster_score(q, bounds, 2)
         cand1, forced1 = cluster_candidates(length, n1, self.s1)
         keep1 = jnp.logical_or(
             topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1, self.selector), forced1)

@@ -216,6 +216,39 @@ def test_mpcache_selects_the_cluster_the_query_points_at():
     assert len(chosen) <= policy.k2(c)
 
 
+@pytest.mark.parametrize("length", [128, 121])
+def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length):
+    """score2="bound" with every level-1 cluster kept (ratio1=1) is Quest over pages of s2:
+    same scores, same candidates, same k. With level-1 pruning (score1 either way) the
+    choice stays inside the kept level-1 clusters."""
+    rng = np.random.default_rng(4)
+    keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
+    sel = lambda pol: np.asarray(pol.select(q, keys, init_bounds(keys, length, 32, 16),
+                                            jnp.asarray(length), prompt_len=length, cfg=None))
+    quest = sel(make_policy("quest", 0.5, page=16))
+    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound"))
+    np.testing.assert_array_equal(mp, quest)
+    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0)), quest)  # khat differs
+    bounds = init_bounds(keys, length, 32, 16)
+    mix = MPCache(score1="mix", score2="mix")
+    for level in (1, 2):                                          # mix = khat sim + bound
+        parts = [MPCache(score1=f, score2=f).cluster_score(q, bounds, level)
+                 for f in ("khat", "bound")]
+        np.testing.assert_allclose(mix.cluster_score(q, bounds, level), parts[0] + parts[1],
+                                   rtol=1e-5, atol=1e-5)
+    for score1 in ("khat", "bound"):
+        pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound")
+        sim1 = np.asarray(pol.cluster_score(q, init_bounds(keys, length, 32, 16), 1))
+        m = sel(pol).reshape(2, 2, 4, 32).any(-1)                 # level-1 clusters touched
+        assert m.sum(-1).max() <= pol.k1(length, 4)
+        cand, forced = map(np.asarray, cluster_candidates(jnp.asarray(length), 4, 32))
+        assert pol.k1(length, 4) - 2 == 1                        # one level-1 pick + forced
+        best = np.where(cand, sim1, -np.inf).argmax(-1)           # top level-1 candidate
+        outside = m & ~forced & (np.arange(4) != best[..., None])
+        assert not outside.any()
+
+
 def test_oracle_equals_full_at_full_budget(six_layers):
     cfg, params = six_layers
     prompt = list(np.random.default_rng(3).integers(0, cfg.vocab_size, 60))
@@ -236,6 +269,7 @@ def test_oracle_equals_full_at_full_budget(six_layers):
     (lambda: MPCache(gather="rows"), "gather"),
     (lambda: make_policy("quest", 0.1, selector="sort"), "selector"),
     (lambda: make_policy("quest", 0.1, bound="min"), "bound"),
+    (lambda: make_policy("mpcache", 0.1, score1="max"), "score1"),
     (lambda: make_policy("lru"), "unknown policy"),
     (lambda: make_policy("h2o", 0.1, alpha=0.5), "no setting"),
 ])
