@@ -7,9 +7,10 @@ where the published 20%-of-prompt window washed out the question), sink and wind
 Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
 then top-k2 of their children; first and current clusters always selected. `score1` /
-`score2` pick each level's cluster score: "khat" (the paper's similarity) or "bound" (Quest's
-exact upper bound in its split form, relu(q) . r_max + min(q, 0) . r_min: G*D comparisons per
-step whatever the cache length, and a matmul twice as wide). Layer-wise index
+`score2` pick each level's cluster score: "khat" (the paper's similarity, default), "bound"
+(Quest's exact upper bound in its split form, relu(q) . r_max + min(q, 0) . r_min: G*D
+comparisons per step whatever the cache length, and a matmul twice as wide) or "mix" (their
+sum). Measured on held-out 4k samples (README), both lose accuracy against "khat". Layer-wise index
 sharing by `share` pattern. `gather` says how attention reaches the selection (see
 eviction.base.check_gather); the default "scores" gathers only score scalars, so the softmax
 runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
@@ -67,8 +68,8 @@ class MPCache(Policy):
     s2: int = 16
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
-    score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's bound)
-    score2: str = "khat"      # level-2 cluster score: khat | bound
+    score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
+    score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
     dynamic = True
     needs_bounds = True
 
@@ -166,7 +167,8 @@ class MPCache(Policy):
 
         "khat": the comparison-free similarity q . khat (khat kept in the cache);
         "bound": Quest's exact upper bound on q . k over the cluster, in its split form
-        (one comparison per element of q, G*D per step, whatever the cache length)."""
+        (one comparison per element of q, G*D per step, whatever the cache length);
+        "mix": their sum."""
         form = self.score1 if level == 1 else self.score2
         rmax, rmin, kh = (bounds[2], bounds[3], bounds[5]) if level == 1 else (
             bounds[0], bounds[1], bounds[4])

@@ -3,10 +3,10 @@ sum_d max(q_d r_max, q_d r_min) over pages of 16 entries; no static step.
 
 Under MPC the bound needs no comparison per page: since r_max >= r_min on every filled page,
 max(q_d r_max, q_d r_min) = relu(q_d) r_max + min(q_d, 0) r_min, so one comparison per query
-element (G*D per KV head and step, whatever the cache length) and two matmuls give the same
-scores (`bound="split"`, default). `bound="max"` is the literal form, G*D comparisons per
-page and step (the cost MPCache's comparison-free similarity was designed to avoid), kept to
-measure that difference."""
+element (G*D per KV head and step, whatever the cache length) and one matmul of twice the
+width give the same scores (`bound="split"`, default). `bound="max"` is the literal form, G*D
+comparisons per page and step (the cost MPCache's comparison-free similarity was designed to
+avoid), kept to measure that difference."""
 
 from __future__ import annotations
 
