@@ -10,11 +10,11 @@ then top-k2 of their children; first and current clusters always selected. `scor
 `score2` pick each level's cluster score: "khat" (the paper's similarity, default), "bound"
 (Quest's exact upper bound in its split form, relu(q) . r_max + min(q, 0) . r_min: G*D
 comparisons per step whatever the cache length, and a matmul twice as wide) or "mix" (their
-sum). Measured on held-out 4k samples (README), both lose accuracy against "khat". Layer-wise index
-sharing by `share` pattern. `gather` says how attention reaches the selection (see
-eviction.base.check_gather); the default "scores" gathers only score scalars, so the softmax
-runs over k2 * s2 entries and no key/value row is gathered. The budget (fraction of the prompt
-attended) fixes k2.
+sum). Measured on held-out 4k samples (README), both lose accuracy against "khat".
+Layer-wise index sharing by `share` pattern. `gather` says how attention reaches the
+selection (see eviction.base.check_gather); the default "scores" gathers only score scalars,
+so the softmax runs over k2 * s2 entries and no key/value row is gathered. The budget
+(fraction of the prompt attended) fixes k2.
 
 Default: NO static eviction (static_ratio=1.0) and NO layer sharing (share="none"): the
 dynamic step over the whole prompt, every layer selecting its own clusters. Measured on

@@ -224,13 +224,13 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
     rng = np.random.default_rng(4)
     keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
-    sel = lambda pol: np.asarray(pol.select(q, keys, init_bounds(keys, length, 32, 16),
-                                            jnp.asarray(length), prompt_len=length, cfg=None))
+    bounds = init_bounds(keys, length, 32, 16)
+    sel = lambda pol: np.asarray(pol.select(q, keys, bounds, jnp.asarray(length),
+                                            prompt_len=length, cfg=None))
     quest = sel(make_policy("quest", 0.5, page=16))
     mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound"))
     np.testing.assert_array_equal(mp, quest)
     assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0)), quest)  # khat differs
-    bounds = init_bounds(keys, length, 32, 16)
     mix = MPCache(score1="mix", score2="mix")
     for level in (1, 2):                                          # mix = khat sim + bound
         parts = [MPCache(score1=f, score2=f).cluster_score(q, bounds, level)
@@ -239,7 +239,7 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
                                    rtol=1e-5, atol=1e-5)
     for score1 in ("khat", "bound"):
         pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound")
-        sim1 = np.asarray(pol.cluster_score(q, init_bounds(keys, length, 32, 16), 1))
+        sim1 = np.asarray(pol.cluster_score(q, bounds, 1))
         m = sel(pol).reshape(2, 2, 4, 32).any(-1)                 # level-1 clusters touched
         assert m.sum(-1).max() <= pol.k1(length, 4)
         cand, forced = map(np.asarray, cluster_candidates(jnp.asarray(length), 4, 32))
