@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eviction import attention, compaction as compact, static_step
+from eviction.clusters import expand, init_bounds, update_bounds
+from eviction.topk import BIG, SELECTORS, topk_mask  # noqa: F401 (re-exported)
 from mpc_llama.errors import ConfigError
-
-BIG = 1.0e4  # stands in for infinity: fixed point has none, and this cannot overflow FM64
 
 
 def check_ratio(name: str, value: float) -> None:
@@ -46,101 +47,6 @@ def check_gather(mode: str) -> None:
     All three give the same output."""
     if mode not in GATHER_MODES:
         raise ConfigError(f"gather must be one of {GATHER_MODES}, got {mode!r}")
-
-
-SEARCH_BITS = 12   # resolution of the threshold search: (max - min) / 2**12
-SEARCH_WAYS = 8    # parts per round: 3 bits per round, 4 rounds
-MIN_STEP = 2.0 ** -14  # 16 ulps of FM64 with 18 fraction bits
-
-
-# "auto" ranks rows of at most this many entries and searches longer ones. Per row only, so
-# that a layer measured on a few of its heads runs the same kernel as all of them. From the
-# ABY3 costs in topk_mask's docstring: with SmolLM2's 3 KV heads ranking's extra bytes cost
-# less than the ~240 rounds it saves on the LAN profile up to ~147 entries (on WAN it wins
-# much further); with 32 heads the LAN break-even is ~45 entries (rank costs more on LAN,
-# less on WAN).
-RANK_MAX = 160
-SELECTORS = ("search", "topk", "rank", "auto")
-
-
-def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "search",
-              ways: int = SEARCH_WAYS, bits: int = SEARCH_BITS) -> jax.Array:
-    """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
-    the last axis.
-
-    selector "search" (default): a threshold search written as batched jnp ops. Each round
-    splits the row's interval [lo, hi) into `ways` parts (never below MIN_STEP), compares
-    every entry with the ways-1 cut points and each count with k, all rows (heads, batch) at
-    once; ceil(bits / log2(ways)) rounds, so the number of message rounds does not grow with
-    heads (SPU's secret lax.top_k works row by row). Entries left inside the final interval,
-    within (max - min) / 2**bits of the threshold, are ties, given to the earliest positions
-    by a prefix sum (local under MPC), so the count is exact: max-pooling plateaus would
-    otherwise overflow a fixed-size compacted cache. Nothing is revealed and no secret index
-    is formed.
-    selector "rank": every pair compared in one batched comparison, each entry's rank counted,
-    rank < k: two comparison rounds whatever n is, n^2 comparisons (ABY3, 3 rows: 22 sends
-    instead of 261 at n=64, 2.8x the bytes; 10.7x the bytes at n=256).
-    selector "auto": "rank" for rows of at most RANK_MAX entries, else "search" (the choice
-    depends on the row length only: not on heads or batch).
-    selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
-    quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
-    then the same exact-count tie breaking.
-    """
-    n = scores.shape[-1]
-    k = min(int(k), n)
-    shape = jnp.broadcast_shapes(scores.shape, jnp.shape(allowed))
-    if k <= 0:
-        return jnp.zeros(shape, bool)
-    allowed = jnp.broadcast_to(allowed, shape)
-    masked = jnp.where(allowed, scores, -BIG)
-    if selector == "topk":
-        kth = jax.lax.top_k(masked, k)[0][..., -1:]
-        return _exact_count(masked, masked > kth, masked == kth, allowed, k)
-    if selector == "auto":
-        selector = "rank" if n <= RANK_MAX else "search"
-    if selector == "rank":
-        return _rank_select(masked, allowed, k)
-    # min and max in one reduction (min = -max(-x), exact): one comparison tree, half the
-    # message rounds of two
-    ends = jnp.max(jnp.stack([masked, jnp.where(allowed, -scores, -BIG)]), axis=-1,
-                   keepdims=True)
-    lo, hi = -ends[1], ends[0] + 1.0
-    # invariant: count(masked >= lo) >= k (if k entries are allowed); count(masked >= hi) < k
-    parts = jnp.arange(1, ways, dtype=scores.dtype)                              # [ways-1]
-    for _ in range(-(-bits // max(1, int(math.log2(ways))))):
-        # never below MIN_STEP: a step under one fixed-point ulp would round to zero and
-        # collapse the interval (the invariant holds for any step: see above)
-        step = jnp.maximum((hi - lo) * (1.0 / ways), MIN_STEP)                   # [..., 1]
-        cuts = lo + step * parts                                                  # [..., w-1]
-        counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)     # [..., w-1]
-        passed = jnp.sum(counts >= k, axis=-1, keepdims=True).astype(scores.dtype)
-        lo, hi = lo + passed * step, lo + (passed + 1.0) * step
-    return _exact_count(masked, masked >= hi, jnp.logical_and(masked >= lo, masked < hi),
-                        allowed, k)
-
-
-def _rank_select(masked, allowed, k):
-    """The k highest by rank: entry i's rank is the number of entries ordered before it
-    (higher score, or an equal score at an earlier position), from ONE batched comparison of
-    every pair (n^2 comparisons, a constant number of message rounds however large n is);
-    rank < k is a second comparison. Same mask as "topk" (ties to the earliest positions).
-    masked: [..., n], disallowed entries at -BIG."""
-    n = masked.shape[-1]
-    ge = masked[..., None, :] >= masked[..., :, None]          # [..., i, j]: s_j >= s_i
-    earlier = jnp.tril(jnp.ones((n, n), bool), -1)              # j < i (public)
-    # j before i: s_j >= s_i if j < i, s_j > s_i (= not s_i >= s_j) if j > i; never i itself
-    before = jnp.where(earlier, ge, jnp.logical_not(jnp.swapaxes(ge, -1, -2)))
-    rank = jnp.sum(before.astype(jnp.int32), axis=-1)
-    return jnp.logical_and(rank < k, allowed)
-
-
-def _exact_count(masked, above, ties, allowed, k):
-    """above | the earliest ties, exactly k in all (a prefix sum: local under MPC)."""
-    above = jnp.logical_and(above, allowed)
-    ties = jnp.logical_and(ties, allowed)
-    room = k - above.sum(axis=-1, keepdims=True)
-    take = jnp.logical_and(ties, jnp.cumsum(ties.astype(jnp.int32), axis=-1) <= room)
-    return jnp.logical_or(above, take)
 
 
 def group_probs(q: jax.Array, k: jax.Array, mask: jax.Array, softmax) -> jax.Array:
@@ -189,6 +95,46 @@ class Policy:
         """The layer whose selection this layer reuses (itself: no sharing)."""
         return layer
 
+    # ---- what the model calls (by duck typing: mpc_llama never imports eviction) ----
+    def static_move(self, q, k, cfg, compaction: str = "onehot"):
+        """The static step's move for one sharing source: q [b, t, k, g, d] (all prompt
+        queries), k [b, k, t, d]. "onehot": the float matrix [b, k, keep, t] that SPU runs;
+        "index": int positions [b, k, keep] (the same entries; a plaintext shortcut)."""
+        if compaction == "index":
+            return static_step.kept_indices(self, q, k, cfg)
+        return static_step.static_selection(self, q, k, cfg)
+
+    def apply_static_move(self, move, compaction: str, k, v, pos):
+        """k, v [b, k, t, d] and positions [b, k, t] compacted by `static_move`'s result."""
+        if compaction == "index":
+            k, v = (jnp.take_along_axis(a, move[..., None], axis=2) for a in (k, v))
+            return k, v, jnp.take_along_axis(pos, move, axis=2)
+        k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
+        return k, v, jnp.round(pos).astype(jnp.int32)
+
+    def init_state(self, keys, n_keep: int):
+        """Per-layer summaries kept with the cache (cluster bounds), or None.
+        keys: [b, k, C, d] after the static step, n_keep valid."""
+        if not self.needs_bounds:
+            return None
+        return init_bounds(keys, n_keep, *self.cluster_sizes, self.bounds_alpha)
+
+    def update_state(self, state, key, index):
+        """Folds the key [b, k, d] written at cache `index` (public) into the summaries."""
+        if state is None:
+            return None
+        return update_bounds(state, key, index, *self.cluster_sizes, self.bounds_alpha)
+
+    def decode_attention(self, q, ck, cv, state, length, prompt_len: int, cfg, selection=None):
+        """One layer's attention for the current token with this policy's selection; see
+        eviction.attention.decode_attention."""
+        return attention.decode_attention(q, ck, cv, state, length, self, prompt_len, cfg,
+                                          selection)
+
+    def attended_mask(self, selection, valid, shape):
+        """bool [b, k, c]: the entries a layer attended (plaintext diagnostics)."""
+        return attention.attended_mask(selection, valid, shape)
+
     # ---- dynamic step ----
     dynamic: ClassVar[bool] = False
     needs_bounds: ClassVar[bool] = False
@@ -215,7 +161,5 @@ class Policy:
         picked = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
         if picked is None:
             raise TypeError(f"{self.name} has no dynamic step")
-        from eviction.clusters import expand
-
         mask, size, _ = picked
         return expand(mask, size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eviction.base import BIG
+from eviction.topk import BIG
 
 S1, S2 = 32, 16  # defaults
 

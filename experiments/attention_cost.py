@@ -3,7 +3,7 @@
     python experiments/attention_cost.py --protocol aby3 --seq 1024 --policies full,mpcache,oracle
     python experiments/attention_cost.py --protocol semi2k --seq 1024,2048 --heads 4 --json runs/attn.json
 
-The block is `mpc_llama.selective_attention.decode_attention` (selection + attention, the
+The block is `eviction.attention.decode_attention` (selection + attention, the
 code every decode step runs) on a cache of --seq retained entries, for --heads KV heads of
 dimension --head-dim (sampled heads: multiply by n_heads / heads for a whole layer; printed).
 Policies with a static step are measured at their retained size (static_keep(seq)); `oracle`
@@ -31,7 +31,7 @@ def block_inputs(policy, seq: int, heads: int, dim: int, seed: int = 0):
 
     from eviction.clusters import init_bounds
     from mpc_llama.config import LlamaConfig
-    from mpc_llama.selective_attention import decode_attention
+    from eviction.attention import decode_attention
 
     cfg = LlamaConfig(vocab_size=8, d_model=heads * dim, n_layers=1, n_heads=heads,
                       n_kv_heads=heads, head_dim=dim, ffn_dim=8, max_seq_len=1 << 20)

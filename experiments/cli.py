@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -11,23 +9,8 @@ import time
 from pathlib import Path
 
 from mpc_llama.errors import MpcacheError
-
-EXIT_BAD_INPUT = 2
-# before a hard exit: a peer whose message to us is still in flight would otherwise abort
-# (SPU's link terminates a process whose send finds the peer gone)
-EXIT_GRACE_S = 2.0
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments in one line (no usage dump)."""
-
-    def error(self, message):
-        fail(f"{message} (see --help)")
+from protocols.cli import (EXIT_BAD_INPUT, EXIT_GRACE_S, Parser, fail,  # noqa: F401
+                           write_json_atomic)
 
 
 def run_main(main) -> None:
@@ -61,20 +44,6 @@ def write_outputs_atomic(out_dir: str, fill) -> None:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON via a temp file + rename, so no half-written result is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def rows_to_csv(rows) -> str:

@@ -242,8 +242,6 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
     a capacity rounded up to whole clusters. compaction: "onehot" moves the kept entries with
     the one-hot matrix (what SPU runs: no secret index), "index" with an index gather (the
     same entries, bit for bit: a plaintext shortcut for the accuracy harness)."""
-    from mpc_llama.eviction_hooks import gather_rows, kept_indices, static_selection
-
     if compaction not in ("onehot", "index"):
         raise ValueError(f"compaction must be onehot or index, got {compaction!r}")
 
@@ -253,8 +251,6 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
     n_keep = t if policy is None or policy.static_keep(t) is None else policy.static_keep(t)
     new_cap = n_keep + capacity - t
     if policy is not None and policy.needs_bounds:
-        from eviction.clusters import init_bounds
-
         new_cap = _round_up(new_cap, policy.cluster_sizes[0])
     positions = jnp.arange(t, dtype=jnp.int32)
     empty = init_cache(cfg, b, new_cap)
@@ -266,20 +262,12 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
             if src not in moves:  # a sharing layer reuses its source's compaction matrix
                 qs = layers[src][0]
                 qg = qs.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                moves[src] = (static_selection if compaction == "onehot" else kept_indices)(
-                    policy, qg, layers[src][1], cfg)
-            if compaction == "onehot":
-                k, v, pos = (gather_rows(moves[src], a)
-                             for a in (k, v, pos.astype(jnp.float32)))
-                pos = jnp.round(pos).astype(jnp.int32)
-            else:
-                idx = moves[src]
-                k, v = (jnp.take_along_axis(a, idx[..., None], axis=2) for a in (k, v))
-                pos = jnp.take_along_axis(pos, idx, axis=2)
+                moves[src] = policy.static_move(qg, layers[src][1], cfg, compaction)
+            k, v, pos = policy.apply_static_move(moves[src], compaction, k, v, pos)
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
         if policy is not None and policy.needs_bounds:
-            bounds.append(init_bounds(ck, n_keep, *policy.cluster_sizes, policy.bounds_alpha))
+            bounds.append(policy.init_state(ck, n_keep))
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
     return KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
                    stacked)
@@ -315,23 +303,23 @@ def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, posit
     None to select here. Returns (x, new layer_cache, selection, attended counts [b, k],
     diagnostics dict or None).
     """
-    from eviction.clusters import update_bounds
-    from mpc_llama.selective_attention import attended_mask, decode_attention
-
     ck, cv, cp, layer_bounds = layer_cache
     length = cache_length + 1  # entries valid after writing the current one
     q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
     ck, cv, cp = write_layer(ck, cv, cp, cache_length, k, v, positions)
-    if layer_bounds is not None:
-        layer_bounds = update_bounds(layer_bounds, k[:, :, 0], cache_length,
-                                     *policy.cluster_sizes, policy.bounds_alpha)
-    out, selection, count = decode_attention(q, ck, cv, layer_bounds, length, policy,
-                                             prompt_len, cfg, selection)
+    valid = jnp.arange(ck.shape[2]) < length
+    if policy is not None and policy.dynamic:
+        layer_bounds = policy.update_state(layer_bounds, k[:, :, 0], cache_length)
+        out, selection, count = policy.decode_attention(q, ck, cv, layer_bounds, length,
+                                                        prompt_len, cfg, selection)
+        attended = policy.attended_mask(selection, valid, ck.shape[:3]) if diagnostics else None
+    else:
+        mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
+        out = attend(q, ck, cv, mask[:, :, None, None, :], cfg)
+        selection, count, attended = None, mask.sum(axis=-1), mask
     diag = None
     if diagnostics:
-        valid = jnp.arange(ck.shape[2]) < length
-        diag = {"attn_out": out[:, 0],
-                "attended_pos": jnp.where(attended_mask(selection, valid, ck.shape[:3]), cp, -1)}
+        diag = {"attn_out": out[:, 0], "attended_pos": jnp.where(attended, cp, -1)}
     x = x + out @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
     return x, (ck, cv, cp, layer_bounds), selection, count, diag

@@ -186,7 +186,7 @@ class BlockMeter:
     def _store(self, key: str, counters: Counters) -> None:
         if self.cache_dir is None:
             return
-        from experiments.cli import write_json_atomic
+        from protocols.cli import write_json_atomic
 
         write_json_atomic(str(self.cache_dir / f"{key}.json"), counters.to_json())
 

@@ -176,7 +176,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     """
     from eviction.clusters import update_bounds
     from mpc_llama.model import attention_scores, attention_values
-    from mpc_llama.selective_attention import _select, gather_scores, scatter_probs
+    from eviction.attention import _select, gather_scores, scatter_probs
 
     c = sampled(cfg, heads)
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
@@ -251,7 +251,8 @@ def _probe_select_args(cfg, policy, seq, length, cap):
 def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
     """The one-time static step at the end of prefill, for `heads` KV heads: what `prefill`
     adds to a plain prefill (the prefill itself is the same for every policy and not here)."""
-    from mpc_llama.eviction_hooks import gather_rows, static_selection
+    from eviction.compaction import gather_rows
+    from eviction.static_step import static_selection
 
     if policy is None or policy.static_keep(seq) is None:
         return []

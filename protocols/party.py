@@ -306,7 +306,7 @@ class Cluster:
 
 
 def main(argv=None):
-    from experiments.cli import Parser
+    from protocols.cli import Parser
 
     p = Parser(description="One MPC party over SPU's brpc link.")
     p.add_argument("--rank", type=int, required=True, help="this party's index in the file")
@@ -332,7 +332,7 @@ if __name__ == "__main__":
     except MpcacheError as e:
         # a failed party leaves without the link's destructor (it would block on a dead
         # peer), after a grace for messages still in flight to live ones
-        from experiments.cli import EXIT_GRACE_S
+        from protocols.cli import EXIT_GRACE_S
 
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()

@@ -292,7 +292,7 @@ def test_rank_selector_equals_topk_with_ties():
 
 
 def test_auto_selector_switches_on_row_length():
-    from eviction import base
+    from eviction import topk as base
 
     s = jnp.arange(8.0)
     m = base.topk_mask(s, 3, jnp.ones(8, bool), "auto")

@@ -11,7 +11,7 @@ from eviction import POLICIES, make_policy
 from eviction.clusters import init_bounds
 from eviction.quest import quest_bound
 from mpc_llama.config import preset
-from mpc_llama.eviction_hooks import static_mask
+from eviction.static_step import static_mask
 from mpc_llama.generation import greedy_generate
 from mpc_llama.model import init_params
 from protocols.private_generation import PrivateGenerator

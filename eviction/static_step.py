@@ -1,12 +1,13 @@
-"""Applies an eviction policy's static step to a prefilled layer (kept in the model package
-so that `model.py` stays readable; the policies themselves live in `eviction/`)."""
+"""A policy's static step on a prefilled layer: which entries it keeps, and the compaction
+that moves them to the front of the cache (once per prompt, at the end of prefill)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from eviction.base import topk_mask
+from eviction.compaction import compaction_matrix
+from eviction.topk import topk_mask
 
 
 def static_mask(policy, q, k, cfg) -> jax.Array:
@@ -39,30 +40,3 @@ def kept_indices(policy, q, k, cfg) -> jax.Array:
     mask = static_mask(policy, q, k, cfg)
     order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)
     return order[..., :policy.static_keep(k.shape[2])]
-
-
-def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:
-    """One-hot matrix P [b, k, n, t] moving the kept entries of `mask` [b, k, t] to the front
-    in position order: P[i, j] = mask[j] and (rank of j among kept == i). Built from a prefix
-    sum (local under MPC) and comparisons with public slot numbers: no secret index is formed.
-    Rows beyond the number kept are zero."""
-    dest = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1                    # [b, k, t]
-    slots = jnp.arange(n)[:, None]                                              # [n, 1]
-    return jnp.logical_and(mask[:, :, None, :], dest[:, :, None, :] == slots)  # [b, k, n, t]
-
-
-def gather_rows(p: jax.Array, a: jax.Array) -> jax.Array:
-    """p [b, k, n, t] (bool or 0/1 float) applied to a [b, k, t, ...] -> [b, k, n, ...] as
-    one matmul."""
-    return jnp.einsum("bknt,bkt...->bkn...", p.astype(a.dtype), a)
-
-
-def gather_clusters(p: jax.Array, size: int, *arrays):
-    """Gathers whole clusters: p [b, k, slots, n] over clusters of `size` consecutive entries;
-    arrays [b, k, n*size, ...] -> [b, k, slots*size, ...]."""
-    out = []
-    for a in arrays:
-        b, h, c = a.shape[:3]
-        g = gather_rows(p, a.reshape(b, h, c // size, size, *a.shape[3:]))
-        out.append(g.reshape(b, h, -1, *a.shape[3:]))
-    return out

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
-from mpc_llama.eviction_hooks import compaction_matrix, gather_clusters
+from eviction.clusters import expand
+from eviction.compaction import compaction_matrix, gather_clusters
 from mpc_llama.model import attend, attention_scores, attention_values
 
 
@@ -102,6 +103,4 @@ def attended_mask(selection, valid: jax.Array, shape) -> jax.Array:
     kind, sel, size = selection
     if kind == "mask":
         return jnp.logical_and(sel, valid)
-    from eviction.clusters import expand
-
     return jnp.logical_and(expand(sel.sum(axis=2) > 0.5, size), valid)
