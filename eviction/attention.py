@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
 from eviction.clusters import expand
-from eviction.compaction import compaction_matrix, gather_clusters
+from eviction.compaction import (compaction_matrix, digits, gather_clusters, pad_to, partition,
+                                 scatter_by_digits)
 from mpc_llama.model import attend, attention_scores, attention_values
 
 
@@ -52,16 +53,71 @@ def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int) -> jax.Array:
     return full.reshape(b, kh, g, -1)
 
 
+def partition_scores(mask: jax.Array, scores: jax.Array, size: int, slots: int, length,
+                     backend: str):
+    """The "sort" kernel's gather: the selected clusters' scores packed by one stable 1-bit
+    sort (eviction.compaction.partition), with each slot's cluster-index digits for the way
+    back. mask: bool [b, k, n] clusters (at most `slots` per row; a comparison result, so a
+    one-bit key under SPU); scores [b, k, g, n*size]; length: [] valid cache entries (public).
+    Returns hi, lo [b, k, slots] (int), picked [b, k, g, slots*size] and ok [b, k, 1,
+    slots*size] (bool: a real selected, valid entry)."""
+    b, kh, g, c = scores.shape
+    n = c // size
+    _, base = digits(n)
+    idx = jnp.arange(n)
+    full = (idx + 1) * size <= length                                   # public
+    part = jnp.logical_and(idx * size < length, jnp.logical_not(full))  # the current cluster
+    cols = scores.reshape(b, kh, g, n, size).transpose(0, 1, 3, 2, 4).reshape(b, kh, n, g * size)
+    out = partition(pad_to(mask, slots), slots,
+                    [idx // base, idx % base, jnp.logical_and(mask, full),
+                     jnp.logical_and(mask, part)] + [cols[..., i] for i in range(g * size)],
+                    backend)
+    hi, lo, full_s, part_s = out[:4]
+    picked = jnp.stack(out[4:], axis=-1).reshape(b, kh, slots, g, size)
+    tail = jnp.arange(size) < length - (length // size) * size           # public [size]
+    ok = jnp.logical_or(full_s[..., None], jnp.logical_and(part_s[..., None], tail))
+    return (hi, lo, picked.transpose(0, 1, 3, 2, 4).reshape(b, kh, g, slots * size),
+            ok.reshape(b, kh, 1, slots * size))
+
+
+def scatter_partitioned(hi: jax.Array, lo: jax.Array, probs: jax.Array, size: int,
+                        n: int) -> jax.Array:
+    """Inverse of partition_scores for the probabilities: probs [b, k, g, slots*size] ->
+    [b, k, g, n*size] in cache order, zero where nothing was selected."""
+    b, kh, g, _ = probs.shape
+    slots = hi.shape[-1]
+    full = scatter_by_digits(hi.reshape(b * kh, slots), lo.reshape(b * kh, slots),
+                             probs.reshape(b * kh, g, slots, size), n)
+    return full.reshape(b, kh, g, n * size)
+
+
+def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaConfig,
+                       backend: str):
+    """attend_selected with the "sort" kernel: scores against the whole cache, the selected
+    clusters' scores packed by partition_scores, softmax over those only, the probabilities
+    back in cache order (scatter_partitioned), then p . V. Same output as attend_selected.
+    Returns (out [b, 1, n*d], attended counts [b, k])."""
+    scores = attention_scores(q, k, cfg)[:, :, :, 0]                            # [b,k,g,c]
+    hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
+    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok)
+    full = scatter_partitioned(hi, lo, probs, size, k.shape[2] // size)
+    return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
+
+
 def _select(policy, q, ck, bounds, length, prompt_len, cfg):
-    """(policy.gather, P [b, k, slots, n] (0/1 float), cluster size) for cluster policies
-    that gather ("scores" or "kv"), else ("mask", bool [b, k, c], None)."""
+    """(kind, selection, cluster size, slots): for cluster policies that gather ("scores" or
+    "kv"), kind is the gather mode and the selection P [b, k, slots, n] (0/1 float), except
+    under the "sort" compaction with gather "scores", where kind is "sort" and the selection
+    the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c], None, None)."""
     picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
         mask, size, slots = picked
+        if mode == "scores" and getattr(policy, "compaction", "onehot") == "sort":
+            return "sort", mask, size, slots
         # float once here: a boolean share would be converted again at every use under MPC
-        return mode, compaction_matrix(mask, slots).astype(ck.dtype), size
-    return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None
+        return mode, compaction_matrix(mask, slots).astype(ck.dtype), size, slots
+    return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None, None
 
 
 def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: LlamaConfig,
@@ -80,7 +136,11 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
     if selection is None:
         qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
         selection = _select(policy, qg, ck, bounds, length, prompt_len, cfg)
-    kind, sel, size = selection
+    kind, sel, size, slots = selection
+    if kind == "sort":
+        out, count = attend_partitioned(q, ck, cv, sel, size, slots, length, cfg,
+                                        getattr(policy, "backend", "plain"))
+        return out, selection, count
     if kind == "scores":
         count = jnp.einsum("bksn,nz->bk", sel.astype(jnp.int32),
                            valid.reshape(-1, size).astype(jnp.int32))
@@ -97,10 +157,12 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
 
 def attended_mask(selection, valid: jax.Array, shape) -> jax.Array:
     """bool [b, k, c]: the cache entries a layer attended (plaintext diagnostics).
-    selection: decode_attention's (kind, sel, size) or None (every valid entry)."""
+    selection: decode_attention's (kind, sel, size, slots) or None (every valid entry)."""
     if selection is None:
         return jnp.broadcast_to(valid, shape)
-    kind, sel, size = selection
+    kind, sel, size, _ = selection
     if kind == "mask":
         return jnp.logical_and(sel, valid)
+    if kind == "sort":
+        return jnp.logical_and(expand(sel, size), valid)
     return jnp.logical_and(expand(sel.sum(axis=2) > 0.5, size), valid)

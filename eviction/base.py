@@ -68,9 +68,16 @@ class Policy:
     budget: float = 1.0
     selector: str = "search"        # decode-step top-k: "search" (batched, opens nothing)
     static_selector: str = "topk"   # prefill top-k (once per prompt): exact lax.top_k
+    compaction: str = "auto"        # auto | onehot | sort (eviction.compaction; auto: per protocol)
+    backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
 
     def __post_init__(self):
         check_ratio("budget", self.budget)
+        if self.compaction not in compact.KERNELS:
+            raise ConfigError(f"compaction must be one of {compact.KERNELS}, "
+                              f"got {self.compaction!r}")
+        if self.backend not in compact.BACKENDS:
+            raise ConfigError(f"backend must be one of {compact.BACKENDS}, got {self.backend!r}")
         for field in ("selector", "static_selector"):
             if getattr(self, field) not in SELECTORS:
                 raise ConfigError(f"{field} must be one of {SELECTORS}, "
@@ -96,12 +103,16 @@ class Policy:
         return layer
 
     # ---- what the model calls (by duck typing: mpc_llama never imports eviction) ----
-    def static_move(self, q, k, cfg, compaction: str = "onehot"):
+    def static_move(self, q, k, cfg, compaction: str = "policy"):
         """The static step's move for one sharing source: q [b, t, k, g, d] (all prompt
-        queries), k [b, k, t, d]. "onehot": the float matrix [b, k, keep, t] that SPU runs;
-        "index": int positions [b, k, keep] (the same entries; a plaintext shortcut)."""
+        queries), k [b, k, t, d]. compaction "policy" (what SPU runs): the policy's kernel's
+        move, the float one-hot matrix [b, k, keep, t] ("onehot", "auto" in plaintext) or
+        the bool keep mask [b, k, t] ("sort"); "index": int positions [b, k, keep] (the same
+        entries; a plaintext shortcut)."""
         if compaction == "index":
             return static_step.kept_indices(self, q, k, cfg)
+        if self.compaction == "sort":
+            return static_step.static_mask(self, q, k, cfg)
         return static_step.static_selection(self, q, k, cfg)
 
     def apply_static_move(self, move, compaction: str, k, v, pos):
@@ -109,6 +120,9 @@ class Policy:
         if compaction == "index":
             k, v = (jnp.take_along_axis(a, move[..., None], axis=2) for a in (k, v))
             return k, v, jnp.take_along_axis(pos, move, axis=2)
+        if self.compaction == "sort":
+            return static_step.partition_rows(move, self.static_keep(k.shape[2]), k, v, pos,
+                                              self.backend)
         k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
         return k, v, jnp.round(pos).astype(jnp.int32)
 

@@ -1,15 +1,102 @@
 """Compaction: moving a policy's selected entries (or clusters) to a fixed number of public
 slots without forming a secret index.
 
-"onehot" (the reference, any protocol): a one-hot matrix P [slots, n] from a prefix sum
-(local under MPC) and slots x n secure equalities with public slot numbers; gathers and
-scatters are matmuls with P.
+Kernels (a policy's `compaction` field; "auto" picks one from the protocol, see `kernel_for`):
+  "onehot" (the reference, any protocol): a one-hot matrix P [slots, n] from a prefix sum
+      (local under MPC) and slots x n secure equalities with public slot numbers; gathers and
+      scatters are matmuls with P.
+  "sort" (SEMI2K, ABY3: protocols with efficient secret permutations): ONE stable radix sort
+      keyed by the 1-bit selection mask over every row (heads, batch) at once moves the
+      selected entries, with their payload columns, to the front in position order; a public
+      slice keeps them. SPU's radix sort shuffles secretly and reveals only a shuffled
+      permutation (SPU's own design, named in docs/privacy.md). Whatever must go back to
+      cache order (attention probabilities) returns through two small digit one-hots of each
+      slot's cluster index (slots x (A + B) equalities instead of slots x n).
+CHEETAH builds secret permutations from multiplications (a Waksman network, ~1.4 KB per
+element), so there "auto" keeps "onehot" (measured in docs/benchmark.md).
+
+Ordering of a 1-bit key: SPU 0.9.5 treats a boolean sort key as a signed 1-bit number and
+puts True FIRST in an ascending sort, XLA puts it last. A policy compiled for SPU carries
+`backend="spu"` (set by `for_protocol`); tests check both orders against each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Optional, Sequence
+
 import jax
 import jax.numpy as jnp
+
+KERNELS = ("auto", "onehot", "sort")
+BACKENDS = ("plain", "spu")
+SORT_PROTOCOLS = ("SEMI2K", "ABY3")
+
+
+def kernel_for(compaction: str, protocol_kind: Optional[str]) -> str:
+    """The kernel a policy's `compaction` setting runs under a protocol (an SPU
+    ProtocolKind name, or None for plaintext): "auto" is "sort" under SEMI2K and ABY3 and
+    "onehot" elsewhere (CHEETAH; plaintext, where both give the same values)."""
+    if compaction != "auto":
+        return compaction
+    return "sort" if protocol_kind in SORT_PROTOCOLS else "onehot"
+
+
+def for_protocol(policy, protocol_kind: Optional[str]):
+    """The policy as compiled for `protocol_kind` (None: plaintext): its compaction kernel
+    resolved, and SPU's sort order where it runs under SPU. Policies without the fields are
+    returned as they are."""
+    if policy is None or not hasattr(policy, "compaction"):
+        return policy
+    return dataclasses.replace(policy, compaction=kernel_for(policy.compaction, protocol_kind),
+                               backend="plain" if protocol_kind is None else "spu")
+
+
+def pad_to(mask: jax.Array, slots: int) -> jax.Array:
+    """mask [..., n] with at most `slots` True per row -> exactly `slots` (when n >= slots),
+    the earliest unselected entries added (a prefix sum and one comparison per entry), so
+    every row's block has the same public size in a flattened sort."""
+    count = mask.sum(axis=-1, keepdims=True, dtype=jnp.int32)
+    free = jnp.logical_not(mask)
+    fill = jnp.logical_and(free, jnp.cumsum(free.astype(jnp.int32), axis=-1) <= slots - count)
+    return jnp.logical_or(mask, fill)
+
+
+def partition(mask: jax.Array, slots: int, columns: Sequence[jax.Array],
+              backend: str = "plain") -> list:
+    """The entries selected by `mask` [..., n] (exactly `slots` True per row, see `pad_to`),
+    of each column [..., n] (any dtype), in position order: [..., slots] per column.
+
+    One stable sort of all rows flattened, keyed by the mask (one bit: a single radix pass in
+    SPU), then a public slice. `backend` gives the key's order (module docstring)."""
+    lead = mask.shape[:-1]
+    rows = math.prod(lead)
+    key = mask if backend == "spu" else jnp.logical_not(mask)
+    flat = [key.reshape(-1)] + [jnp.broadcast_to(c, mask.shape).reshape(-1) for c in columns]
+    out = jax.lax.sort(flat, dimension=0, is_stable=True, num_keys=1)[1:]
+    return [o[:rows * slots].reshape(*lead, slots) for o in out]
+
+
+def digits(n: int) -> tuple:
+    """(A, B): cluster index c = B*hi + lo with hi < A, lo < B; B = 8 keeps the scatter's
+    multiplications at slots * 8 per payload entry, A = ceil(n / B)."""
+    b = min(8, n)
+    return -(-n // b), b
+
+
+def scatter_by_digits(hi: jax.Array, lo: jax.Array, values: jax.Array, n: int) -> jax.Array:
+    """Inverse of a partition for per-slot values: hi, lo [r, slots] (int, the digits of
+    each slot's original index), values [r, g, slots, z] -> [r, g, n, z], zero where no slot
+    points. Slot one-hots by slots x (A + B) equalities, then one elementwise product over the
+    low digit and one matmul over the high digit (no slots x n matrix is formed)."""
+    a, b = digits(n)
+    e_hi = (hi[..., None] == jnp.arange(a)).astype(values.dtype)                # [r, s, A]
+    e_lo = (lo[..., None] == jnp.arange(b)).astype(values.dtype)                # [r, s, B]
+    x = jnp.einsum("rsb,rgsz->rgsbz", e_lo, values)
+    out = jnp.einsum("rsa,rgsbz->rgabz", e_hi, x)                                # [r,g,A,B,z]
+    r, g = values.shape[:2]
+    return out.reshape(r, g, a * b, values.shape[-1])[:, :, :n]
 
 
 def compaction_matrix(mask: jax.Array, n: int) -> jax.Array:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eviction.compaction import compaction_matrix
+from eviction.compaction import compaction_matrix, partition
 from eviction.topk import topk_mask
 
 
@@ -40,3 +40,15 @@ def kept_indices(policy, q, k, cfg) -> jax.Array:
     mask = static_mask(policy, q, k, cfg)
     order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)
     return order[..., :policy.static_keep(k.shape[2])]
+
+
+def partition_rows(mask: jax.Array, keep: int, k: jax.Array, v: jax.Array, pos: jax.Array,
+                   backend: str):
+    """The "sort" kernel's static compaction: the `keep` entries of `mask` [b, k, t] (exactly
+    `keep` per row, as static_mask returns) of k, v [b, k, t, d] and pos [b, k, t], in
+    position order, by one stable 1-bit sort over all heads (eviction.compaction.partition):
+    one radix pass moving 2d + 1 columns, instead of keep x t equalities."""
+    d = k.shape[-1]
+    cols = [k[..., i] for i in range(d)] + [v[..., i] for i in range(d)] + [pos]
+    out = partition(mask, keep, cols, backend)
+    return jnp.stack(out[:d], -1), jnp.stack(out[d:2 * d], -1), out[2 * d]

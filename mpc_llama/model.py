@@ -233,17 +233,17 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
 
 
 def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
-                compaction: str = "onehot") -> KVCache:
+                compaction: str = "policy") -> KVCache:
     """A fresh cache from a prompt's per-layer (q, k, v) (see `run_prompt`), after the
     policy's static step. capacity: static cache size C >= t (prompt plus room for generated
     tokens). With a policy that has a static step, each layer keeps policy.static_keep(t)
     entries (compacted, original positions kept), so the cache holds that many plus
     capacity - t free slots; policies with a dynamic step also get per-cluster key bounds and
-    a capacity rounded up to whole clusters. compaction: "onehot" moves the kept entries with
-    the one-hot matrix (what SPU runs: no secret index), "index" with an index gather (the
-    same entries, bit for bit: a plaintext shortcut for the accuracy harness)."""
-    if compaction not in ("onehot", "index"):
-        raise ValueError(f"compaction must be onehot or index, got {compaction!r}")
+    a capacity rounded up to whole clusters. compaction: "policy" moves the kept entries with
+    the policy's own kernel (what SPU runs: no secret index), "index" with an index gather
+    (the same entries, bit for bit: a plaintext shortcut for the accuracy harness)."""
+    if compaction not in ("policy", "index"):
+        raise ValueError(f"compaction must be policy or index, got {compaction!r}")
 
     b, _, t, _ = layers[0][1].shape
     if capacity < t:

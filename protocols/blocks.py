@@ -176,7 +176,8 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     """
     from eviction.clusters import update_bounds
     from mpc_llama.model import attention_scores, attention_values
-    from eviction.attention import _select, gather_scores, scatter_probs
+    from eviction.attention import (_select, gather_scores, partition_scores, scatter_partitioned,
+                                    scatter_probs)
 
     c = sampled(cfg, heads)
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
@@ -206,13 +207,42 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
 
     def select(q, k, b):
         qg = q[:, 0].reshape(1, heads, g, d)
-        return (_select(policy, qg, k, b, jnp.asarray(length), seq, c)[1],)
+        return _select(policy, qg, k, b, jnp.asarray(length), seq, c)
 
-    sel_spec = jax.eval_shape(select, q, kv, bounds_spec)[0]
-    out.append(_block("select", "selection", select, {"q": q, "k": kv, "bounds": bounds_spec},
-                      count=n_selecting(policy, L), heads=heads))
     probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
     kind = "mask" if probe is None else getattr(policy, "gather", "mask")
+    n_sel = n_selecting(policy, L)
+    if kind == "scores" and policy.compaction == "sort":
+        # the cluster mask is a comparison result (a one-bit key of the sort) only inside the
+        # program that computes it, so the selecting layers' block selects AND packs; the
+        # sharing layers' block gets the mask as 0/1 and compares it again (an upper bound:
+        # one comparison per cluster that the whole-step program does not run)
+        size, slots = probe[1], probe[2]
+        n, sl = cap // size, slots * size
+        packed = {"picked": _spec((1, heads, g, sl)), "ok": _spec((1, heads, 1, sl), jnp.bool_)}
+        digits = {"hi": _spec((1, heads, slots), jnp.int32),
+                  "lo": _spec((1, heads, slots), jnp.int32)}
+        pack = lambda m, s: partition_scores(m, s[:, :, :, 0], size, slots,  # noqa: E731
+                                             jnp.asarray(length), policy.backend)
+        out.append(_block("select", "selection",
+                          lambda q, k, b, s: pack(select(q, k, b)[1], s),
+                          {"q": q, "k": kv, "bounds": bounds_spec, "scores": scores},
+                          count=n_sel, heads=heads))
+        if n_sel < L:
+            out.append(_block("gather", "gather", lambda m, s: pack(m > 0.5, s),
+                              {"mask": _spec((1, heads, n)), "scores": scores},
+                              count=L - n_sel, heads=heads))
+        return out + blocks + [
+            _block("softmax", "softmax", lambda s, ok: (softmax(s, ok),), packed,
+                   count=L, heads=heads),
+            _block("scatter", "gather",
+                   lambda hi, lo, pr: (scatter_partitioned(hi, lo, pr, size, n)[:, :, :, None],),
+                   {**digits, "probs": packed["picked"]}, count=L, heads=heads),
+            values]
+
+    sel_spec = jax.eval_shape(lambda *a: select(*a)[1], q, kv, bounds_spec)
+    out.append(_block("select", "selection", lambda *a: (select(*a)[1],),
+                      {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel, heads=heads))
     if kind == "scores":
         size = probe[1]
         packed = _spec((1, heads, g, sel_spec.shape[2] * size))

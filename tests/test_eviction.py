@@ -323,13 +323,15 @@ def test_topk_mask_is_exact_under_ties():
 
 @pytest.mark.parametrize("name", ["mpcache", "quest"])
 def test_gathered_attention_equals_masked_attention(six_layers, name):
-    """Gathering the selected clusters (attention over k2 * s2 entries) gives the same
-    logits and counts as attending the whole cache under the selection mask."""
+    """Gathering the selected clusters (attention over k2 * s2 entries, by the one-hot matrix
+    or by the stable 1-bit sort) gives the same logits and counts as attending the whole
+    cache under the selection mask."""
     cfg, params = six_layers
     toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, T)))
     outs = []
-    for gather in ("scores", "kv", "mask"):
-        policy = make_policy(name, 0.25, gather=gather)
+    for gather, compaction in (("scores", "onehot"), ("scores", "sort"), ("kv", "onehot"),
+                               ("mask", "onehot")):
+        policy = make_policy(name, 0.25, gather=gather, compaction=compaction)
         _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
         for step in range(20):  # crosses a cluster boundary: bounds update, new candidates
             logits, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache,

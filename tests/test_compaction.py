@@ -1,0 +1,133 @@
+"""Compaction kernels: the stable 1-bit sort moves what the one-hot reference moves, in
+plaintext and under SPU (SEMI2K, ABY3), ties and plateaus included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from eviction import make_policy
+from eviction.attention import partition_scores, scatter_partitioned
+from eviction.clusters import init_bounds
+from eviction.compaction import for_protocol, kernel_for, pad_to, partition
+from mpc_llama.config import preset
+from protocols.registry import get_protocol
+from protocols.session import SpuSession
+
+K, G, D, C = 2, 2, 8, 256     # KV heads, group, head dim, cache entries (16 clusters of 16)
+
+
+def test_partition_is_stable_and_pads_every_row_to_its_slots():
+    mask = jnp.asarray([[True, False, True, False, False, True],
+                        [False, False, False, False, True, False]])
+    padded = pad_to(mask, 3)
+    np.testing.assert_array_equal(padded.sum(-1), [3, 3])
+    np.testing.assert_array_equal(padded[1], [True, True, False, False, True, False])
+    vals = jnp.arange(12.0).reshape(2, 6)
+    got, flag = partition(padded, 3, [vals, mask])
+    np.testing.assert_array_equal(got, [[0, 2, 5], [6, 7, 10]])     # position order per row
+    np.testing.assert_array_equal(flag, [[True, True, True], [False, False, True]])
+
+
+def test_kernel_choice_per_protocol():
+    assert kernel_for("auto", "SEMI2K") == kernel_for("auto", "ABY3") == "sort"
+    assert kernel_for("auto", "CHEETAH") == kernel_for("auto", None) == "onehot"
+    assert kernel_for("onehot", "ABY3") == "onehot"
+    p = for_protocol(make_policy("mpcache", 0.1), "ABY3")
+    assert (p.compaction, p.backend) == ("sort", "spu")
+    assert for_protocol(None, "ABY3") is None
+
+
+def _inputs(seed=0):
+    """Keys whose clusters repeat in pairs (equal cluster scores: plateaus at the top-k
+    threshold), a query along a random direction."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(1, K, C // 32, 16, D)).astype(np.float32)
+    keys = np.repeat(base, 2, axis=2).reshape(1, K, C, D)
+    values = rng.normal(size=(1, K, C, D)).astype(np.float32)
+    q = rng.normal(size=(1, 1, K * G, D)).astype(np.float32)
+    return q, keys, values
+
+
+def _attention(policy, cfg, length):
+    def fn(q, keys, values):
+        bounds = init_bounds(keys, length, *policy.cluster_sizes, policy.bounds_alpha)
+        out, sel, count = policy.decode_attention(q, keys, values, bounds, jnp.asarray(length),
+                                                  C, cfg)
+        return out, count
+    return fn
+
+
+@pytest.mark.parametrize("proto", ["semi2k", "aby3"])
+@pytest.mark.parametrize("length", [C, C - 5])   # a full last cluster, and a partial one
+def test_sort_kernel_on_spu_equals_onehot_in_plaintext(proto, length):
+    cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot")
+    spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search"),
+                              get_protocol(proto).kind)
+    assert spu_policy.compaction == "sort"
+    inputs = _inputs()
+    want_out, want_count = (np.asarray(x) for x in jax.jit(_attention(ref, cfg, length))(*inputs))
+    session = SpuSession(get_protocol(proto))
+    fn = _attention(spu_policy, cfg, length)
+    prog = session.compile(fn, inputs, ("q", "keys", "values"))
+    for name, x in zip(("q", "keys", "values"), inputs):
+        session.put(name, x)
+    refs, _ = session.run(prog, ("out", "count"))
+    assert_close(session.reveal(refs[0]), want_out, rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(np.asarray(session.reveal(refs[1])), want_count)
+
+
+@pytest.mark.parametrize("proto", ["semi2k", "aby3"])
+def test_spu_partition_and_scatter_move_exactly_the_selected_clusters(proto):
+    """The packed digits (which cluster each slot holds) equal plaintext's exactly, and the
+    scatter puts every packed value back where it came from."""
+    rng = np.random.default_rng(3)
+    n, size, slots = 16, 4, 5
+    scores = rng.normal(size=(1, K, G, n * size)).astype(np.float32)
+    pick = np.zeros((1, K, n), bool)
+    pick[0, 0, [0, 3, 4, 9, 15]] = True
+    pick[0, 1, [0, 2, 15]] = True                       # fewer than slots: padded
+    length = n * size - 2
+
+    def fn(sel, s):
+        hi, lo, picked, ok = partition_scores(sel > 0.5, s, size, slots, jnp.asarray(length),
+                                              backend)
+        return hi, lo, picked, ok, scatter_partitioned(hi, lo, jnp.where(ok, picked, 0.0),
+                                                       size, n)
+
+    backend = "plain"
+    want = [np.asarray(x) for x in fn(pick.astype(np.float32), scores)]
+    expect_back = np.where(np.repeat(pick, size, -1)[:, :, None] & (np.arange(n * size) < length),
+                           scores, 0.0)
+    np.testing.assert_allclose(want[4], expect_back, atol=1e-6)
+    backend = "spu"
+    session = SpuSession(get_protocol(proto))
+    prog = session.compile(fn, (pick.astype(np.float32), scores), ("sel", "s"))
+    session.put("sel", pick.astype(np.float32))
+    session.put("s", scores)
+    refs, _ = session.run(prog, ("hi", "lo", "picked", "ok", "back"))
+    got = [np.asarray(session.reveal(r)) for r in refs]
+    for a, b in zip(got[:2], want[:2]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got[3].astype(bool), want[3])
+    assert_close(got[2], want[2], atol=1e-3)
+    assert_close(got[4], want[4], atol=1e-3)
+
+
+def test_spu_sorts_a_true_key_first():
+    """The order `backend="spu"` relies on (SPU 0.9.5: a boolean key is a signed bit): if a
+    later SPU sorts like XLA, this fails and the backend flag must go."""
+    def fn(x, y):
+        return jax.lax.sort([x > 0, y], dimension=-1, is_stable=True, num_keys=1)[1]
+
+    x = np.asarray([1., -1., 1., -1., -1.], np.float32)
+    y = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(jax.jit(fn)(x, y), [1, 3, 4, 0, 2])
+    session = SpuSession(get_protocol("semi2k"))
+    prog = session.compile(lambda a, b: (fn(a, b),), (x, y), ("x", "y"))
+    session.put("x", x)
+    session.put("y", y)
+    refs, _ = session.run(prog, ("sorted",))
+    np.testing.assert_array_equal(np.asarray(session.reveal(refs[0])), [0, 2, 1, 3, 4])
