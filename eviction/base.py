@@ -126,9 +126,9 @@ class Policy:
         k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
         return k, v, jnp.round(pos).astype(jnp.int32)
 
-    def init_state(self, keys, n_keep: int):
+    def init_state(self, keys, n_keep: int, prompt_len: int):
         """Per-layer summaries kept with the cache (cluster bounds), or None.
-        keys: [b, k, C, d] after the static step, n_keep valid."""
+        keys: [b, k, C, d] after the static step, n_keep valid, of a prompt_len prompt."""
         if not self.needs_bounds:
             return None
         return init_bounds(keys, n_keep, *self.cluster_sizes, self.bounds_alpha)
@@ -139,11 +139,19 @@ class Policy:
             return None
         return update_bounds(state, key, index, *self.cluster_sizes, self.bounds_alpha)
 
-    def decode_attention(self, q, ck, cv, state, length, prompt_len: int, cfg, selection=None):
-        """One layer's attention for the current token with this policy's selection; see
-        eviction.attention.decode_attention."""
-        return attention.decode_attention(q, ck, cv, state, length, self, prompt_len, cfg,
-                                          selection)
+    def decode_attention(self, q, ck, cv, state, length, prompt_len: int, cfg, selection=None,
+                         select_now: bool = True):
+        """One layer's attention for the current token with this policy's selection (see
+        eviction.attention.decode_attention). select_now (static, public): whether this step
+        selects afresh or reuses the selection kept in `state` (policies with `refresh`).
+        Returns (out, selection, attended counts, new state)."""
+        out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
+                                                           prompt_len, cfg, selection)
+        return out, selection, count, state
+
+    def selects_at(self, step: int) -> bool:
+        """Whether decode step `step` (0 = the first after prefill) selects afresh."""
+        return step % getattr(self, "refresh", 1) == 0
 
     def attended_mask(self, selection, valid, shape):
         """bool [b, k, c]: the entries a layer attended (plaintext diagnostics)."""

@@ -69,17 +69,31 @@ def khat(rmax: jax.Array, rmin: jax.Array, alpha: float) -> jax.Array:
     return alpha * rmax + (1.0 - alpha) * rmin
 
 
-def cluster_candidates(length, n_clusters: int, size: int):
-    """Clusters that may be chosen (completely filled, excluding the current one) and the
-    forced ones (first = sink, and the one holding the current token). length counts the
-    current token. Both depend on public lengths only. Returns 2 x bool [n_clusters]."""
+def cluster_candidates(length, n_clusters: int, size: int, recent: int = 1):
+    """Clusters that may be chosen (completely filled, excluding the forced ones) and the
+    forced ones (first = sink, and the `recent` last: the one holding the current token and
+    recent - 1 before it). length counts the current token. Both depend on public lengths
+    only. Returns 2 x bool [n_clusters]."""
     idx = jnp.arange(n_clusters)
     current = (length - 1) // size
     full = (idx + 1) * size <= length
-    forced = jnp.logical_or(idx == 0, idx == current)
+    forced = jnp.logical_or(idx == 0, jnp.logical_and(idx <= current, idx > current - recent))
     return jnp.logical_and(full, jnp.logical_not(forced)), forced
 
 
 def expand(mask: jax.Array, size: int) -> jax.Array:
     """Cluster mask [..., n] -> entry mask [..., n*size]."""
     return jnp.repeat(mask, size, axis=-1)
+
+
+def forced_rows(length, n_clusters: int, size: int, recent: int) -> jax.Array:
+    """Public one-hot rows [1 + recent, n_clusters] of the forced clusters (first, then the
+    `recent` last, oldest first); a row repeating an earlier row's cluster (short caches) or
+    pointing before the first is zero."""
+    current = (length - 1) // size
+    which = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                             current - jnp.arange(recent - 1, -1, -1, dtype=jnp.int32)])
+    rows = which[:, None] == jnp.arange(n_clusters)
+    first_time = jnp.logical_and(which >= 0, jnp.concatenate(
+        [jnp.ones((1,), bool), which[1:] > jnp.maximum(which[:-1], 0)]))
+    return jnp.logical_and(rows, first_time[:, None])

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 KERNELS = ("auto", "onehot", "sort")
 BACKENDS = ("plain", "spu")
-SORT_PROTOCOLS = ("SEMI2K", "ABY3")
+SORT_PROTOCOLS = ("SEMI2K",)
 
 
 def kernel_for(compaction: str, protocol_kind: Optional[str]) -> str:
@@ -49,7 +49,10 @@ def for_protocol(policy, protocol_kind: Optional[str]):
     returned as they are."""
     if policy is None or not hasattr(policy, "compaction"):
         return policy
-    return dataclasses.replace(policy, compaction=kernel_for(policy.compaction, protocol_kind),
+    kernel = kernel_for(policy.compaction, protocol_kind)
+    if getattr(policy, "refresh", 1) > 1 and policy.compaction == "auto":
+        kernel = "onehot"   # a selection kept across steps is a one-hot matrix
+    return dataclasses.replace(policy, compaction=kernel,
                                backend="plain" if protocol_kind is None else "spu")
 
 

@@ -41,8 +41,10 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from eviction import attention
 from eviction.base import Policy, check_gather, check_ratio, topk_mask
-from eviction.clusters import cluster_candidates, expand
+from eviction.clusters import cluster_candidates, expand, forced_rows
+from eviction.compaction import compaction_matrix
 from eviction.quest import quest_bound
 from eviction.sharing import PATTERNS, share_source
 from eviction.static_scores import max_pool, window_attention
@@ -70,6 +72,7 @@ class MPCache(Policy):
     selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
     score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
+    refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     dynamic = True
     needs_bounds = True
 
@@ -96,6 +99,11 @@ class MPCache(Policy):
             if getattr(self, field) not in SCORES:
                 raise ConfigError(f"{field} must be one of {SCORES}, got "
                                   f"{getattr(self, field)!r}")
+        if not 1 <= self.refresh <= self.s2:
+            raise ConfigError(f"refresh must be in [1, s2={self.s2}], got {self.refresh}")
+        if self.refresh > 1 and (self.compaction == "sort" or self.gather != "scores"):
+            raise ConfigError("refresh > 1 keeps a one-hot selection: it needs "
+                              "compaction onehot (or auto) and gather scores")
         if self.s2 < 1 or self.s1 % self.s2:
             raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
                               f"{self.s1}")
@@ -177,15 +185,68 @@ class MPCache(Policy):
         sim = jnp.einsum("bkgd,bkcd->bkc", q, kh)
         return sim + quest_bound(q, rmax, rmin, "split") if form == "mix" else sim
 
+    @property
+    def recent(self) -> int:
+        """Most recent level-2 clusters always attended: the current one, and with
+        `refresh` > 1 also the one before (tokens written since the last selection lie in
+        those two, as refresh <= s2)."""
+        return 1 if self.refresh == 1 else 2
+
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
         n1, n2 = bounds[5].shape[2], bounds[4].shape[2]
-        sim1 = self.cluster_score(q, bounds, 1)
         sim2 = self.cluster_score(q, bounds, 2)
-        cand1, forced1 = cluster_candidates(length, n1, self.s1)
-        keep1 = jnp.logical_or(
-            topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1, self.selector), forced1)
-        cand2, forced2 = cluster_candidates(length, n2, self.s2)
-        eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
+        cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
+        k1 = self.k1(prompt_len, n1)
+        if k1 >= n1:   # level 1 keeps every cluster: no level-1 search at all
+            eligible = cand2
+        else:
+            sim1 = self.cluster_score(q, bounds, 1)
+            cand1, forced1 = cluster_candidates(length, n1, self.s1)
+            keep1 = jnp.logical_or(topk_mask(sim1, k1 - 2, cand1, self.selector), forced1)
+            eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
         keep2 = jnp.logical_or(
-            topk_mask(sim2, self.k2(prompt_len) - 2, eligible, self.selector), forced2)
+            topk_mask(sim2, self.k2(prompt_len) - 1 - self.recent, eligible, self.selector),
+            forced2)
         return keep2, self.s2, self.k2(prompt_len)
+
+    # ---- a selection kept for `refresh` steps (the cache state's last part) ----
+    def init_state(self, keys, n_keep, prompt_len):
+        bounds = super().init_state(keys, n_keep, prompt_len)
+        if self.refresh == 1:
+            return bounds
+        b, h, c, _ = keys.shape
+        kept = jnp.zeros((b, h, self.k2(prompt_len) - 1 - self.recent, c // self.s2), keys.dtype)
+        return bounds + (kept,)
+
+    def update_state(self, state, key, index):
+        return super().update_state(state[:6], key, index) + tuple(state[6:])
+
+    def refresh_selection(self, q, cache_k, bounds, length, prompt_len, cfg):
+        """The part of a selection kept across steps: the one-hot matrix [b, k, k2 - 1 -
+        recent, n2] of the chosen (not forced) clusters. q: [b, k, g, d]."""
+        keep2, _, slots = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
+        forced = cluster_candidates(length, keep2.shape[-1], self.s2, self.recent)[1]
+        return compaction_matrix(jnp.logical_and(keep2, jnp.logical_not(forced)),
+                                 slots - 1 - self.recent).astype(cache_k.dtype)
+
+    def with_forced(self, kept, length):
+        """The kept one-hot rows plus the forced clusters' public rows: [b, k, k2, n2]."""
+        rows = forced_rows(length, kept.shape[-1], self.s2, self.recent).astype(kept.dtype)
+        return jnp.concatenate([kept, jnp.broadcast_to(rows, kept.shape[:2] + rows.shape)],
+                               axis=2)
+
+    def decode_attention(self, q, ck, cv, state, length, prompt_len, cfg, selection=None,
+                         select_now=True):
+        if self.refresh == 1:
+            return super().decode_attention(q, ck, cv, state, length, prompt_len, cfg,
+                                            selection, select_now)
+        kept = state[6]
+        if selection is None:
+            if select_now:
+                qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+                kept = self.refresh_selection(qg, ck, state[:6], length, prompt_len, cfg)
+            selection = ("scores", self.with_forced(kept, length), self.s2,
+                         self.k2(prompt_len))
+        out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
+                                                           prompt_len, cfg, selection)
+        return out, selection, count, tuple(state[:6]) + (kept,)

@@ -236,22 +236,22 @@ class LayerJit:
         self._fns = {}
 
     def __call__(self, lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg,
-                 selection=None, diagnostics=False):
+                 selection=None, diagnostics=False, select_now=True):
         import jax
 
         from mpc_llama.model import decode_layer
 
-        meta_in = None if selection is None else (selection[0], selection[2])
-        key = (policy, prompt_len, cfg, diagnostics, meta_in)
+        meta_in = None if selection is None else (selection[0],) + tuple(selection[2:])
+        key = (policy, prompt_len, cfg, diagnostics, meta_in, select_now)
         if key not in self._fns:
             meta_out = {}
 
             def run(lp, x, layer_cache, cache_length, positions, sel):
-                sel = None if sel is None else (meta_in[0], sel, meta_in[1])
+                sel = None if sel is None else (meta_in[0], sel) + meta_in[1:]
                 x, layer_cache, sel, count, diag = decode_layer(
                     lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg, sel,
-                    diagnostics)
-                meta_out["meta"] = None if sel is None else (sel[0], sel[2])
+                    diagnostics, select_now)
+                meta_out["meta"] = None if sel is None else (sel[0],) + tuple(sel[2:])
                 return x, layer_cache, None if sel is None else sel[1], count, diag
 
             # the layer's cache is updated in place (donated): callers keep no reference
@@ -261,7 +261,7 @@ class LayerJit:
         x, layer_cache, sel, count, diag = fn(lp, x, layer_cache, cache_length, positions,
                                               None if selection is None else selection[1])
         meta = meta_out["meta"]
-        return x, layer_cache, None if meta is None else (meta[0], sel, meta[1]), count, diag
+        return x, layer_cache, None if meta is None else (meta[0], sel) + meta[1:], count, diag
 
 
 class Evaluator:
@@ -313,9 +313,10 @@ class Evaluator:
         """tokens: [b] ids, one per row, all at `position`; `cache` is consumed (donated)."""
         import jax.numpy as jnp
 
+        now = policy is None or policy.selects_at(position - prompt_len)
         return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray(tokens, jnp.int32),
                                 jnp.asarray(position, jnp.int32), cache, policy, prompt_len,
-                                diagnostics=True, layer_fn=self._layer)
+                                diagnostics=True, layer_fn=self._layer, select_now=now)
 
 
 def _unstack(cache):

@@ -92,6 +92,7 @@ def parse_args(argv=None):
 def build_setting(args):
     """Validates everything before any measurement. Returns a dict of the run's setting."""
     from eviction import POLICIES, VARIANTS, policy_from_spec
+    from eviction.compaction import for_protocol
     from mpc_llama.loading import load_config
     from protocols.network import custom_profile, get_profile
     from protocols.private_generation import spu_config
@@ -116,7 +117,8 @@ def build_setting(args):
         names.insert(0, "full")  # every reduction is relative to it
     if not args.no_oracle and "oracle" not in names:
         names.append("oracle")
-    policies = {n: None if n == "full" else policy_from_spec(n, args.budget) for n in names}
+    policies = {n: None if n == "full" else
+                for_protocol(policy_from_spec(n, args.budget), protocol.kind) for n in names}
     for n, pol in policies.items():
         if getattr(pol, "gather", "scores") != "scores":
             raise ConfigError(f"policy {n}: cost blocks need gather='scores'")
@@ -255,6 +257,16 @@ def shortcuts(setting, hs, args):
     out.append("latency_s is PROJECTED from measured counters (protocols.network), not timed on "
                "a network; compute_s is simulator wall-clock, all parties on this machine")
     out.append("oracle: attention over exactly the budget, selection free (the floor)")
+    kept = sorted({(n, p.refresh) for n, p in setting["policies"].items()
+                   if getattr(p, "refresh", 1) > 1})
+    for n, r in kept:
+        out.append(f"{n}: selects every {r} decode steps and reuses the kept selection between; "
+                   f"its select block is counted 1/{r} per step (AMORTISED: the mean step over "
+                   f"{r} steps; a selecting step alone costs more, a reusing one less)")
+    comp = sorted({(n, p.compaction) for n, p in setting["policies"].items()
+                   if p is not None and hasattr(p, "compaction")})
+    if comp:
+        out.append("compaction kernels: " + ", ".join(f"{n} {c}" for n, c in comp))
     if any(s > args.static_max_seq for s in setting["seqs"]):
         out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
                    "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's)")

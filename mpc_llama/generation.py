@@ -31,10 +31,10 @@ def _prefill_last(params, cfg, tokens, capacity, policy):
     return prefill(params, cfg, tokens, capacity, last_only=True, policy=policy)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 5, 6))
-def _decode(params, cfg, token, position, cache, policy, prompt_len):
+@functools.partial(jax.jit, static_argnums=(1, 5, 6, 7))
+def _decode(params, cfg, token, position, cache, policy, prompt_len, select_now):
     return decode_step(params, cfg, token, position, cache, policy, prompt_len,
-                       return_attended=True)
+                       return_attended=True, select_now=select_now)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,7 @@ def greedy_generate(params: dict, cfg: LlamaConfig, prompt: Sequence[int], max_n
             break
         position = len(prompt) + step
         logits, cache, counts = _decode(params, cfg, jnp.asarray([token], jnp.int32), position,
-                                        cache, policy, len(prompt))
+                                        cache, policy, len(prompt),
+                                        policy is None or policy.selects_at(step))
         fractions.append(float(np.mean(np.asarray(counts))) / (position + 1))
     return Generation(out, float(np.mean(fractions)) if fractions else None)

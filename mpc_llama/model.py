@@ -267,7 +267,7 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
         if policy is not None and policy.needs_bounds:
-            bounds.append(policy.init_state(ck, n_keep))
+            bounds.append(policy.init_state(ck, n_keep, t))
     stacked = tuple(jnp.stack(parts) for parts in zip(*bounds)) if bounds else None
     return KVCache(jnp.stack(ks), jnp.stack(vs), jnp.stack(ps), jnp.asarray(n_keep, jnp.int32),
                    stacked)
@@ -294,14 +294,14 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
 
 def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, positions,
                  policy, prompt_len: int, cfg: LlamaConfig, selection=None,
-                 diagnostics: bool = False):
+                 diagnostics: bool = False, select_now: bool = True):
     """One layer of a decode step (what `decode_step` runs per layer).
 
     lp: this layer's parameters; x: [b, 1, d] residual stream; layer_cache: (k [b, k, c, d],
     v, pos [b, k, c], bounds tuple or None) of this layer; cache_length: [] entries before this
     token; positions: [1] int32 (public); selection: a sharing source's selection to reuse, or
-    None to select here. Returns (x, new layer_cache, selection, attended counts [b, k],
-    diagnostics dict or None).
+    None to select here; select_now: see `decode_step`. Returns (x, new layer_cache,
+    selection, attended counts [b, k], diagnostics dict or None).
     """
     ck, cv, cp, layer_bounds = layer_cache
     length = cache_length + 1  # entries valid after writing the current one
@@ -310,8 +310,8 @@ def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, posit
     valid = jnp.arange(ck.shape[2]) < length
     if policy is not None and policy.dynamic:
         layer_bounds = policy.update_state(layer_bounds, k[:, :, 0], cache_length)
-        out, selection, count = policy.decode_attention(q, ck, cv, layer_bounds, length,
-                                                        prompt_len, cfg, selection)
+        out, selection, count, layer_bounds = policy.decode_attention(
+            q, ck, cv, layer_bounds, length, prompt_len, cfg, selection, select_now)
         attended = policy.attended_mask(selection, valid, ck.shape[:3]) if diagnostics else None
     else:
         mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
@@ -327,7 +327,7 @@ def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, posit
 
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
                 policy=None, prompt_len: int = 0, return_attended: bool = False,
-                diagnostics: bool = False, layer_fn=None):
+                diagnostics: bool = False, layer_fn=None, select_now: bool = True):
     """One token through the model, appending its key/value at index `cache.length`.
 
     token: [b] int32; position: [] int32 original position of the token (public; differs from
@@ -338,7 +338,9 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     `diagnostics`, a dict instead: counts, attn_out [L, b, N*D] (each layer's attention output)
     and attended_pos [L, b, K, C] (original positions of the attended entries, -1 elsewhere).
     layer_fn: replaces `decode_layer` (same signature), e.g. a per-layer jit for fast
-    plaintext runs. A cache whose k/v/pos (and bounds parts) are per-layer tuples instead of
+    plaintext runs. select_now (static, public: a function of the step number): whether a
+    policy that keeps its selection for several steps (`refresh`) selects afresh now
+    (`policy.selects_at(step)`); other policies select at every step. A cache whose k/v/pos (and bounds parts) are per-layer tuples instead of
     stacked arrays is returned in the same per-layer form (no whole-cache copy per step), as are
     `params["layers"]` given as a per-layer list.
     """
@@ -354,7 +356,8 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
         x, layer_cache, selections[src], count, diag = run_layer(
             _layer_params(params, i), x, (cache.k[i], cache.v[i], cache.pos[i], layer_bounds),
             cache.length, positions, policy, prompt_len, cfg,
-            selections.get(src), diagnostics)  # a sharing layer reuses its source's pick
+            selections.get(src), diagnostics,  # a sharing layer reuses its source's pick
+            select_now)
         parts.append(layer_cache)
         counts.append(count)
         diags.append(diag)

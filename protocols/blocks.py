@@ -240,9 +240,23 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                    {**digits, "probs": packed["picked"]}, count=L, heads=heads),
             values]
 
-    sel_spec = jax.eval_shape(lambda *a: select(*a)[1], q, kv, bounds_spec)
-    out.append(_block("select", "selection", lambda *a: (select(*a)[1],),
-                      {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel, heads=heads))
+    refresh = getattr(policy, "refresh", 1)
+    if refresh > 1:
+        # the selection is made every `refresh` steps and kept: its block counts 1/refresh
+        # per step (amortised: run_spu.py says so); the forced clusters' rows are public
+        def select_kept(q, k, b):
+            qg = q[:, 0].reshape(1, heads, g, d)
+            return (policy.refresh_selection(qg, k, b, jnp.asarray(length), seq, c),)
+
+        kept = jax.eval_shape(select_kept, q, kv, bounds_spec)[0]
+        sel_spec = jax.eval_shape(lambda p: policy.with_forced(p, jnp.asarray(length)), kept)
+        out.append(_block("select", "selection", select_kept,
+                          {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel / refresh,
+                          heads=heads))
+    else:
+        sel_spec = jax.eval_shape(lambda *a: select(*a)[1], q, kv, bounds_spec)
+        out.append(_block("select", "selection", lambda *a: (select(*a)[1],),
+                          {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel, heads=heads))
     if kind == "scores":
         size = probe[1]
         packed = _spec((1, heads, g, sel_spec.shape[2] * size))

@@ -44,11 +44,12 @@ def _prefill_fn(cfg: LlamaConfig, capacity: int, policy):
     return fn
 
 
-def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int):
+def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int, select_now: bool = True):
     def fn(params, token, position, length, cache):
         k, v, pos, bounds = cache
         logits, cache = decode_step(params, cfg, token, position,
-                                    KVCache(k, v, pos, length, bounds), policy, prompt_len)
+                                    KVCache(k, v, pos, length, bounds), policy, prompt_len,
+                                    select_now=select_now)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), _secret_part(cache)
     return fn
 
@@ -72,7 +73,10 @@ class PrivateGenerator:
 
     def __init__(self, session: SpuSession, cfg: LlamaConfig, params: dict,
                  model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER, policy=None):
-        self.session, self.cfg, self.policy = session, spu_config(cfg), policy
+        from eviction.compaction import for_protocol
+
+        self.session, self.cfg = session, spu_config(cfg)
+        self.policy = for_protocol(policy, session.protocol.kind)
         self.data_owner = data_owner
         # parties other than the model owner pass ShapeDtypeStructs (placeholder_params)
         self.params = jax.tree_util.tree_map(
@@ -92,15 +96,17 @@ class PrivateGenerator:
                              _prefill_fn(self.cfg, capacity, self.policy), (self.params, tokens),
                              ("params", "tokens"), (SECRET, SECRET))
 
-    def decode_program(self, prompt_len: int, capacity: int):
-        """Reads the secret cache variables "cache:*" written by prefill and overwrites them."""
+    def decode_program(self, prompt_len: int, capacity: int, select_now: bool = True):
+        """Reads the secret cache variables "cache:*" written by prefill and overwrites them.
+        select_now: see mpc_llama.model.decode_step (a policy with `refresh` compiles two
+        programs: selecting, and reusing the kept selection; which runs is public)."""
         specs = jax.eval_shape(
             lambda p, t: prefill(p, self.cfg, t, capacity, policy=self.policy)[1],
             self.params, jax.ShapeDtypeStruct((1, prompt_len), jnp.int32))
         args = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0),
                 _secret_part(specs))
-        return self._program(("decode", prompt_len, capacity),
-                             _decode_fn(self.cfg, self.policy, prompt_len), args,
+        return self._program(("decode", prompt_len, capacity, select_now),
+                             _decode_fn(self.cfg, self.policy, prompt_len, select_now), args,
                              ("params", "token", "position", "length", "cache"),
                              (SECRET, SECRET, PUBLIC, PUBLIC, SECRET))
 
@@ -116,7 +122,7 @@ class PrivateGenerator:
         s.put("tokens", np.asarray([prompt], np.int32), owner=self.data_owner)
         (tok_ref, _), prefill_cost = s.run(self.prefill_program(len(prompt), capacity),
                                                    ("next", "cache"))
-        decode_prog = self.decode_program(len(prompt), capacity) if max_new_tokens > 1 else None
+        programs = {}
         length = self._cache_length(len(prompt))
         tokens, costs = [], []
         for step in range(max_new_tokens):
@@ -131,7 +137,10 @@ class PrivateGenerator:
             s.put("token", np.asarray([token or 0], np.int32), owner=self.data_owner)
             s.put("position", np.int32(len(prompt) + step), public=True)
             s.put("length", np.int32(length + step), public=True)
-            (tok_ref, _), cost = s.run(decode_prog, ("next", "cache"))
+            now = self.policy is None or self.policy.selects_at(step)
+            if now not in programs:
+                programs[now] = self.decode_program(len(prompt), capacity, now)
+            (tok_ref, _), cost = s.run(programs[now], ("next", "cache"))
             costs.append(cost)
         return PrivateResult(tokens, prefill_cost, costs)
 

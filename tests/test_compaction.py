@@ -31,11 +31,14 @@ def test_partition_is_stable_and_pads_every_row_to_its_slots():
 
 
 def test_kernel_choice_per_protocol():
-    assert kernel_for("auto", "SEMI2K") == kernel_for("auto", "ABY3") == "sort"
-    assert kernel_for("auto", "CHEETAH") == kernel_for("auto", None) == "onehot"
+    assert kernel_for("auto", "SEMI2K") == "sort"
+    assert kernel_for("auto", "ABY3") == kernel_for("auto", "CHEETAH") == "onehot"
+    assert kernel_for("auto", None) == "onehot"
     assert kernel_for("onehot", "ABY3") == "onehot"
-    p = for_protocol(make_policy("mpcache", 0.1), "ABY3")
+    p = for_protocol(make_policy("mpcache", 0.1), "SEMI2K")
     assert (p.compaction, p.backend) == ("sort", "spu")
+    p = for_protocol(make_policy("mpcache", 0.1, refresh=4), "SEMI2K")
+    assert (p.compaction, p.backend) == ("onehot", "spu")   # a kept selection is a one-hot
     assert for_protocol(None, "ABY3") is None
 
 
@@ -53,7 +56,7 @@ def _inputs(seed=0):
 def _attention(policy, cfg, length):
     def fn(q, keys, values):
         bounds = init_bounds(keys, length, *policy.cluster_sizes, policy.bounds_alpha)
-        out, sel, count = policy.decode_attention(q, keys, values, bounds, jnp.asarray(length),
+        out, sel, count, _ = policy.decode_attention(q, keys, values, bounds, jnp.asarray(length),
                                                   C, cfg)
         return out, count
     return fn
@@ -64,8 +67,8 @@ def _attention(policy, cfg, length):
 def test_sort_kernel_on_spu_equals_onehot_in_plaintext(proto, length):
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
     ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot")
-    spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search"),
-                              get_protocol(proto).kind)
+    spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
+                                          compaction="sort"), get_protocol(proto).kind)
     assert spu_policy.compaction == "sort"
     inputs = _inputs()
     want_out, want_count = (np.asarray(x) for x in jax.jit(_attention(ref, cfg, length))(*inputs))

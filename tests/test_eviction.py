@@ -352,3 +352,37 @@ def test_selectors_agree_on_random_scores(selector):
     ref = np.where(np.asarray(allowed), np.asarray(s), -np.inf)
     kth = np.sort(ref, axis=-1)[..., -11][..., None]
     np.testing.assert_array_equal(m, ref >= kth)
+
+
+def test_refresh_keeps_the_selection_between_refreshes(six_layers):
+    """With refresh=4 the chosen clusters of steps 1-3 are step 0's; only the forced ones
+    (first, previous, current: public) follow the new tokens. Step 4 selects again."""
+    cfg, params = six_layers
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, T)))
+    policy = make_policy("mpcache", 0.25, refresh=4)
+    _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
+    dynamic = []
+    for step in range(6):
+        _, cache, diag = decode_step(params, cfg, toks[:, step], T + step, cache, policy, T,
+                                     diagnostics=True, select_now=policy.selects_at(step))
+        length = T + step + 1
+        cur = (length - 1) // 16
+        forced = {0, cur - 1, cur}
+        pos = np.asarray(diag["attended_pos"])                               # [L, b, K, C]
+        counts = (pos >= 0).sum(-1)
+        assert (counts <= policy.k2(T) * 16).all()
+        dynamic.append([[{int(p) // 16 for p in row if p >= 0} - forced for row in layer[0]]
+                        for layer in pos])
+    assert [policy.selects_at(s) for s in range(6)] == [True, False, False, False, True, False]
+    for step in (1, 2, 3):
+        assert dynamic[step] == dynamic[0]
+    assert all(len(h) == policy.k2(T) - 3 for layer in dynamic[0] for h in layer)
+
+
+def test_refresh_one_selects_what_it_always_did(six_layers):
+    """refresh=1 (the default) keeps one recent cluster forced and the same selections."""
+    assert MPCache().recent == 1 and MPCache(refresh=2).recent == 2
+    with pytest.raises(ConfigError):
+        MPCache(refresh=2, compaction="sort")
+    with pytest.raises(ConfigError):
+        MPCache(refresh=17)

@@ -1,5 +1,6 @@
 """Every policy under SPU: same selections and tokens as plaintext; programs reveal nothing."""
 
+import dataclasses
 import re
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eviction import POLICIES, make_policy
+from eviction import POLICIES, make_policy, policy_from_spec
 from eviction.clusters import init_bounds
 from eviction.quest import quest_bound
 from mpc_llama.config import preset
@@ -127,11 +128,13 @@ def small_model():
     return cfg, params
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(POLICIES) + ["mpcache:refresh=2"])
 def test_private_tokens_equal_plaintext_per_policy(small_model, name):
+    """SEMI2K runs mpcache with the "sort" compaction (plaintext: the one-hot reference);
+    refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
     cfg, params = small_model
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 200))
-    policy = make_policy(name, 0.2)
+    policy = policy_from_spec(name, 0.2)
     expected = greedy_generate(params, cfg, prompt, 3, policy=policy).tokens
     session = SpuSession(get_protocol("semi2k"))
     got = PrivateGenerator(session, cfg, params, policy=policy).generate(prompt, 3).tokens
@@ -159,26 +162,40 @@ def _plain_logits(params, cfg, tokens, policy, prompt_len):
                             len(tokens) + 1, last_only=True, policy=policy)
     for pos in range(prompt_len, len(tokens)):
         logits, cache = decode_step(params, cfg, jnp.asarray([tokens[pos]], jnp.int32), pos,
-                                    cache, policy, prompt_len)
+                                    cache, policy, prompt_len,
+                                    select_now=policy is None or policy.selects_at(pos - prompt_len))
     return np.asarray(logits[0])
 
 
-@pytest.mark.parametrize("name,selector,static_selector",
-                         [(n, None, None) for n in sorted(POLICIES)]
-                         + [("mpcache_static", None, None), ("mpcache_static", "topk", "search"),
-                            ("snapkv", "search", "search")])
-def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector):
-    """Prefill and decode programs are checked separately against their own selector."""
+PROGRAM_CASES = ([(n, None, None, p) for n in sorted(POLICIES) for p in ("semi2k", "aby3")]
+                 + [("mpcache", None, None, "cheetah"), ("mpcache:refresh=2", None, None, "aby3"),
+                    ("mpcache_static", None, None, "semi2k"),
+                    ("mpcache_static", "topk", "search", "semi2k"),
+                    ("snapkv", "search", "search", "semi2k")])
+
+
+@pytest.mark.parametrize("name,selector,static_selector,proto", PROGRAM_CASES)
+def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector, proto):
+    """Prefill and decode programs are checked separately against their own selector; a
+    sort appears only where the policy's compaction is "sort" (SPU's radix sort opens only
+    a shuffled permutation: the one reveal of the threat model besides mhlo.topk's)."""
     cfg, params = small_model
     fields = {k: v for k, v in (("selector", selector), ("static_selector", static_selector))
               if v}
-    policy = make_policy(name, 0.5, **fields)  # large enough that every step really selects
-    gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params, policy=policy)
+    policy = policy_from_spec(name, 0.5)  # large enough that every step really selects
+    policy = dataclasses.replace(policy, **fields)
+    gen = PrivateGenerator(SpuSession(get_protocol(proto)), cfg, params, policy=policy)
+    policy = gen.policy   # as compiled for the protocol
     keep = policy.static_keep(200)
-    for text, sel, selects in (
-            (gen.prefill_program(200, 203).text, policy.static_selector,
-             keep is not None and policy.static_forced(200).sum() < keep < 200),
-            (gen.decode_program(200, 203).text, policy.selector, policy.dynamic)):
+    programs = [(gen.prefill_program(200, 203).text, policy.static_selector,
+                 keep is not None and policy.static_forced(200).sum() < keep < 200),
+                (gen.decode_program(200, 203).text, policy.selector, policy.dynamic)]
+    if getattr(policy, "refresh", 1) > 1:
+        programs.append((gen.decode_program(200, 203, select_now=False).text, policy.selector,
+                         False))
+    for text, sel, selects in programs:
+        sorts = re.findall(r"pphlo\.(?:simple_)?sort", text)
+        assert not sorts or policy.compaction == "sort", sorts
         assert "!pphlo.secret" in text and "reveal" not in text
         calls = set(re.findall(CALL, text))
         assert calls <= ALLOWED_CALLS[sel], calls
