@@ -106,3 +106,38 @@ def test_beaver_cache_is_semi2k_only():
         Protocol("x", "ABY3", 3, beaver_cache=True)
     assert get_protocol("semi2k").beaver_cache
     assert "beaver_cache" not in get_protocol("aby3").cache_key()
+
+
+@pytest.mark.parametrize("policy_name", [None, "mpcache"])
+def test_frozen_split_is_the_same_function(tiny, policy_name):
+    """Plaintext: a decode step with prefill's rows kept apart (frozen) equals the plain one,
+    and so does every attention block in its frozen-rows form."""
+    import jax
+
+    from protocols.blocks import attention_blocks, random_inputs, with_frozen_rows
+    from protocols.private_generation import _split
+
+    cfg, params = tiny
+    policy = None if policy_name is None else make_policy(policy_name, 0.5)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 48)]
+    _, cache = prefill(params, cfg, jnp.asarray([prompt], jnp.int32), len(prompt) + 3,
+                       policy=policy)
+    n = int(cache.length)
+    frozen, (k, v, pos, bounds) = _split(cache, n)
+    token = jnp.asarray([5], jnp.int32)
+    want, want_cache = decode_step(params, cfg, token, len(prompt), cache, policy, len(prompt))
+    got, got_cache = decode_step(params, cfg, token, len(prompt),
+                                 cache.replace(k=k, v=v), policy, len(prompt), frozen=frozen)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got_cache.k, want_cache.k[:, :, :, n:], rtol=1e-6, atol=1e-6)
+    for block in attention_blocks(spu_cfg(cfg), policy, 64, cfg.n_kv_heads):
+        split = with_frozen_rows(block)
+        if split is block:
+            continue
+        values = random_inputs(split)
+        m = len(block.args)
+        joined = list(values[:m])
+        for j, i in enumerate(i for i, a in enumerate(block.arg_names) if a in ("k", "v")):
+            joined[i] = np.concatenate([values[m + j], values[i]], axis=2)
+        for a, b in zip(split.fn(*values), block.fn(*joined)):
+            assert_close(a, b, rtol=1e-5, atol=1e-5)
