@@ -92,15 +92,16 @@ def scatter_partitioned(hi: jax.Array, lo: jax.Array, probs: jax.Array, size: in
 
 
 def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaConfig,
-                       backend: str):
+                       backend: str, entries: int):
     """attend_selected with the "sort" kernel: scores against the whole cache, the selected
     clusters' scores packed by partition_scores, softmax over those only, the probabilities
     back in cache order (scatter_partitioned), then p . V. Same output as attend_selected.
+    k, v: [b, k, entries, d] or tuples of row segments (see model.attention_scores).
     Returns (out [b, 1, n*d], attended counts [b, k])."""
     scores = attention_scores(q, k, cfg)[:, :, :, 0]                            # [b,k,g,c]
     hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok)
-    full = scatter_partitioned(hi, lo, probs, size, k.shape[2] // size)
+    full = scatter_partitioned(hi, lo, probs, size, entries // size)
     return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
 
 
@@ -121,31 +122,34 @@ def _select(policy, q, ck, bounds, length, prompt_len, cfg):
 
 
 def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: LlamaConfig,
-                     selection=None):
+                     selection=None, segments=None):
     """One layer's attention for the current token.
 
     q: [b, 1, n, d] (rotated); ck, cv: [b, k, c, d] with the current entry written;
     bounds: this layer's cluster bounds or None; length: [] valid entries (public);
-    selection: a sharing source's selection to reuse, or None to select here.
+    selection: a sharing source's selection to reuse, or None to select here;
+    segments: None, or (keys, values), each a tuple of row segments of ck / cv that the
+    attention matmuls use instead (see model.attention_scores).
     Returns (out [b, 1, n*d], selection (or None), attended counts [b, k]).
     """
     valid = jnp.arange(ck.shape[2]) < length
     mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
+    mk, mv = (ck, cv) if segments is None else segments
     if policy is None or not policy.dynamic:
-        return attend(q, ck, cv, mask[:, :, None, None, :], cfg), None, mask.sum(axis=-1)
+        return attend(q, mk, mv, mask[:, :, None, None, :], cfg), None, mask.sum(axis=-1)
     if selection is None:
         qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
         selection = _select(policy, qg, ck, bounds, length, prompt_len, cfg)
     kind, sel, size, slots = selection
     if kind == "sort":
-        out, count = attend_partitioned(q, ck, cv, sel, size, slots, length, cfg,
-                                        getattr(policy, "backend", "plain"))
+        out, count = attend_partitioned(q, mk, mv, sel, size, slots, length, cfg,
+                                        getattr(policy, "backend", "plain"), ck.shape[2])
         return out, selection, count
     if kind == "scores":
         count = jnp.einsum("bksn,nz->bk", sel.astype(jnp.int32),
                            valid.reshape(-1, size).astype(jnp.int32))
-        return attend_selected(q, ck, cv, sel, size, valid, cfg), selection, count
-    keys, values = ck, cv
+        return attend_selected(q, mk, mv, sel, size, valid, cfg), selection, count
+    keys, values = mk, mv
     if kind == "kv":
         keys, values, picked = gather_clusters(sel, size, ck, cv, mask.astype(ck.dtype))
         mask = picked > 0.5

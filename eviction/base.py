@@ -140,13 +140,14 @@ class Policy:
         return update_bounds(state, key, index, *self.cluster_sizes, self.bounds_alpha)
 
     def decode_attention(self, q, ck, cv, state, length, prompt_len: int, cfg, selection=None,
-                         select_now: bool = True):
+                         select_now: bool = True, segments=None):
         """One layer's attention for the current token with this policy's selection (see
         eviction.attention.decode_attention). select_now (static, public): whether this step
         selects afresh or reuses the selection kept in `state` (policies with `refresh`).
-        Returns (out, selection, attended counts, new state)."""
+        segments: row segments of ck / cv for the attention matmuls (SEMI2K's Beaver cache,
+        see mpc_llama.model.decode_layer). Returns (out, selection, attended counts, state)."""
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
-                                                           prompt_len, cfg, selection)
+                                                           prompt_len, cfg, selection, segments)
         return out, selection, count, state
 
     def selects_at(self, step: int) -> bool:

@@ -13,7 +13,7 @@ Kernels (a policy's `compaction` field; "auto" picks one from the protocol, see 
       cache order (attention probabilities) returns through two small digit one-hots of each
       slot's cluster index (slots x (A + B) equalities instead of slots x n).
 CHEETAH builds secret permutations from multiplications (a Waksman network, ~1.4 KB per
-element), so there "auto" keeps "onehot" (measured in docs/benchmark.md).
+element), so "sort" does not pay there; see SORT_PROTOCOLS for what "auto" picks and why.
 
 Ordering of a 1-bit key: SPU 0.9.5 treats a boolean sort key as a signed 1-bit number and
 puts True FIRST in an ascending sort, XLA puts it last. A policy compiled for SPU carries
@@ -31,13 +31,18 @@ import jax.numpy as jnp
 
 KERNELS = ("auto", "onehot", "sort")
 BACKENDS = ("plain", "spu")
-SORT_PROTOCOLS = ("SEMI2K",)
+# "auto" picks "sort" under these protocol kinds. Empty for now: measured per head-layer at 8k
+# (7B shapes), SEMI2K without its Beaver cache: sort 7.2 MB vs one-hot 11.2 MB; ABY3: sort
+# 6.6 MB vs one-hot 5.9 MB (its matmuls cost only their output); and under SEMI2K WITH the
+# Beaver cache (the default) a multi-step private generation with the sort kernel gave wrong
+# logits (tests/test_beaver_cache.py with compaction="sort"; open). "sort" stays selectable.
+SORT_PROTOCOLS = ()
 
 
 def kernel_for(compaction: str, protocol_kind: Optional[str]) -> str:
     """The kernel a policy's `compaction` setting runs under a protocol (an SPU
-    ProtocolKind name, or None for plaintext): "auto" is "sort" under SEMI2K and ABY3 and
-    "onehot" elsewhere (CHEETAH; plaintext, where both give the same values)."""
+    ProtocolKind name, or None for plaintext): "auto" is "sort" under SORT_PROTOCOLS and
+    "onehot" elsewhere (plaintext: both give the same values)."""
     if compaction != "auto":
         return compaction
     return "sort" if protocol_kind in SORT_PROTOCOLS else "onehot"

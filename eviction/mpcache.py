@@ -236,10 +236,10 @@ class MPCache(Policy):
                                axis=2)
 
     def decode_attention(self, q, ck, cv, state, length, prompt_len, cfg, selection=None,
-                         select_now=True):
+                         select_now=True, segments=None):
         if self.refresh == 1:
             return super().decode_attention(q, ck, cv, state, length, prompt_len, cfg,
-                                            selection, select_now)
+                                            selection, select_now, segments)
         kept = state[6]
         if selection is None:
             if select_now:
@@ -248,5 +248,5 @@ class MPCache(Policy):
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len))
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
-                                                           prompt_len, cfg, selection)
+                                                           prompt_len, cfg, selection, segments)
         return out, selection, count, tuple(state[:6]) + (kept,)

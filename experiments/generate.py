@@ -51,6 +51,8 @@ def build_parser() -> Parser:
     p.add_argument("--field", default="FM64", help="SPU ring: FM64 (default) or FM128")
     p.add_argument("--fxp-bits", type=int, default=0,
                    help="fixed-point fraction bits (0: SPU default, 18 for FM64, 26 for FM128)")
+    p.add_argument("--no-beaver-cache", action="store_true",
+                   help="semi2k: open the weights and KV rows at every use (no Beaver cache)")
     p.add_argument("--no-check", action="store_true",
                    help="with --backend spu, skip the plaintext run that checks the tokens")
     p.add_argument("--json", help="write the result here")
@@ -88,7 +90,7 @@ def _cost_json(res, total, setup, protocol) -> dict:
     return {
         **total.to_json(),
         "what": "prefill + all decode steps, steady state; setup reported separately",
-        "parties": protocol.world_size,
+        "parties": protocol.world_size, "beaver_cache": protocol.beaver_cache,
         "setup": setup.to_json() if protocol.kind == "CHEETAH" else None,
         "prefill": res.prefill_cost.to_json(),
         "decode_steps": [{k: v for k, v in c.to_json().items() if k != "ops"}
@@ -106,6 +108,8 @@ def main() -> None:
         raise ConfigError(f"unknown backend {args.backend!r}; choose plain or spu")
     protocol = get_protocol(args.protocol).with_numerics(args.field, args.fxp_bits) \
         if args.backend == "spu" else None
+    if protocol is not None and args.no_beaver_cache:
+        protocol = protocol.without_beaver_cache()
     if args.parties:  # bad files fail before anything is loaded or started
         from protocols.parties import load_parties
 

@@ -116,18 +116,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Llama
                             v, cfg)
 
 
-def attention_scores(q: jax.Array, k: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """q: [b, t, n, d]; k: [b, k, s, d] -> scaled scores [b, k, g, t, s]."""
+def attention_scores(q: jax.Array, k, cfg: LlamaConfig) -> jax.Array:
+    """q: [b, t, n, d]; k: [b, k, s, d] -> scaled scores [b, k, g, t, s].
+
+    k may also be a tuple of row segments (e.g. the frozen prompt rows and the growing tail):
+    one matmul per segment, so that under SEMI2K a segment that never changes is a buffer
+    whose Beaver opening can be reused (protocols.session)."""
+    if isinstance(k, tuple):
+        return jnp.concatenate([attention_scores(q, part, cfg) for part in k], axis=-1)
     b, t = q.shape[:2]
     qg = q.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
     return jnp.einsum("btkgd,bksd->bkgts", qg, k) / math.sqrt(cfg.head_dim)
 
 
-def attention_values(probs: jax.Array, v: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """probs: [b, k, g, t, s]; v: [b, k, s, d] -> [b, t, n*d]."""
+def attention_values(probs: jax.Array, v, cfg: LlamaConfig) -> jax.Array:
+    """probs: [b, k, g, t, s]; v: [b, k, s, d] (or a tuple of row segments, as in
+    `attention_scores`) -> [b, t, n*d]."""
+    if isinstance(v, tuple):
+        ends = np.cumsum([part.shape[2] for part in v])
+        return sum(_values_matmul(probs[..., e - part.shape[2]:e], part, cfg)
+                   for e, part in zip(ends, v))
     b, t = probs.shape[0], probs.shape[3]
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, cfg.n_heads * cfg.head_dim)
+
+
+def _values_matmul(probs: jax.Array, v: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """attention_values as a batched matmul with v as it is: SPU then multiplies v's own
+    buffer, whose Beaver opening can be kept (the einsum's lowering made SEMI2K open a new
+    copy of v at every call: probed on 0.9.5). Same values."""
+    b, k, g, t, s = probs.shape
+    out = jnp.matmul(probs.reshape(b, k, g * t, s), v).reshape(b, k, g, t, -1)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, cfg.n_heads * cfg.head_dim)
 
 
 def _layer_params(params: dict, i: int) -> dict:
@@ -294,40 +314,54 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
 
 def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, positions,
                  policy, prompt_len: int, cfg: LlamaConfig, selection=None,
-                 diagnostics: bool = False, select_now: bool = True):
+                 diagnostics: bool = False, select_now: bool = True, frozen=None):
     """One layer of a decode step (what `decode_step` runs per layer).
 
     lp: this layer's parameters; x: [b, 1, d] residual stream; layer_cache: (k [b, k, c, d],
     v, pos [b, k, c], bounds tuple or None) of this layer; cache_length: [] entries before this
     token; positions: [1] int32 (public); selection: a sharing source's selection to reuse, or
-    None to select here; select_now: see `decode_step`. Returns (x, new layer_cache,
-    selection, attended counts [b, k], diagnostics dict or None).
+    None to select here; select_now: see `decode_step`; frozen: None, or (k, v) [b, k, P, d],
+    this layer's first P entries kept apart from the cache (they never change), layer_cache
+    then holding only the entries after them (its k/v [b, k, c - P, d], pos and bounds still
+    over all c). The attention matmuls then run on the two segments separately (see
+    `attention_scores`). Returns (x, new layer_cache, selection, attended counts [b, k],
+    diagnostics dict or None).
     """
     ck, cv, cp, layer_bounds = layer_cache
+    if frozen is not None:
+        ck, cv = (jnp.concatenate([f, c], axis=2) for f, c in zip(frozen, (ck, cv)))
     length = cache_length + 1  # entries valid after writing the current one
     q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
     ck, cv, cp = write_layer(ck, cv, cp, cache_length, k, v, positions)
+    segments = None
+    if frozen is not None:
+        n = frozen[0].shape[2]
+        segments = ((frozen[0], ck[:, :, n:]), (frozen[1], cv[:, :, n:]))
     valid = jnp.arange(ck.shape[2]) < length
     if policy is not None and policy.dynamic:
         layer_bounds = policy.update_state(layer_bounds, k[:, :, 0], cache_length)
         out, selection, count, layer_bounds = policy.decode_attention(
-            q, ck, cv, layer_bounds, length, prompt_len, cfg, selection, select_now)
+            q, ck, cv, layer_bounds, length, prompt_len, cfg, selection, select_now, segments)
         attended = policy.attended_mask(selection, valid, ck.shape[:3]) if diagnostics else None
     else:
         mask = jnp.broadcast_to(valid, ck.shape[:3])  # [b, k, c]
-        out = attend(q, ck, cv, mask[:, :, None, None, :], cfg)
+        mk, mv = (ck, cv) if segments is None else segments
+        out = attend(q, mk, mv, mask[:, :, None, None, :], cfg)
         selection, count, attended = None, mask.sum(axis=-1), mask
     diag = None
     if diagnostics:
         diag = {"attn_out": out[:, 0], "attended_pos": jnp.where(attended, cp, -1)}
     x = x + out @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+    if frozen is not None:
+        ck, cv = ck[:, :, frozen[0].shape[2]:], cv[:, :, frozen[1].shape[2]:]
     return x, (ck, cv, cp, layer_bounds), selection, count, diag
 
 
 def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cache: KVCache,
                 policy=None, prompt_len: int = 0, return_attended: bool = False,
-                diagnostics: bool = False, layer_fn=None, select_now: bool = True):
+                diagnostics: bool = False, layer_fn=None, select_now: bool = True,
+                frozen=None):
     """One token through the model, appending its key/value at index `cache.length`.
 
     token: [b] int32; position: [] int32 original position of the token (public; differs from
@@ -340,9 +374,12 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     layer_fn: replaces `decode_layer` (same signature), e.g. a per-layer jit for fast
     plaintext runs. select_now (static, public: a function of the step number): whether a
     policy that keeps its selection for several steps (`refresh`) selects afresh now
-    (`policy.selects_at(step)`); other policies select at every step. A cache whose k/v/pos (and bounds parts) are per-layer tuples instead of
-    stacked arrays is returned in the same per-layer form (no whole-cache copy per step), as are
-    `params["layers"]` given as a per-layer list.
+    (`policy.selects_at(step)`); other policies select at every step. A cache whose k/v/pos
+    (and bounds parts) are per-layer tuples instead of stacked arrays is returned in the same
+    per-layer form (no whole-cache copy per step), as are
+    `params["layers"]` given as a per-layer list. frozen: None, or (ks, vs), per layer the first
+    P entries [b, K, P, D] kept apart; cache.k/v then hold the entries after them (see
+    `decode_layer`; private generation under SEMI2K's Beaver cache).
     """
     run_layer = layer_fn or decode_layer
     positions = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
@@ -353,11 +390,12 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     for i in range(cfg.n_layers):
         layer_bounds = None if cache.bounds is None else tuple(bb[i] for bb in cache.bounds)
         src = policy.share_source(i, cfg.n_layers) if dynamic else i
+        extra = {} if frozen is None else {"frozen": (frozen[0][i], frozen[1][i])}
         x, layer_cache, selections[src], count, diag = run_layer(
             _layer_params(params, i), x, (cache.k[i], cache.v[i], cache.pos[i], layer_bounds),
             cache.length, positions, policy, prompt_len, cfg,
             selections.get(src), diagnostics,  # a sharing layer reuses its source's pick
-            select_now)
+            select_now, **extra)
         parts.append(layer_cache)
         counts.append(count)
         diags.append(diag)

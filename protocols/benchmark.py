@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from protocols.blocks import MODEL, USER, Block, random_inputs
+from protocols.blocks import MODEL, USER, Block, random_inputs, with_frozen_rows
 from protocols.registry import Protocol
 
 FORMAT = 3  # bump when what a cached measurement means changes
@@ -37,6 +37,10 @@ FORMAT = 3  # bump when what a cached measurement means changes
 # the parties' roles from a public random pivot; their sum is fixed): the parties come busiest
 # first, and each position keeps its median.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
+# SEMI2K's Beaver cache (Protocol.beaver_cache): a block's fixed operands (weights; KV rows
+# written before the step) are opened by its first run and kept; the block's counters are
+# those of the runs after it on the same runtime and the same input buffers (the steady step),
+# and first minus steady is kept apart as the block's one-time openings.
 PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in decode_step)
 
 
@@ -126,6 +130,7 @@ class BlockMeter:
         self._sessions = None
         self.setup: Optional[Counters] = None
         self.hits = self.misses = 0
+        self.last_one_time: Optional[Counters] = None  # of the last measure()d block
 
     # ---- sessions ----
     def _ensure_sessions(self):
@@ -158,7 +163,9 @@ class BlockMeter:
     # ---- disk cache ----
     def _key(self, text: str, block: Block) -> str:
         key = {"format": FORMAT, "program": text, "owners": block.owners,
-               "protocol": dataclasses.asdict(self.protocol), "spu": _spu_version()}
+               "protocol": self.protocol.cache_key(), "spu": _spu_version()}
+        if steady_only(self.protocol, block):
+            key["runs"] = "steady: after a first run on the same buffers (Beaver cache warm)"
         if self.cluster is not None:  # real parties: same counters, other seconds
             key["backend"] = "brpc"
         elif self.protocol.world_size > 2:  # all parties from one run (earlier: one per party)
@@ -167,7 +174,7 @@ class BlockMeter:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _setup_key(self) -> str:
-        key = {"format": FORMAT, "setup": dataclasses.asdict(self.protocol),
+        key = {"format": FORMAT, "setup": self.protocol.cache_key(),
                "spu": _spu_version()}
         if self.cluster is not None:
             key["backend"] = "brpc"
@@ -192,18 +199,20 @@ class BlockMeter:
 
     # ---- measuring ----
     def compile(self, block: Block):
-        from protocols.session import PUBLIC, SECRET, SpuSession
+        from protocols.session import SpuSession
 
-        vis = [PUBLIC if n in PUBLIC_ARGS else SECRET for n in block.arg_names]
         compiler = (self._sessions or [None])[0] or _Compiler.get(self.protocol, SpuSession)
-        return compiler.compile(block.fn, block.args, block.arg_names, vis)
+        return compile_block(compiler, block)
 
     def measure(self, block: Block) -> Counters:
-        """Every party's counters for one run of `block` (cached on disk)."""
+        """Every party's counters for one run of `block` (cached on disk); with the Beaver
+        cache, of a steady run, its one-time openings in `last_one_time`."""
         program = self.compile(block)
         key = self._key(program.text, block)
         cached = self._load(key)
-        if cached is not None:
+        steady = steady_only(self.protocol, block)
+        self.last_one_time = self._load("onetime-" + key) if steady else None
+        if cached is not None and (self.last_one_time is not None or not steady):
             self.hits += 1
             return cached
         self.misses += 1
@@ -212,38 +221,67 @@ class BlockMeter:
             recipe = block.recipe
             if recipe is None:
                 raise ValueError(f"block {block.name} has no recipe to send to the parties")
-            cost = _median_cost(self.cluster.measure(self.protocol, *recipe))
-            counters = Counters.of(cost)
+            runs = self.cluster.measure(self.protocol, *recipe)
         else:
-            session = self._ensure_sessions()[0]
-            counters = Counters.of(_median_cost(measure_runs(session, block,
-                                                             {MODEL: 0, USER: 1}, program)))
+            runs = measure_runs(self._ensure_sessions()[0], block, {MODEL: 0, USER: 1},
+                                program)
+        if steady:  # the first run opened the fixed operands
+            first, runs = Counters.of(runs[0]), runs[1:]
+        counters = Counters.of(_median_cost(runs))
+        if steady:
+            self.last_one_time = first + counters.scale(-1.0)
+            self._store("onetime-" + key, self.last_one_time)
         self._store(key, counters)
         return counters
 
 
-def measure_runs(session, block: Block, owners: dict, program=None) -> list:
-    """Runs `block` on `session` (once, or REPEATS times when it is fast) with random inputs
-    shared by their owners ({MODEL: rank, USER: rank}); returns the Costs. The same calls at
-    every party of a distributed run (protocols.party)."""
+def steady_only(protocol: Protocol, block: Block) -> bool:
+    """Whether `block` is measured steady, its fixed operands opened by a first run (SEMI2K's
+    Beaver cache; see REPEATS above)."""
+    return protocol.beaver_cache and bool(block.fixed or block.frozen_rows is not None)
+
+
+def compile_block(session, block: Block):
+    """The block's program for `session`'s protocol: with the Beaver cache, its fixed
+    operands (weights, frozen KV rows) marked as cached."""
     from protocols.session import PUBLIC, SECRET
 
+    if steady_only(session.protocol, block):
+        block = with_frozen_rows(block)
+    vis = [PUBLIC if n in PUBLIC_ARGS else SECRET for n in block.arg_names]
+    cached = block.fixed + tuple(n for n in block.arg_names if n.endswith("_frozen"))
+    return session.compile(block.fn, block.args, block.arg_names, vis, cached=cached)
+
+
+def measure_runs(session, block: Block, owners: dict, program=None) -> list:
+    """Runs `block` on `session` (once, or REPEATS times when it is fast) with random inputs
+    shared by their owners ({MODEL: rank, USER: rank}); returns the Costs. With the Beaver
+    cache (`steady_only`) a first run opens the fixed operands and comes first in the list,
+    then the steady runs on the same input buffers. The same calls at every party of a
+    distributed run (protocols.party)."""
     if program is None:
-        vis = [PUBLIC if n in PUBLIC_ARGS else SECRET for n in block.arg_names]
-        program = session.compile(block.fn, block.args, block.arg_names, vis)
+        program = compile_block(session, block)
+    warm = steady_only(session.protocol, block)
+    if warm:
+        block = with_frozen_rows(block)
     values = random_inputs(block)
     inputs = [session.put(name, value, owner=owners.get(owner), public=name in PUBLIC_ARGS)
               for name, owner, value in zip(block.arg_names, block.owners, values)]
     outs = [f"__block_out{i}" for i in range(len(program.out_trees))]
     party_runs = []
-    while len(party_runs) < (REPEATS if party_runs and
-                             party_runs[0].seconds < REPEAT_BELOW_S else 1):
+
+    def wanted():
+        steady = party_runs[1:] if warm else party_runs
+        return (1 if warm else 0) + (REPEATS if steady and steady[0].seconds < REPEAT_BELOW_S
+                                     else 1)
+
+    while len(party_runs) < wanted():
         refs, cost = session.run(program, outs)
         for ref in refs:
             session.delete(ref)
         party_runs.append(cost)
-    for ref in inputs:  # free the shares now: 3PC holds one session per party
-        session.delete(ref)
+    for ref in inputs:  # free the shares now (and the kept openings): 3PC holds one session
+        session.delete(ref)  # per party
     return party_runs
 
 

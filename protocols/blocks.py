@@ -63,6 +63,14 @@ class Block:
     heads: Optional[int] = None
     # (cfg, policy, builder, name, seq, heads): how to build it again, e.g. at another party
     recipe: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
+    # attention blocks: rows of their "k"/"v" argument written before this step (fixed from
+    # now on; the rest is the growing tail): what SEMI2K's Beaver cache keeps (benchmark)
+    frozen_rows: Optional[int] = dataclasses.field(default=None, compare=False)
+
+    @property
+    def fixed(self) -> Tuple[str, ...]:
+        """Arguments that are the same at every step: the model owner's weights."""
+        return tuple(n for n, o in zip(self.arg_names, self.owners) if o == MODEL)
 
 
 def _recorded(builder: str):
@@ -189,10 +197,13 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     valid = jnp.arange(cap) < length
     q, kv = _spec((1, 1, heads * g, d)), _spec((1, heads, cap, d))
     scores = _spec((1, heads, g, 1, cap))
-    blocks = [_block("scores", "attention", lambda q, k: (attention_scores(q, k, c),),
-                     {"q": q, "k": kv}, count=L, heads=heads)]
-    values = _block("values", "attention", lambda p, v: (attention_values(p, v, c),),
-                    {"probs": scores, "v": kv}, count=L, heads=heads)
+    frozen = dict(frozen_rows=length - 1)  # every entry but the current token's
+    blocks = [dataclasses.replace(
+        _block("scores", "attention", lambda q, k: (attention_scores(q, k, c),),
+               {"q": q, "k": kv}, count=L, heads=heads), **frozen)]
+    values = dataclasses.replace(
+        _block("values", "attention", lambda p, v: (attention_values(p, v, c),),
+               {"probs": scores, "v": kv}, count=L, heads=heads), **frozen)
     if policy is None or not policy.dynamic:
         mask = valid[None, None, None, None, :]
         return blocks + [
@@ -319,6 +330,33 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
                           {"k": _spec((1, heads, cap, d))}, count=L, heads=heads,
                           phase="static"))
     return out
+
+
+def with_frozen_rows(block: Block) -> Block:
+    """The block with its "k"/"v" argument given as two: "<name>_frozen" (the first
+    `frozen_rows` rows, fixed since written) and the tail, multiplied apart as
+    `mpc_llama.model.decode_layer` does under SEMI2K's Beaver cache. Blocks without
+    frozen rows are returned as they are."""
+    split = [i for i, n in enumerate(block.arg_names) if n in ("k", "v")]
+    if block.frozen_rows is None or not split:
+        return block
+    n, fn = block.frozen_rows, block.fn
+    args, names = list(block.args), list(block.arg_names)
+    for i in split:
+        a = args[i]
+        args[i] = _spec(a.shape[:2] + (a.shape[2] - n,) + a.shape[3:], a.dtype)
+        args.append(_spec(a.shape[:2] + (n,) + a.shape[3:], a.dtype))
+        names.append(names[i] + "_frozen")
+    m = len(block.args)
+
+    def joined(*xs):
+        xs = list(xs)
+        for j, i in enumerate(split):
+            xs[i] = (xs[m + j], xs[i])
+        return fn(*xs[:m])
+
+    return dataclasses.replace(block, fn=joined, args=tuple(args), arg_names=tuple(names),
+                               owners=block.owners + (SHARED,) * len(split))
 
 
 def random_inputs(block: Block, seed: int = 0) -> tuple:

@@ -132,6 +132,7 @@ class PartySession(SpuSession):
             self._runtime = spu_api.Runtime(self.link, protocol.runtime_config(profile=True))
         self._runtimes = [self._runtime]
         self._setup_pending = protocol.kind == "CHEETAH"
+        self._marked = {}  # see SpuSession.release
         self._checked = set()
 
     # ---- messages (JSON for control, raw bytes for shares: nothing a peer sends is
@@ -198,8 +199,8 @@ class PartySession(SpuSession):
             pass
 
     # ---- compiling ----
-    def compile(self, fn, args, arg_names, visibility=None) -> Program:
-        program = super().compile(fn, args, arg_names, visibility)
+    def compile(self, fn, args, arg_names, visibility=None, cached=()) -> Program:
+        program = super().compile(fn, args, arg_names, visibility, cached)
         digest = hashlib.sha256(program.text.encode()).hexdigest()
         if digest not in self._checked:
             digests = self.all_gather(digest)
@@ -217,6 +218,7 @@ class PartySession(SpuSession):
         the same structure and receive theirs. Public values must be given at every party."""
         libspu = self._libspu
         leaves, treedef = jax.tree_util.tree_flatten(tree)
+        self.release([f"{prefix}:{i}" for i in range(len(leaves))])
         dealer = 0 if owner is None else owner
         names = []
         for i, leaf in enumerate(leaves):
@@ -263,6 +265,7 @@ class PartySession(SpuSession):
     # ---- running ----
     def run(self, program: Program, out_names: Sequence[str]):
         """Runs `program` at this party; returns (refs, Cost with every party's counters)."""
+        self._marked.update(program.cached)
         start = time.perf_counter()
         try:
             with capture_fd1() as captured:

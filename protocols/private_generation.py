@@ -5,6 +5,14 @@ prompt and each fed-back token. The KV cache is produced and consumed inside SPU
 reconstructed. Each step reveals only the next token id (to the user, who asked for it).
 Public: the architecture, the prompt length, the step counter (hence cache length and
 position), as in any fixed-shape MPC inference.
+
+Under SEMI2K's Beaver cache (`Protocol.beaver_cache`) the weights are marked in every program,
+so they are opened once per session (at the first prefill) and never again; and the KV
+entries left by prefill (and its static eviction step), which never change while the prompt
+generates, are kept apart from the growing tail as their own variables ("frozen"): each layer's
+frozen rows are opened once, at the first decode step, and every later step only opens its
+query, its probabilities and the tail (at most max_new_tokens rows). The frozen rows are
+released (their openings dropped) when the next prompt's prefill replaces them.
 """
 
 from __future__ import annotations
@@ -37,21 +45,42 @@ def _secret_part(cache: KVCache):
     return (cache.k, cache.v, cache.pos, cache.bounds)
 
 
-def _prefill_fn(cfg: LlamaConfig, capacity: int, policy):
+def _split(cache: KVCache, n: int):
+    """(frozen, rest): per layer, the first n entries of k and v, as their own arrays (one
+    buffer each, so a Beaver-cached opening stays valid); and the cache with k, v after them."""
+    layers = range(cache.k.shape[0])
+    frozen = (tuple(cache.k[i, :, :, :n] for i in layers),
+              tuple(cache.v[i, :, :, :n] for i in layers))
+    return frozen, (cache.k[:, :, :, n:], cache.v[:, :, :, n:], cache.pos, cache.bounds)
+
+
+def _greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _prefill_fn(cfg: LlamaConfig, capacity: int, policy, frozen: int = None, head=_greedy):
     def fn(params, tokens):
         logits, cache = prefill(params, cfg, tokens, capacity, last_only=True, policy=policy)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), _secret_part(cache)
+        token = head(logits)
+        if frozen is None:
+            return token, _secret_part(cache)
+        return (token,) + _split(cache, frozen)
     return fn
 
 
-def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int, select_now: bool = True):
-    def fn(params, token, position, length, cache):
+def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int, split: bool = False, head=_greedy,
+               select_now: bool = True):
+    def step(params, token, position, length, cache, frozen=None):
         k, v, pos, bounds = cache
         logits, cache = decode_step(params, cfg, token, position,
                                     KVCache(k, v, pos, length, bounds), policy, prompt_len,
-                                    select_now=select_now)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), _secret_part(cache)
-    return fn
+                                    frozen=frozen, select_now=select_now)
+        return head(logits), _secret_part(cache)
+
+    if split:
+        return lambda params, token, position, length, frozen, cache: step(
+            params, token, position, length, cache, frozen)
+    return step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +88,7 @@ class PrivateResult:
     tokens: List[int]
     prefill_cost: Cost
     decode_costs: List[Cost]
+    logits: Optional[List[np.ndarray]] = None  # per step [V], with reveal="logits"
 
     @property
     def total(self) -> Cost:
@@ -72,11 +102,17 @@ class PrivateGenerator:
     """Holds a session with the model weights shared once; generates for many prompts."""
 
     def __init__(self, session: SpuSession, cfg: LlamaConfig, params: dict,
-                 model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER, policy=None):
+                 model_owner: int = MODEL_OWNER, data_owner: int = DATA_OWNER, policy=None,
+                 reveal: str = "token"):
+        """reveal: what the user receives at each step, "token" (the greedy token, computed
+        under MPC) or "logits" (all of them; the user takes the greedy token itself)."""
         from eviction.compaction import for_protocol
 
+        if reveal not in ("token", "logits"):
+            raise ValueError(f"reveal must be 'token' or 'logits', got {reveal!r}")
         self.session, self.cfg = session, spu_config(cfg)
         self.policy = for_protocol(policy, session.protocol.kind)
+        self.head = _greedy if reveal == "token" else (lambda z: z[0])
         self.data_owner = data_owner
         # parties other than the model owner pass ShapeDtypeStructs (placeholder_params)
         self.params = jax.tree_util.tree_map(
@@ -85,30 +121,47 @@ class PrivateGenerator:
         session.put("params", self.params, owner=model_owner)
         self._programs = {}
 
+    @property
+    def split(self) -> bool:
+        """Whether prefill's entries are kept apart (frozen) for the Beaver cache."""
+        return self.session.beaver_cache
+
     def _program(self, key, fn, args, names, vis):
         if key not in self._programs:
-            self._programs[key] = self.session.compile(fn, args, names, vis)
+            self._programs[key] = self.session.compile(fn, args, names, vis,
+                                                       cached=("params", "frozen"))
         return self._programs[key]
 
     def prefill_program(self, prompt_len: int, capacity: int):
+        """Writes "next" and "cache" (and, split, "frozen": the entries left by prefill)."""
         tokens = np.zeros((1, prompt_len), np.int32)
+        frozen = self._cache_length(prompt_len) if self.split else None
         return self._program(("prefill", prompt_len, capacity),
-                             _prefill_fn(self.cfg, capacity, self.policy), (self.params, tokens),
-                             ("params", "tokens"), (SECRET, SECRET))
+                             _prefill_fn(self.cfg, capacity, self.policy, frozen, self.head),
+                             (self.params, tokens), ("params", "tokens"), (SECRET, SECRET))
 
     def decode_program(self, prompt_len: int, capacity: int, select_now: bool = True):
-        """Reads the secret cache variables "cache:*" written by prefill and overwrites them.
-        select_now: see mpc_llama.model.decode_step (a policy with `refresh` compiles two
-        programs: selecting, and reusing the kept selection; which runs is public)."""
+        """Reads the secret cache variables "cache:*" written by prefill and overwrites them
+        (split: also reads "frozen:*", which it leaves as they are). select_now: see
+        mpc_llama.model.decode_step (a policy with `refresh` compiles two programs, selecting
+        and reusing the kept selection; which one runs is public)."""
         specs = jax.eval_shape(
             lambda p, t: prefill(p, self.cfg, t, capacity, policy=self.policy)[1],
             self.params, jax.ShapeDtypeStruct((1, prompt_len), jnp.int32))
-        args = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0),
-                _secret_part(specs))
+        head = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0))
+        names = ("params", "token", "position", "length")
+        vis = (SECRET, SECRET, PUBLIC, PUBLIC)
+        if self.split:
+            frozen, rest = jax.eval_shape(
+                lambda c: _split(c, self._cache_length(prompt_len)), specs)
+            args, names, vis = head + (frozen, rest), names + ("frozen", "cache"), \
+                vis + (SECRET, SECRET)
+        else:
+            args, names, vis = head + (_secret_part(specs),), names + ("cache",), vis + (SECRET,)
         return self._program(("decode", prompt_len, capacity, select_now),
-                             _decode_fn(self.cfg, self.policy, prompt_len, select_now), args,
-                             ("params", "token", "position", "length", "cache"),
-                             (SECRET, SECRET, PUBLIC, PUBLIC, SECRET))
+                             _decode_fn(self.cfg, self.policy, prompt_len, self.split,
+                                        self.head, select_now), args,
+                             names, vis)
 
     def _cache_length(self, prompt_len: int) -> int:
         """Entries after prefill: the static keep count (public), or the prompt length."""
@@ -120,14 +173,18 @@ class PrivateGenerator:
         check_lengths(self.cfg, len(prompt), max_new_tokens)
         s, capacity = self.session, len(prompt) + max_new_tokens
         s.put("tokens", np.asarray([prompt], np.int32), owner=self.data_owner)
-        (tok_ref, _), prefill_cost = s.run(self.prefill_program(len(prompt), capacity),
-                                                   ("next", "cache"))
+        outs = ("next", "frozen", "cache") if self.split else ("next", "cache")
+        refs, prefill_cost = s.run(self.prefill_program(len(prompt), capacity), outs)
+        tok_ref = refs[0]
         programs = {}
         length = self._cache_length(len(prompt))
-        tokens, costs = [], []
+        tokens, costs, logits = [], [], []
         for step in range(max_new_tokens):
             # only the user learns the token; the others learn whether generation goes on
             token = s.reveal_to(tok_ref, self.data_owner)
+            if token is not None and self.head is not _greedy:
+                logits.append(np.asarray(token))
+                token = np.argmax(token)
             token = None if token is None else int(np.asarray(token).reshape(-1)[0])
             tokens.append(token)
             if on_token and token is not None:
@@ -140,9 +197,9 @@ class PrivateGenerator:
             now = self.policy is None or self.policy.selects_at(step)
             if now not in programs:
                 programs[now] = self.decode_program(len(prompt), capacity, now)
-            (tok_ref, _), cost = s.run(programs[now], ("next", "cache"))
+            (tok_ref, _), cost = s.run(programs[now], ("next", "cache"))  # frozen: unchanged
             costs.append(cost)
-        return PrivateResult(tokens, prefill_cost, costs)
+        return PrivateResult(tokens, prefill_cost, costs, logits if logits else None)
 
 
 def placeholder_params(cfg: LlamaConfig) -> dict:

@@ -17,7 +17,11 @@ class Protocol:
     kind: SPU ProtocolKind name; world_size: parties; field: ring; fxp_fraction_bits: fixed
     point precision (0 = SPU's default for the field, 18 for FM64); colocated: SPU's
     colocation optimisation, which keeps an owner's input private to it and computes on it
-    locally (cheaper secret x private matmuls under CHEETAH).
+    locally (cheaper secret x private matmuls under CHEETAH); beaver_cache: SEMI2K's Beaver
+    cache for fixed operands (the model owner's weights, KV rows once written): their masked
+    opening is kept by the party runtimes and reused by every later multiplication, so they
+    are opened once per session (weights) or once per prompt (cache rows) instead of at every
+    use (see protocols.session).
     """
 
     name: str
@@ -27,6 +31,7 @@ class Protocol:
     fxp_fraction_bits: int = 0
     description: str = ""
     colocated: bool = True
+    beaver_cache: bool = False
 
     def __post_init__(self):
         if self.kind not in _WORLD_SIZES:
@@ -36,6 +41,8 @@ class Protocol:
                               f"(allowed: {_WORLD_SIZES[self.kind]})")
         if self.field not in _FIELDS:
             raise ConfigError(f"unknown field {self.field!r}; choose from {_FIELDS}")
+        if self.beaver_cache and self.kind != "SEMI2K":
+            raise ConfigError(f"the Beaver cache is SEMI2K's; {self.kind} has none")
         max_bits = 62 if self.field == "FM128" else 30
         if not 0 <= self.fxp_fraction_bits <= max_bits:
             raise ConfigError(f"fxp_fraction_bits must be in [0, {max_bits}] for {self.field}, "
@@ -47,6 +54,18 @@ class Protocol:
             self, field=field or self.field,
             fxp_fraction_bits=self.fxp_fraction_bits if fxp_fraction_bits is None
             else fxp_fraction_bits)
+
+    def without_beaver_cache(self) -> "Protocol":
+        """The same protocol with every operand opened at every use."""
+        return dataclasses.replace(self, beaver_cache=False)
+
+    def cache_key(self) -> dict:
+        """The setting as a dict for measurement caches: a field at its default is left out,
+        so measurements taken before the field existed keep their key (and meaning)."""
+        d = dataclasses.asdict(self)
+        if not d["beaver_cache"]:
+            del d["beaver_cache"]
+        return d
 
     def runtime_config(self, profile: bool = False):
         """The SPU RuntimeConfig; `profile` turns on the per-op and link counters."""
@@ -66,7 +85,9 @@ PROTOCOLS = {
     # Colocation only where it pays: measured on SmolLM2 (2-token prompt, 2 tokens), ABY3's
     # model owner sent 5.34 GB with it and 0.16 GB without (it re-shares private weights at
     # every use); SEMI2K's bytes did not change (2.75 vs 2.76 GB per party).
-    "semi2k": Protocol("semi2k", "SEMI2K", 2, colocated=False,
+    # The Beaver cache on by default: weights are fixed for the whole session and a prompt's
+    # KV rows for its whole generation (measured at 8192 tokens, 7B shapes: see README).
+    "semi2k": Protocol("semi2k", "SEMI2K", 2, colocated=False, beaver_cache=True,
                        description="2PC additive shares, Beaver triples from a trusted dealer "
                                    "(offline cost not counted)"),
     "cheetah": Protocol("cheetah", "CHEETAH", 2,

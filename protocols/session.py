@@ -7,6 +7,16 @@ read and write those variables, so the KV cache never leaves secret-shared form 
 steps. Only values explicitly `reveal`ed are reconstructed. Unlike `spu.utils.simulation`,
 which reshares every input on every call, the persistent runtimes also pay CHEETAH's one-time
 setup once, on their first run.
+
+SEMI2K's Beaver cache (`Protocol.beaver_cache`): a program compiled with `cached=(arg names)`
+marks those arguments with `spu.experimental.make_cached_var`, so the masked opening of each
+(x - a) is kept by every party's runtime and reused by every later multiplication with the
+same operand, in this run and in later runs: weights are opened once per session. SPU keys the
+kept opening by the buffer's address (and view), so a marked variable must keep its buffer
+while it is used, and its opening must be dropped before the buffer is freed: a new value at a
+reused address would otherwise replay the stale opening and silently corrupt results. The
+session tracks every marked variable and drops its opening (`drop_cached_var`, a program with
+no communication) before `put`, `rename` or `delete` overwrites or frees it.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ class Program:
     out_trees: tuple          # one treedef per element of the returned tuple
     out_shapes: tuple
     text: str                 # the SPU IR (pphlo), for inspection by tests
+    cached: tuple = ()        # (variable name, ShapeDtypeStruct) of the Beaver-cached inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,26 +111,39 @@ class SpuSession:
             self._runtimes = _run_parallel([lambda r=r: make(r) for r in range(self.world_size)])
         # CHEETAH's first run also pays its one-time setup; SEMI2K's dealer and ABY3 have none
         self._setup_pending = protocol.kind == "CHEETAH"
+        self._marked = {}  # Beaver-cached variable name -> ShapeDtypeStruct
 
     # ---- compiling ----
+    @property
+    def beaver_cache(self) -> bool:
+        """Whether programs mark their `cached` arguments (SEMI2K with the cache on)."""
+        return self.protocol.beaver_cache
+
     def compile(self, fn: Callable, args: Sequence[Any], arg_names: Sequence[str],
-                visibility: Optional[Sequence[str]] = None) -> Program:
+                visibility: Optional[Sequence[str]] = None, cached: Sequence[str] = ()
+                ) -> Program:
         """Compiles fn(*args) for SPU. `args` are pytrees of arrays or ShapeDtypeStructs;
         `arg_names[i]` names the variables of argument i; `visibility[i]` is "secret"
-        (default) or "public" (a value every party may know, such as a public length)."""
+        (default) or "public" (a value every party may know, such as a public length);
+        `cached`: names of the (secret) arguments that stay fixed across runs, opened once
+        under SEMI2K's Beaver cache (ignored by protocols without it)."""
         from spu.utils import frontend as spu_fe
 
         libspu = self._libspu
         visibility = list(visibility or [SECRET] * len(args))
-        names, vis, trees = [], [], []
-        for arg, prefix, v in zip(args, arg_names, visibility):
-            leaves, tree = jax.tree_util.tree_flatten(arg)
+        specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                        arg) for arg in args]
+        names, vis, trees, marked = [], [], [], []
+        for arg, spec, prefix, v in zip(args, specs, arg_names, visibility):
+            leaves, tree = jax.tree_util.tree_flatten(spec)
             trees.append(tree)
             names += [f"{prefix}:{i}" for i in range(len(leaves))]
             vis += [libspu.Visibility.VIS_PUBLIC if v == PUBLIC else libspu.Visibility.VIS_SECRET
                     ] * len(leaves)
-        specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                        arg) for arg in args]
+            if self.beaver_cache and prefix in cached:
+                marked += [(f"{prefix}:{i}", leaf) for i, leaf in enumerate(leaves)]
+        if marked:
+            fn = _marking(fn, [name in cached for name in arg_names])
         out_holder = {}
 
         def out_names(flat):
@@ -135,7 +159,33 @@ class SpuSession:
         leaves = jax.tree_util.tree_leaves(out_info)
         return Program(executable, tuple(arg_names), tuple(trees), out_trees,
                        tuple((tuple(o.shape), o.dtype) for o in leaves),
-                       executable.code.decode("utf-8", "replace"))
+                       executable.code.decode("utf-8", "replace"), tuple(marked))
+
+    # ---- the Beaver cache ----
+    def release(self, names: Sequence[str]) -> None:
+        """Drops the kept Beaver openings of the marked variables among `names` (at every
+        party; no communication). Call before their buffers are overwritten or freed; `put`,
+        `rename` and `delete` do."""
+        names = [n for n in dict.fromkeys(names) if n in self._marked]
+        if not names:
+            return
+        from spu.experimental import drop_cached_var
+
+        from spu.utils import frontend as spu_fe
+
+        specs = [self._marked[n] for n in names]
+        outs = [f"__released:{i}" for i in range(len(names))]  # not "__out": see rename
+        with capture_fd1():  # the program reads the marked variables themselves, by name
+            executable, _ = spu_fe.compile(
+                spu_fe.Kind.JAX, lambda *xs: tuple(drop_cached_var(x) for x in xs), specs, {},
+                list(names), [self._libspu.Visibility.VIS_SECRET] * len(names),
+                lambda flat: outs)
+        self._run_quiet(executable)
+        for out in outs:
+            for rt in self._runtimes:
+                rt.del_var(out)
+        for n in names:
+            del self._marked[n]
 
     # ---- data in and out ----
     def put(self, prefix: str, tree: Any, owner: Optional[int] = None,
@@ -144,6 +194,7 @@ class SpuSession:
         (that party's rank), or as a public value every party holds."""
         libspu = self._libspu
         leaves, treedef = jax.tree_util.tree_flatten(tree)
+        self.release([f"{prefix}:{i}" for i in range(len(leaves))])
         names = []
         for i, leaf in enumerate(leaves):
             arr = np.asarray(leaf)
@@ -157,6 +208,11 @@ class SpuSession:
                 rt.set_var(name, share)
             names.append(name)
         return SecretRef(tuple(names), treedef)
+
+    def _run_quiet(self, executable) -> None:
+        """Runs an executable at every party, its counters discarded (no communication)."""
+        with capture_fd1():
+            _run_parallel([lambda rt=rt: rt.run(executable) for rt in self._runtimes])
 
     def reveal(self, ref: SecretRef) -> Any:
         """Reconstructs the values behind `ref` (e.g. the next token, for its owner)."""
@@ -178,6 +234,7 @@ class SpuSession:
     def rename(self, ref: SecretRef, prefix: str) -> SecretRef:
         """Moves variables to new names (a local copy inside each party, no communication)."""
         names = []
+        self.release(list(ref.names) + [f"{prefix}:{i}" for i in range(len(ref.names))])
         for i, old in enumerate(ref.names):
             new = f"{prefix}:{i}"
             for rt in self._runtimes:
@@ -188,6 +245,7 @@ class SpuSession:
         return SecretRef(tuple(names), ref.tree)
 
     def delete(self, ref: SecretRef) -> None:
+        self.release(ref.names)
         for name in ref.names:
             for rt in self._runtimes:
                 rt.del_var(name)
@@ -216,6 +274,7 @@ class SpuSession:
 
         Returns (a tuple of SecretRefs, output j's variables renamed `out_names[j]:i`; Cost).
         """
+        self._marked.update(program.cached)
         start = time.perf_counter()
         with capture_fd1() as captured:
             _run_parallel([lambda rt=rt: rt.run(program.executable) for rt in self._runtimes])
@@ -249,3 +308,13 @@ class SpuSession:
             refs.append(self.rename(out, prefix))
             offset += n
         return tuple(refs)
+
+
+def _marking(fn: Callable, marks: Sequence[bool]) -> Callable:
+    """fn with the arguments flagged in `marks` passed through make_cached_var (every leaf)."""
+    from spu.experimental import make_cached_var
+
+    def marked(*args):
+        return fn(*(jax.tree_util.tree_map(make_cached_var, a) if m else a
+                    for a, m in zip(args, marks)))
+    return marked

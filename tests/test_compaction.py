@@ -10,7 +10,7 @@ from conftest import assert_close
 from eviction import make_policy
 from eviction.attention import partition_scores, scatter_partitioned
 from eviction.clusters import init_bounds
-from eviction.compaction import for_protocol, kernel_for, pad_to, partition
+from eviction.compaction import SORT_PROTOCOLS, for_protocol, kernel_for, pad_to, partition
 from mpc_llama.config import preset
 from protocols.registry import get_protocol
 from protocols.session import SpuSession
@@ -31,12 +31,12 @@ def test_partition_is_stable_and_pads_every_row_to_its_slots():
 
 
 def test_kernel_choice_per_protocol():
-    assert kernel_for("auto", "SEMI2K") == "sort"
-    assert kernel_for("auto", "ABY3") == kernel_for("auto", "CHEETAH") == "onehot"
-    assert kernel_for("auto", None) == "onehot"
-    assert kernel_for("onehot", "ABY3") == "onehot"
-    p = for_protocol(make_policy("mpcache", 0.1), "SEMI2K")
+    for kind in ("SEMI2K", "ABY3", "CHEETAH", None):
+        assert kernel_for("auto", kind) == ("sort" if kind in SORT_PROTOCOLS else "onehot")
+    assert kernel_for("sort", "ABY3") == "sort" and kernel_for("onehot", "SEMI2K") == "onehot"
+    p = for_protocol(make_policy("mpcache", 0.1, compaction="sort"), "SEMI2K")
     assert (p.compaction, p.backend) == ("sort", "spu")
+    assert for_protocol(make_policy("mpcache", 0.1), None).backend == "plain"
     p = for_protocol(make_policy("mpcache", 0.1, refresh=4), "SEMI2K")
     assert (p.compaction, p.backend) == ("onehot", "spu")   # a kept selection is a one-hot
     assert for_protocol(None, "ABY3") is None
@@ -72,7 +72,8 @@ def test_sort_kernel_on_spu_equals_onehot_in_plaintext(proto, length):
     assert spu_policy.compaction == "sort"
     inputs = _inputs()
     want_out, want_count = (np.asarray(x) for x in jax.jit(_attention(ref, cfg, length))(*inputs))
-    session = SpuSession(get_protocol(proto))
+    session = SpuSession(get_protocol(proto).without_beaver_cache()
+                         if proto == "semi2k" else get_protocol(proto))
     fn = _attention(spu_policy, cfg, length)
     prog = session.compile(fn, inputs, ("q", "keys", "values"))
     for name, x in zip(("q", "keys", "values"), inputs):

@@ -130,8 +130,7 @@ def small_model():
 
 @pytest.mark.parametrize("name", sorted(POLICIES) + ["mpcache:refresh=2"])
 def test_private_tokens_equal_plaintext_per_policy(small_model, name):
-    """SEMI2K runs mpcache with the "sort" compaction (plaintext: the one-hot reference);
-    refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
+    """refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
     cfg, params = small_model
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 200))
     policy = policy_from_spec(name, 0.2)

@@ -16,7 +16,7 @@ from mpc_llama.model import init_params, prefill
 from protocols.benchmark import (BlockMeter, Counters, compose_static, compose_step, extrapolate,
                                  extrapolate_seq, total)
 from protocols.blocks import attention_blocks, dense_blocks, retained, static_blocks
-from protocols.private_generation import PrivateGenerator, _secret_part, spu_config
+from protocols.private_generation import PrivateGenerator, _secret_part, _split, spu_config
 from protocols.registry import get_protocol
 from protocols.session import SpuSession
 
@@ -28,7 +28,8 @@ SEQ = 256
 
 def direct_step(protocol, cfg, policy, seq):
     """Every party's counters of one real decode step (PrivateGenerator's program) on a cache
-    of `seq` prompt tokens."""
+    of `seq` prompt tokens; with SEMI2K's Beaver cache, of a steady step (run twice on the
+    same weights and frozen rows, the second measured), as the blocks are."""
     s = SpuSession(protocol)
     if protocol.kind == "CHEETAH":
         s.warm_up()
@@ -37,12 +38,19 @@ def direct_step(protocol, cfg, policy, seq):
     spec = jax.eval_shape(lambda p, t: prefill(p, gen.cfg, t, seq + 1, policy=policy)[1],
                           gen.params, jax.ShapeDtypeStruct((1, seq), np.int32))
     rng = np.random.default_rng(0)
-    s.put("cache", jax.tree_util.tree_map(
-        lambda a: rng.normal(size=a.shape).astype(np.float32) if a.dtype == np.float32
-        else np.zeros(a.shape, a.dtype), _secret_part(spec)))
+    fill = lambda a: (rng.normal(size=a.shape).astype(np.float32)  # noqa: E731
+                      if a.dtype == np.float32 else np.zeros(a.shape, a.dtype))
+    if gen.split:
+        frozen, rest = jax.eval_shape(lambda c: _split(c, retained(policy, seq)[0] - 1), spec)
+        s.put("frozen", jax.tree_util.tree_map(fill, frozen))
+        s.put("cache", jax.tree_util.tree_map(fill, rest))
+    else:
+        s.put("cache", jax.tree_util.tree_map(fill, _secret_part(spec)))
     s.put("token", np.zeros((1,), np.int32), owner=1)
     s.put("position", np.int32(seq), public=True)
     s.put("length", np.int32(retained(policy, seq)[0] - 1), public=True)
+    if gen.split:
+        s.run(prog, ("next", "cache"))  # opens the weights and the frozen rows
     return Counters.of(s.run(prog, ("next", "cache"))[1])
 
 

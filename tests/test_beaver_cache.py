@@ -1,0 +1,143 @@
+"""SEMI2K's Beaver cache: fixed operands opened once, results equal to plaintext at every step.
+
+SPU keys a kept opening by buffer address, so a buffer freed and reused for another value
+would replay a stale opening: these tests run many decode steps and several prompts on one
+session (the frozen KV rows of one prompt are released and replaced by the next's, at the
+same shapes) and compare the logits with plaintext at every step.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_close
+from eviction import make_policy
+from mpc_llama.model import decode_step, prefill
+from protocols.private_generation import PrivateGenerator
+from protocols.registry import get_protocol
+from protocols.session import SpuSession
+from mpc_llama.errors import ConfigError
+
+STEPS = 10
+
+
+def _plain_logits(params, cfg, prompt, generated, policy):
+    """Plaintext logits before each generated token, fed the same tokens (teacher forcing)."""
+    capacity = len(prompt) + len(generated)
+    logits, cache = prefill(params, cfg, jnp.asarray([prompt], jnp.int32), capacity,
+                            last_only=True, policy=policy)
+    out = [np.asarray(logits[0])]
+    for step, token in enumerate(generated[:-1]):
+        logits, cache = decode_step(params, cfg, jnp.asarray([token], jnp.int32),
+                                    len(prompt) + step, cache, policy, len(prompt))
+        out.append(np.asarray(logits[0]))
+    return out
+
+
+@pytest.mark.parametrize("policy_name,prompt_len", [(None, 7), ("mpcache", 48)])
+def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len):
+    cfg, params = tiny
+    policy = None if policy_name is None else make_policy(policy_name, 0.5)
+    session = SpuSession(get_protocol("semi2k"))
+    assert session.beaver_cache
+    gen = PrivateGenerator(session, cfg, params, policy=policy, reveal="logits")
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # same shapes each time: released buffers are reused
+        prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, prompt_len)]
+        result = gen.generate(prompt, STEPS)
+        assert len(result.logits) == STEPS
+        expected = _plain_logits(params, spu_cfg(cfg), prompt, result.tokens, policy)
+        for got, want in zip(result.logits, expected):
+            assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert result.tokens == [int(np.argmax(z)) for z in result.logits]
+
+
+def spu_cfg(cfg):
+    from protocols.private_generation import spu_config
+
+    return spu_config(cfg)
+
+
+def test_fixed_operands_are_opened_once(tiny):
+    """Each fixed operand's opening (8 bytes per element per party under FM64) is paid once:
+    steady decode steps save at least every weight's, the first decode step of a prompt pays
+    the frozen K/V rows, a later prompt's prefill does not pay the weights again."""
+    import jax
+
+    cfg, params = tiny
+    prompt, new = list(range(1, 40)), 4
+    runs = {}
+    for name, protocol in (("cached", get_protocol("semi2k")),
+                           ("plain", get_protocol("semi2k").without_beaver_cache())):
+        gen = PrivateGenerator(SpuSession(protocol), cfg, params)
+        runs[name] = [gen.generate(prompt, new) for _ in range(2)]
+    cached, plain = runs["cached"], runs["plain"]
+    sent = lambda c: c.bytes_sent[0]  # noqa: E731
+    # the matrices; an RMSNorm weight is multiplied after a broadcast (a new buffer)
+    weights = sum(np.size(w) for path, w in jax.tree_util.tree_leaves_with_path(params)
+                  if "norm" not in jax.tree_util.keystr(path))
+    frozen = 2 * cfg.n_layers * cfg.n_kv_heads * len(prompt) * cfg.head_dim  # K and V rows
+    steady = sent(cached[1].decode_costs[-1])
+    assert sent(plain[0].decode_costs[-1]) == sent(plain[1].decode_costs[-1])
+    assert sent(plain[1].decode_costs[-1]) - steady >= 8 * (weights + frozen)
+    assert sent(cached[1].decode_costs[0]) - steady >= 8 * frozen
+    assert sent(cached[0].prefill_cost) - sent(cached[1].prefill_cost) >= 8 * weights
+
+
+def test_marked_variables_are_released_before_reuse(tiny):
+    cfg, params = tiny
+    session = SpuSession(get_protocol("semi2k"))
+    gen = PrivateGenerator(session, cfg, params)
+    gen.generate([1, 2, 3, 4], 3)
+    marked = set(session._marked)
+    assert any(n.startswith("params:") for n in marked)
+    assert any(n.startswith("frozen:") for n in marked)
+    ref = session.put("frozen", np.zeros(3, np.float32), owner=0)  # overwrites frozen:0
+    assert "frozen:0" not in session._marked
+    session.delete(ref)
+    assert not any(n.startswith("frozen:") and n != "frozen:0" for n in session._marked) or \
+        all(n in marked for n in session._marked)
+
+
+def test_beaver_cache_is_semi2k_only():
+    from protocols.registry import Protocol
+
+    with pytest.raises(ConfigError, match="SEMI2K"):
+        Protocol("x", "ABY3", 3, beaver_cache=True)
+    assert get_protocol("semi2k").beaver_cache
+    assert "beaver_cache" not in get_protocol("aby3").cache_key()
+
+
+@pytest.mark.parametrize("policy_name", [None, "mpcache"])
+def test_frozen_split_is_the_same_function(tiny, policy_name):
+    """Plaintext: a decode step with prefill's rows kept apart (frozen) equals the plain one,
+    and so does every attention block in its frozen-rows form."""
+    import jax
+
+    from protocols.blocks import attention_blocks, random_inputs, with_frozen_rows
+    from protocols.private_generation import _split
+
+    cfg, params = tiny
+    policy = None if policy_name is None else make_policy(policy_name, 0.5)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 48)]
+    _, cache = prefill(params, cfg, jnp.asarray([prompt], jnp.int32), len(prompt) + 3,
+                       policy=policy)
+    n = int(cache.length)
+    frozen, (k, v, pos, bounds) = _split(cache, n)
+    token = jnp.asarray([5], jnp.int32)
+    want, want_cache = decode_step(params, cfg, token, len(prompt), cache, policy, len(prompt))
+    got, got_cache = decode_step(params, cfg, token, len(prompt),
+                                 cache.replace(k=k, v=v), policy, len(prompt), frozen=frozen)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close(got_cache.k, want_cache.k[:, :, :, n:], rtol=1e-6, atol=1e-6)
+    for block in attention_blocks(spu_cfg(cfg), policy, 64, cfg.n_kv_heads):
+        split = with_frozen_rows(block)
+        if split is block:
+            continue
+        values = random_inputs(split)
+        m = len(block.args)
+        joined = list(values[:m])
+        for j, i in enumerate(i for i, a in enumerate(block.arg_names) if a in ("k", "v")):
+            joined[i] = np.concatenate([values[m + j], values[i]], axis=2)
+        for a, b in zip(split.fn(*values), block.fn(*joined)):
+            assert_close(a, b, rtol=1e-5, atol=1e-5)
