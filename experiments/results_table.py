@@ -134,8 +134,9 @@ def _load(path: str) -> dict:
 
 
 def main() -> None:
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="+")
+    p = Parser(description=__doc__)
+    p.add_argument("files", nargs="+", help="results.json files of run_spu.py, run_accuracy.py "
+                   "or validate_network.py")
     p.add_argument("--pivot", action="store_true",
                    help="accuracy files: one score table, policies x (task, question)")
     p.add_argument("--rename", nargs=3, action="append", default=[],

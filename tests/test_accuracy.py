@@ -81,6 +81,23 @@ def test_longbench_loading(tmp_path):
         longbench.load(str(tmp_path), "musique")
 
 
+def test_longbench_dir_alone_runs_every_dataset_in_it(tmp_path):
+    """--longbench DIR without --longbench-tasks: every supported DIR/NAME.jsonl, and no
+    synthetic task unless --tasks asks for one (never silently the RULER defaults)."""
+    from experiments.run_accuracy import SYNTHETIC, build_setting, parse_args
+
+    rec = json.dumps({"context": "c", "input": "q", "answers": ["a"]}) + "\n"
+    for name in ("qasper", "hotpotqa", "dureader", "notes"):  # Chinese and unknown: skipped
+        (tmp_path / f"{name}.jsonl").write_text(rec)
+    assert longbench.datasets_in(str(tmp_path)) == ["qasper", "hotpotqa"]  # PROMPTS order
+    setting = build_setting(parse_args(["--longbench", str(tmp_path), "--samples", "1"]))
+    assert setting["tasks"] == [] and list(setting["longbench"]) == ["qasper", "hotpotqa"]
+    setting = build_setting(parse_args(["--longbench", str(tmp_path), "--tasks", "passkey",
+                                        "--longbench-tasks", "hotpotqa"]))
+    assert setting["tasks"] == ["passkey"] and list(setting["longbench"]) == ["hotpotqa"]
+    assert parse_args([]).tasks == ",".join(SYNTHETIC)  # no --longbench: every synthetic task
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "experiments/run_accuracy.py", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
@@ -91,6 +108,8 @@ def run_cli(*args):
     (["--lengths", "9000"], "exceeds the model's context"),
     (["--longbench", "/no/such/dir", "--longbench-tasks", "hotpotqa", "--tasks", ""],
      "not found"),
+    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found"),
+    (["--longbench", "/"], "holds no LongBench file"),
     (["--budgets", "0"], "budget 0.0"),
     (["--questions", "before"], "--questions"),
 ])

@@ -183,3 +183,31 @@ def test_cli_end_to_end(tmp_path):
     r2 = run_cli(*args)
     assert r2.returncode == 0 and "0 blocks measured" in r2.stdout
     assert r.stdout.splitlines()[:3] == r2.stdout.splitlines()[:3]
+
+
+@pytest.mark.parametrize("seqs", [(8192,), (4096, 8192)])
+def test_latency_plot(seqs):
+    """One length: one panel of bars, one per (network, policy); several: a panel of lines
+    (latency vs length) per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.run_spu import latency_figure
+
+    nets, pols = ["lan", "wan", "puma_llama"], ["full", "mpcache", "oracle"]
+    rows = [{"policy": p, "seq": s, "protocol": "CHEETAH",
+             "latency_s": {n: 1.0 + i + j for j, n in enumerate(nets)}}
+            for s in seqs for i, p in enumerate(pols)]
+    fig = latency_figure(rows, nets)
+    if len(seqs) == 1:
+        (ax,) = fig.axes
+        heights = sorted(b.get_height() for b in ax.patches)
+        assert heights == sorted(r["latency_s"][n] for r in rows for n in nets)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == pols
+    else:
+        assert len(fig.axes) == len(nets)
+        assert all(len(ax.lines) == len(pols) and len(ax.lines[0].get_xdata()) == len(seqs)
+                   for ax in fig.axes)
+    plt.close(fig)
