@@ -577,8 +577,9 @@ def main(argv=None):
         print(f"--resume: {done} of {planned} samples done in {args.out}", file=sys.stderr)
     started = time.monotonic()
     bar = tqdm(total=planned, initial=done, desc="samples", unit="sample", file=sys.stderr)
-    for length, batch, question in work:
-        if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+    for i, (length, batch, question) in enumerate(work):
+        # the first batch always starts (at minute 0), so a limited run makes progress
+        if i and args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes}: stopping after {done} of {planned} "
                   "samples", file=sys.stderr)
             break
