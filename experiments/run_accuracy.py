@@ -239,10 +239,11 @@ class LayerJit:
     """`mpc_llama.model.decode_layer` jit-compiled per (policy, prompt length, diagnostics,
     reused selection's kind): a decode step is then 30 calls of ONE compiled layer (two where
     layers share selections) instead of a whole-model compile per policy and budget. The
-    selection's kind and cluster size (Python values) travel outside the jitted function."""
+    selection's kind and cluster size (Python values) travel outside the jitted function.
+    The compiled layers are shared by every instance in a process (the key holds everything
+    they depend on), so a second Evaluator or a test compiles nothing again."""
 
-    def __init__(self):
-        self._fns = {}
+    _fns: dict = {}
 
     def __call__(self, lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg,
                  selection=None, diagnostics=False):
@@ -275,7 +276,11 @@ class LayerJit:
 
 class Evaluator:
     """Jit-compiled prompt pass and cache builds, decode steps as per-layer jitted calls on a
-    per-layer cache (`decode_step`'s layered form), all reused across samples."""
+    per-layer cache (`decode_step`'s layered form), all reused across samples (and, keyed by
+    the config, across the instances of a process)."""
+
+    _prompts: dict = {}
+    _builds: dict = {}
 
     def __init__(self, model, chunk):
         import jax
@@ -292,8 +297,11 @@ class Evaluator:
             self.step_cfg = cfg.replace(tie_embeddings=False)
         else:
             self.step_cfg = cfg
-        self._prompt = jax.jit(lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
-        self._build = {}
+        key = (cfg, chunk)
+        if key not in self._prompts:
+            self._prompts[key] = jax.jit(
+                lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
+        self._prompt = self._prompts[key]
         self._layer = LayerJit()
         self._jax = jax
         self.build_cache, self.decode_step = build_cache, decode_step
@@ -306,13 +314,13 @@ class Evaluator:
 
     def cache(self, layers, capacity, policy):
         """The policy's cache from a prompt pass, in decode_step's per-layer form."""
-        key = (capacity, policy, tuple(layers[0][1].shape))
-        if key not in self._build:
-            cfg = self.cfg
-            self._build[key] = self._jax.jit(
-                lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy,
-                                                      compaction="index")))
-        return self._build[key](layers)
+        cfg, build_cache = self.cfg, self.build_cache
+        key = (cfg, capacity, policy, tuple(layers[0][1].shape))
+        if key not in self._builds:
+            self._builds[key] = self._jax.jit(
+                lambda lay: _unstack(build_cache(cfg, lay, capacity, policy,
+                                                 compaction="index")))
+        return self._builds[key](layers)
 
     def copy_cache(self, cache):
         """A copy of a cache (`step` updates the cache it is given in place)."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,7 +114,22 @@ def run_cli(*args):
     (["--budgets", "0"], "budget 0.0"),
     (["--questions", "before"], "--questions"),
 ])
-def test_cli_bad_input(tmp_path, args, needle):
+def test_bad_input_refused_before_any_output(tmp_path, args, needle):
+    from experiments.run_accuracy import build_setting, parse_args
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_setting(parse_args([*args, "--out", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tasks", "passkey,nope"], "unknown task"),
+    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found"),
+    (["--budgets", "0.1", "--samples", "x"], "invalid int value"),   # argparse's own errors too
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
+    """The CLI turns those errors into one line on stderr and exit code 2."""
     out = tmp_path / "out"
     r = run_cli(*args, "--out", str(out))
     assert r.returncode == 2, r.stderr
@@ -159,13 +175,17 @@ def test_cli_end_to_end(tmp_path):
     assert not (tmp_path / "twice").exists()
 
 
-def test_cli_max_minutes_stops_early_and_says_so(tmp_path):
+def test_max_minutes_stops_early_and_says_so(tmp_path, monkeypatch, smollm2, capsys):
+    """The first batch always starts; no new one after the limit (the same settings as
+    test_results_written_after_each_batch: its compiled layers are reused)."""
+    from experiments import run_accuracy
+
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
     out = tmp_path / "out"
-    r = run_cli("--tasks", "passkey", "--lengths", "160", "--samples", "2", "--policies",
-                "full", "--questions", "inside", "--max-minutes", "0.0001", "--batch", "1",
-                "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "stopping after 1 of 2 samples" in r.stderr
+    run_accuracy.main(["--tasks", "passkey", "--lengths", "160", "--samples", "2",
+                       "--policies", "full", "--questions", "inside", "--max-minutes",
+                       "0.0001", "--batch", "1", "--out", str(out)])
+    assert "stopping after 1 of 2 samples" in capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["runs"] == {"planned": 2, "done": 1}
     assert [row["n"] for row in res["rows"]] == [1]

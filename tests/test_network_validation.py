@@ -58,6 +58,7 @@ def test_validation_rejects_bad_profiles(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates network namespaces: needs root")
 def test_projection_matches_a_shaped_two_party_run(tmp_path):
     """SEMI2K, one block, 100 Mbit/s and 10 ms RTT between two namespaces: the cost model's
