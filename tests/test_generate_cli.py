@@ -15,13 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "experiments" / "generate.py")
 
 
-def assert_one_error_line(r, message=""):
-    """Exit code 2, no traceback, exactly one `error:` line (the last), naming the problem."""
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
+def assert_one_error_line(result, message=""):
+    """Exit code 2, no traceback, exactly one `error:` line (the last), naming the problem.
+    result: (exit code, stdout, stderr), as the `cli` fixture returns."""
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0], r.stderr
+    assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0], err
 
 
 def run(*args, timeout=600):
@@ -75,17 +77,20 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
     (["--prompt-ids", "1,99999"], "out of range"),
     (["--prompt-ids", ",".join(["1"] * 70)], "exceed the model context"),
 ])
-def test_bad_input_one_line_exit_2(hf_dir, args, message, tmp_path):
+def test_bad_input_one_line_exit_2(hf_dir, args, message, tmp_path, cli):
+    from experiments.generate import main
+
     path, _ = hf_dir
     base = ["--model", str(path)] + ([] if "--prompt-ids" in args else ["--prompt-ids", "1,2"])
     out = tmp_path / "r.json"
-    r = run(*base, *args, "--json", str(out))
-    assert_one_error_line(r, message)
+    assert_one_error_line(cli(main, *base, *args, "--json", out), message)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt_gguf", "corrupt_safetensors", "bad_arch"])
-def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
+def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir, cli):
+    from experiments.generate import main
+
     if kind == "missing":
         target = tmp_path / "nope"
     elif kind == "corrupt_gguf":
@@ -102,8 +107,7 @@ def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
         cfg = json.loads((hf_dir[0] / "config.json").read_text())
         cfg["model_type"] = "gpt_neox"
         (target / "config.json").write_text(json.dumps(cfg))
-    r = run("--model", str(target), "--prompt-ids", "1,2")
-    assert_one_error_line(r)
+    assert_one_error_line(cli(main, "--model", target, "--prompt-ids", "1,2"))
 
 
 def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path):

@@ -144,11 +144,13 @@ def run_cli(*args, cwd=ROOT):
     (["--networks", "moon"], "unknown network profile"),
     (["--heads", "4"], "two counts"),
 ])
-def test_cli_bad_input(tmp_path, args, needle):
+def test_cli_bad_input(tmp_path, args, needle, cli):
+    from experiments.run_spu import main
+
     out = tmp_path / "out"
-    r = run_cli(*args, "--out", str(out))
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+    code, _, err = cli(main, *args, "--out", out)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and needle in err, err
     assert not out.exists()
 
 
