@@ -45,7 +45,11 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
-def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
+def test_plain_and_spu_match_transformers(hf_dir, tmp_path, cli):
+    """The plaintext run as its own process (the script as a user starts it), the SPU run
+    in-process (the same main)."""
+    from experiments.generate import main
+
     path, model = hf_dir
     prompt = [1, 7, 3, 9, 4]
     with torch.no_grad():
@@ -53,10 +57,15 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     for backend in ("plain", "spu"):
         out = tmp_path / f"{backend}.json"
-        r = run("--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
+        args = ["--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
                 "--max-new-tokens", "5", "--backend", backend, "--protocol", "semi2k",
-                "--json", str(out))
-        assert r.returncode == 0, r.stderr
+                "--json", str(out)]
+        if backend == "plain":
+            r = run(*args)
+            assert r.returncode == 0, r.stderr
+        else:
+            code, _, err = cli(main, *args)
+            assert code == 0, err
         data = json.loads(out.read_text())
         assert data["tokens"] == ref
         assert data["backend"] == backend
@@ -110,16 +119,18 @@ def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir, cli):
     assert_one_error_line(cli(main, "--model", target, "--prompt-ids", "1,2"))
 
 
-def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path):
+def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path, cli):
+    from experiments.generate import main
+
     path, _ = hf_dir
     prompt = ",".join(str(i % 50) for i in range(3, 43))  # 40 tokens
     runs = {}
     for backend in ("plain", "spu"):
         out = tmp_path / f"{backend}.json"
-        r = run("--model", str(path), "--prompt-ids", prompt, "--max-new-tokens", "4",
-                "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
-                "--window", "8", "--json", str(out))
-        assert r.returncode == 0, r.stderr
+        code, _, err = cli(main, "--model", path, "--prompt-ids", prompt, "--max-new-tokens",
+                           "4", "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
+                           "--window", "8", "--json", out)
+        assert code == 0, err
         runs[backend] = json.loads(out.read_text())
     assert runs["spu"]["tokens"] == runs["plain"]["tokens"]
     for data in runs.values():

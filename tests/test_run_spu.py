@@ -46,8 +46,22 @@ def direct_step(protocol, cfg, policy, seq):
     return Counters.of(s.run(prog, ("next", "cache"))[1])
 
 
-def composed_step(protocol, cfg, policy, seq, heads):
-    meter = BlockMeter(protocol)
+@pytest.fixture(scope="module")
+def meters(tmp_path_factory):
+    """One BlockMeter per protocol for the module, with a block cache of its own: blocks
+    shared by several checks (the dense ones of every policy) are measured once."""
+    cache, made = tmp_path_factory.mktemp("block_cache"), {}
+
+    def get(protocol):
+        if protocol.name not in made:
+            made[protocol.name] = BlockMeter(protocol, str(cache))
+        return made[protocol.name]
+
+    return get
+
+
+def composed_step(protocol, cfg, policy, seq, heads, meter=None):
+    meter = meter or BlockMeter(protocol)
     measured = {None: [(b, meter.measure(b)) for b in dense_blocks(cfg)]}
     for h in heads:
         measured[h] = [(b, meter.measure(b)) for b in attention_blocks(cfg, policy, seq, h)]
@@ -67,11 +81,11 @@ def close(a, b, tol):
 @pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05),
                                                 ("cheetah", 0.03)])
 @pytest.mark.parametrize("policy", ["full", "mpcache"])
-def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
+def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters):
     proto = get_protocol(protocol)
     pol = None if policy == "full" else make_policy(policy, 0.25)
     direct = direct_step(proto, SMALL, pol, SEQ)
-    comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads])
+    comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto))
     assert close(comp.total_bytes, direct.total_bytes, tol_bytes), (comp, direct)
     if protocol == "aby3":  # a party's sends follow the random truncation roles
         assert close(sum(comp.sends), sum(direct.sends), 0.02), (comp.sends, direct.sends)
@@ -82,12 +96,12 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
             assert close(a, b, tol_bytes)
 
 
-def test_head_extrapolation_matches_a_direct_measurement():
+def test_head_extrapolation_matches_a_direct_measurement(meters):
     """Attention blocks measured on 1 and 2 KV heads, extrapolated to 4, against 4 measured."""
     proto = get_protocol("semi2k")
     cfg = SMALL.replace(n_kv_heads=4, n_heads=8)
     pol = make_policy("mpcache", 0.25)
-    meter = BlockMeter(proto)
+    meter = meters(proto)
     measured = {h: [(b, meter.measure(b)) for b in attention_blocks(cfg, pol, SEQ, h)]
                 for h in (1, 2, 4)}
     direct = total(compose_step({4: measured[4]}, 4), 2)
@@ -96,11 +110,11 @@ def test_head_extrapolation_matches_a_direct_measurement():
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
-def test_static_step_length_extrapolation():
+def test_static_step_length_extrapolation(meters):
     """The static step at 512 tokens from 128, 256 and 384, against 512 measured (SEMI2K)."""
     proto = get_protocol("semi2k")
     pol = make_policy("mpcache_static", 0.25)
-    meter = BlockMeter(proto)
+    meter = meters(proto)
     measured = {(t, 2): [(b, meter.measure(b)) for b in static_blocks(SMALL, pol, t, 2)]
                 for t in (128, 256, 384, 512)}
     direct = total(compose_static({k: v for k, v in measured.items() if k[0] == 512}, 512, 2), 2)
