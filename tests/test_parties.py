@@ -251,6 +251,7 @@ def test_peer_dies_under_a_remote_party(tmp_path, tiny_hf):
     assert "party 0" in err and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.slow  # waits out brpc connection attempts (~10 s each)
 def test_unreachable_peer_fails_in_bounded_time(tmp_path):
     path = parties_file(tmp_path / "parties.json", 2, connect_timeout_s=5)
     start = time.time()

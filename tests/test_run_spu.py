@@ -168,7 +168,7 @@ def test_cli_bad_input(tmp_path, args, needle, cli):
     assert not out.exists()
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, cli):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", "tiny", "--protocol", "semi2k", "--seq", "64,96",
             "--policies", "full,mpcache,snapkv", "--heads", "1,2", "--bandwidth", "50",
@@ -195,10 +195,13 @@ def test_cli_end_to_end(tmp_path):
         if row["policy"] in ("mpcache", "snapkv"):
             assert row["static_prefill"]["bytes"] > 0
     assert len((out / "results.csv").read_text().strip().splitlines()) == len(rows) + 1
-    # a rerun takes every block from the cache and gives the same figures
-    r2 = run_cli(*args)
-    assert r2.returncode == 0 and "0 blocks measured" in r2.stdout
-    assert r.stdout.splitlines()[:3] == r2.stdout.splitlines()[:3]
+    # a rerun (in-process: the same main) takes every block from the cache and gives the
+    # same figures
+    from experiments.run_spu import main
+
+    code, stdout, _ = cli(main, *args)
+    assert code == 0 and "0 blocks measured" in stdout
+    assert r.stdout.splitlines()[:3] == stdout.splitlines()[:3]
 
 
 @pytest.mark.parametrize("seqs", [(8192,), (4096, 8192)])
