@@ -1,6 +1,7 @@
 # make demo: set up .venv, run the private decoding benchmark on the embedded SmolLM2's shapes
 # and a plaintext chat with it.
-# make test: set up .venv and run the test suite.
+# make test: set up .venv and run the fast test suite (under 10 minutes on 2 cores).
+# make test-all: the fast suite and the long tests (marked slow); make test-slow: only those.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,4 +27,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-.PHONY: install demo test test-all
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+.PHONY: install demo test test-all test-slow

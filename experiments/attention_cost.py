@@ -76,18 +76,18 @@ def measure(protocol, policy, seq, heads, dim):
 
 
 def main() -> None:
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--protocol", default="aby3")
+    p = Parser(description=__doc__)
+    p.add_argument("--protocol", default="aby3", help="cheetah | semi2k | aby3")
     p.add_argument("--seq", default="1024", help="comma list of retained cache lengths")
     p.add_argument("--policies", default="full,mpcache,oracle",
                    help="comma list; settings as name:field=value, e.g. mpcache:s2=16")
-    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the cache")
     p.add_argument("--selector", help="top-k method for every policy: search or topk "
                    "(default: each policy's own)")
     p.add_argument("--heads", type=int, default=4, help="KV heads measured (sampled)")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, help="dimension of one head")
     p.add_argument("--model-heads", type=int, default=32, help="heads of the real layer")
-    p.add_argument("--json")
+    p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
     from tqdm import tqdm

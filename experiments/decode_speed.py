@@ -21,15 +21,15 @@ from mpc_llama.errors import ConfigError  # noqa: E402
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--policies", default="full,mpcache")
-    p.add_argument("--budget", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--json")
+    p = Parser(description=__doc__)
+    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or HF directory")
+    p.add_argument("--length", type=int, default=8192, help="prompt tokens in the cache")
+    p.add_argument("--policies", default="full,mpcache", help="comma list of policies")
+    p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (jit)")
+    p.add_argument("--chunk", type=int, default=64, help="prefill attention chunk (queries)")
+    p.add_argument("--json", help="write the timings here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         raise ConfigError("--steps and --warmup must be >= 1")

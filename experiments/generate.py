@@ -1,4 +1,4 @@
-"""Greedy generation with any loaded model, in plaintext or with every step under MPC.
+r"""Greedy generation with any loaded model, in plaintext or with every step under MPC.
 
     python experiments/generate.py --model smollm2 --prompt "What is the capital of France?" --chat
     python experiments/generate.py --model smollm2 --prompt "The capital of France is" \
@@ -38,17 +38,17 @@ def parse_ids(text: str):
 
 
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a .gguf file or an "
                    "HF checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     p.add_argument("--backend", default="plain", help="plain or spu")
     p.add_argument("--protocol", default="semi2k", help="semi2k, cheetah or aby3 (spu backend)")
-    p.add_argument("--field", default="FM64", help="SPU ring: FM64 (default) or FM128")
+    p.add_argument("--field", default="FM64", help="SPU ring: FM64 or FM128")
     p.add_argument("--fxp-bits", type=int, default=0,
                    help="fixed-point fraction bits (0: SPU default, 18 for FM64, 26 for FM128)")
     p.add_argument("--no-beaver-cache", action="store_true",

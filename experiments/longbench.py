@@ -121,6 +121,20 @@ def check_dataset(name: str) -> None:
         raise ConfigError(f"unknown LongBench dataset {name!r}; choose from {sorted(PROMPTS)}")
 
 
+def datasets_in(directory: str) -> List[str]:
+    """The supported datasets with a NAME.jsonl file in `directory`, in PROMPTS order.
+    Raises ConfigError if the directory does not exist or holds none of them."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"LongBench directory {d} not found (give --longbench the directory "
+                          "holding the official data/*.jsonl files)")
+    names = [n for n in PROMPTS if (d / f"{n}.jsonl").is_file()]
+    if not names:
+        raise ConfigError(f"{d} holds no LongBench file of a supported dataset "
+                          f"(NAME.jsonl, NAME from {sorted(PROMPTS)})")
+    return names
+
+
 def load(directory: str, name: str, limit: int = 0) -> List[dict]:
     """The first `limit` (0 = all) records of DIR/NAME.jsonl: dicts with context, input,
     answers, all_classes (official LongBench fields)."""

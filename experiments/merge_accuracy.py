@@ -10,61 +10,18 @@ record present in two inputs is an error (the same sample counted twice).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.accuracy_results import (load, merge, print_summary,  # noqa: E402
+                                          write_outputs)
 from experiments.cli import Parser, run_main  # noqa: E402
-from mpc_llama.errors import ConfigError  # noqa: E402
-
-
-def load(path):
-    f = os.path.join(path, "results.json") if os.path.isdir(path) else path
-    try:
-        with open(f) as fh:
-            res = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"no results file at {f}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f} is not JSON: {e}") from None
-    if "samples" not in res or "rows" not in res:
-        raise ConfigError(f"{f} is not a run_accuracy.py results file")
-    return res
-
-
-def merge(results):
-    """One payload from several run_accuracy payloads (records concatenated, rows
-    re-aggregated). Raises ConfigError on mixed models or a sample counted twice."""
-    from experiments.run_accuracy import aggregate
-
-    models = {r["model"] for r in results}
-    if len(models) > 1:
-        raise ConfigError(f"inputs come from different models: {sorted(models)}")
-    seen, records = set(), []
-    for res in results:
-        for rec in res["samples"]:
-            key = (rec["task"], rec["length"], rec["question"], rec["policy"], rec["budget"],
-                   rec["depth"])
-            if key in seen:
-                raise ConfigError(f"sample {key} appears in more than one input")
-            seen.add(key)
-            records.append(rec)
-    prefill = {}
-    for res in results:
-        for n, t in res.get("prefill", {}).items():
-            prefill.setdefault(n, []).append(t)
-    return {"command": [r["command"] for r in results], "model": models.pop(),
-            "rows": aggregate(records), "samples": records, "prefill": prefill,
-            "runs": [r.get("runs") for r in results],
-            "platform": [r.get("platform") for r in results]}
 
 
 def main(argv=None):
-    from experiments.run_accuracy import print_summary, write_outputs
-
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("inputs", nargs="+", help="run_accuracy.py output directories or files")
     p.add_argument("--out", required=True, help="directory for the merged outputs")
     args = p.parse_args(argv)

@@ -1,9 +1,17 @@
-"""Markdown tables from results.json files (so README figures are pasted, never typed).
+r"""Markdown tables from results.json files (so README figures are pasted, never typed).
 
     python experiments/results_table.py runs/cheetah_8192/results.json runs/aby3_8192/results.json
     python experiments/results_table.py runs/acc/results.json
     python experiments/results_table.py --pivot runs/acc_passkey/results.json runs/acc_niah/results.json
     python experiments/results_table.py runs/netval/results.json
+    python experiments/results_table.py --headline results/cheetah_8192/results.json \
+        --accuracy results/acc_4k_inside/results.json results/acc_4k_after/results.json \
+        --figure results/headline.png
+
+--headline: per cost file one table of each policy's whole decode step (bytes, projected LAN
+and WAN seconds, all vs the full cache) next to its accuracy at the cost file's budget, the
+mean over every (task, length, question) cell of the --accuracy files, relative to the full
+cache's and to the oracle's; --figure draws WAN latency against that accuracy.
 """
 
 from __future__ import annotations
@@ -122,6 +130,71 @@ def netval_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_policy(results: list, budget: float) -> dict:
+    """{policy: (mean score, samples, cells)} over every (task, length, question) cell of the
+    accuracy files: each policy at `budget`, the full cache at 1.0."""
+    cells = {}
+    for res in results:
+        for r in res["rows"]:
+            if abs(r["budget"] - (1.0 if r["policy"] == "full" else budget)) < 1e-9:
+                cells.setdefault(r["policy"], {})[(r["task"], r["length"], r["question"])] = r
+    return {p: (sum(r["score"] for r in c.values()) / len(c), sum(r["n"] for r in c.values()),
+                len(c)) for p, c in cells.items()}
+
+
+def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
+    """One row per policy of a run_spu.py results file, with its accuracy_by_policy entry
+    (`where`: the accuracy's setting, for the header)."""
+    rows = cost["rows"]
+    budget = next(r["budget"] for r in rows if r["budget"] is not None)
+    full_acc = accuracy.get("full", (None,))[0]
+    oracle_acc = accuracy.get("oracle", (None,))[0]
+    lines = [f"| policy | GB per step | LAN s* | WAN s* | bytes vs full | LAN vs full | "
+             f"WAN vs full | score at {budget:.0%}{where} | score vs full | score vs oracle |",
+             "|" + "---|" * 10]
+
+    def ratio(a, b):
+        return "-" if a is None or not b else f"{a / b:.0%}"
+
+    for r in rows:
+        red, acc = r["reduction_vs_full"], accuracy.get(r["policy"], (None, 0, 0))[0]
+        lines.append(f"| {r['policy']} | {r['bytes'] / 1e9:.2f} | {r['latency_s']['lan']:,.0f} "
+                     f"| {r['latency_s']['wan']:,.0f} | {red['bytes']:.2f}x | "
+                     f"{red['lan']:.2f}x | {red['wan']:.2f}x | "
+                     f"{'-' if acc is None else format(acc, '.2f')} | {ratio(acc, full_acc)} | "
+                     f"{ratio(acc, oracle_acc)} |")
+    return "\n".join(lines)
+
+
+def headline_figure(costs: list, accuracy: dict, path: str) -> None:
+    """One panel per cost file: projected WAN seconds of a decode step (x, log) against the
+    accuracy at the budget (y), one point per policy with an accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(
+        r["policy"] for cost in costs for r in cost["rows"]))}
+    fig, axes = plt.subplots(1, len(costs), figsize=(4.2 * len(costs), 3.6), squeeze=False)
+    for ax, cost in zip(axes[0], costs):
+        for r in cost["rows"]:
+            if r["policy"] in accuracy:
+                x, y = r["latency_s"]["wan"], accuracy[r["policy"]][0]
+                ax.scatter([x], [y], color=colour[r["policy"]])
+                ax.annotate(r["policy"], (x, y), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+        rows = cost["rows"]
+        ax.set_xlim(0, 1.15 * max(r["latency_s"]["wan"] for r in rows))
+        ax.set_ylim(-0.05, 1.1)
+        ax.set_title(f"{rows[0]['protocol']}, {rows[0]['seq']} tokens", fontsize=9)
+        ax.set_xlabel("decode step, WAN seconds (projected)")
+        ax.set_ylabel("accuracy (mean score)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _load(path: str) -> dict:
     try:
         with open(path) as f:
@@ -133,9 +206,10 @@ def _load(path: str) -> dict:
     return res
 
 
-def main() -> None:
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("files", nargs="+")
+def main(argv=None) -> None:
+    p = Parser(description=__doc__)
+    p.add_argument("files", nargs="+", help="results.json files of run_spu.py, run_accuracy.py "
+                   "or validate_network.py")
     p.add_argument("--pivot", action="store_true",
                    help="accuracy files: one score table, policies x (task, question)")
     p.add_argument("--rename", nargs=3, action="append", default=[],
@@ -143,8 +217,33 @@ def main() -> None:
                    help="with --pivot: report FILE's policy OLD as NEW (a default that changed "
                    "since FILE was written; printed with the table)")
     p.add_argument("--tasks", help="with --pivot: only these tasks (comma list)")
-    args = p.parse_args()
+    p.add_argument("--headline", action="store_true",
+                   help="FILES are run_spu.py results: one cost-and-accuracy table each")
+    p.add_argument("--accuracy", nargs="+", default=[], metavar="FILE",
+                   help="with --headline: run_accuracy.py results giving the score column")
+    p.add_argument("--figure", help="with --headline: write WAN seconds vs accuracy here")
+    args = p.parse_args(argv)
     results = [_load(path) for path in args.files]
+    if args.headline:
+        if any("bytes" not in res["rows"][0] for res in results):
+            raise ConfigError("--headline: FILES must be run_spu.py results")
+        acc_files = [_load(path) for path in args.accuracy]
+        budgets = {r["budget"] for res in results for r in res["rows"]} - {None}
+        if len(budgets) != 1:
+            raise ConfigError(f"--headline: the cost files mix budgets {sorted(budgets)}")
+        accuracy = accuracy_by_policy(acc_files, budgets.pop())
+        lengths = sorted({r["length"] for res in acc_files for r in res["rows"]})
+        where = (f", {'/'.join(map(str, lengths))} tok, n={accuracy['full'][1]}"
+                 if "full" in accuracy else "")
+        for path, res in zip(args.accuracy, acc_files):
+            print(f"<!-- score from {path}: {res.get('command', '')} -->")
+        for path, res in zip(args.files, results):
+            print(f"<!-- cost from {path}: {res.get('command', '')} -->")
+            print(headline_table(res, accuracy, where))
+            print()
+        if args.figure:
+            headline_figure(results, accuracy, args.figure)
+        return
     if args.pivot:
         renames = rename_policies(args.files, results, args.rename)
         for path, res in zip(args.files, results):

@@ -1,10 +1,12 @@
-"""Plaintext accuracy of every eviction policy, from the same JAX code the SPU benchmark
+r"""Plaintext accuracy of every eviction policy, from the same JAX code the SPU benchmark
 compiles, on a real model and long-context tasks.
 
     python experiments/run_accuracy.py --model smollm2 --tasks passkey,niah_single \
         --lengths 2048,4096 --policies all --budgets 0.05,0.1,0.2 --samples 20 --out runs/acc
     python experiments/run_accuracy.py --longbench path/to/LongBench/data \
         --longbench-tasks hotpotqa,qasper --samples 20 --lengths 4096 --out runs/lb
+    python experiments/run_accuracy.py --longbench path/to/LongBench/data --samples 20 \
+        --lengths 4096 --out runs/lb_all      # every supported dataset found in the directory
     python experiments/run_accuracy.py --tasks passkey --lengths 256 --samples 2 \
         --policies full,mpcache --budgets 0.2 --backend spu --protocol semi2k
 
@@ -12,10 +14,10 @@ One prefill per sample (chunked attention, jit reused across samples); every pol
 is applied to that same prefilled prompt (`mpc_llama.model.build_cache` runs each static step
 on the stored per-layer q/k/v), then greedy decoding. Samples with equal prompt lengths run
 as one batch (--batch; rows never interact); decode seconds per token = a batch step's
-median / its rows. Metrics per (task, length, question
-protocol, policy, budget): task score; relative to the full cache: teacher-forced answer
-log-probability, cosine of every layer's attention output at the first answer step (mean and
-worst layer), fraction of needle tokens attended at that step, attended fraction of the cache.
+median / its rows. Metrics per (task, length, question protocol, policy, budget): task
+score; relative to the full cache: teacher-forced answer log-probability, cosine of every
+layer's attention output at the first answer step (mean and worst layer), fraction of needle
+tokens attended at that step, attended fraction of the cache.
 Question protocols: "inside" (the question ends the prompt; static steps see it) and "after"
 (the cache is compressed at the end of the context; the question arrives afterwards).
 """
@@ -29,8 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.cli import (Parser, rows_to_csv, run_main, write_json_atomic,  # noqa: E402
-                             write_outputs_atomic)
+from experiments.accuracy_results import (aggregate, load, print_summary,  # noqa: E402
+                                          write_outputs)
+from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
 from mpc_llama.errors import ConfigError  # noqa: E402
 
 SYNTHETIC = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
@@ -38,12 +41,13 @@ SYNTHETIC = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vari
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or HF directory")
-    p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,niah_multivalue,"
-                   "variable_tracking,common_words", help="synthetic tasks (comma list; '' none)")
+    p.add_argument("--tasks", help="synthetic tasks (comma list; '' none); default: all of "
+                   f"{','.join(SYNTHETIC)}, or none when --longbench is given")
     p.add_argument("--longbench", help="directory with LongBench's official *.jsonl files")
-    p.add_argument("--longbench-tasks", default="", help="LongBench datasets (comma list)")
+    p.add_argument("--longbench-tasks", default="", help="LongBench datasets (comma list); "
+                   "default with --longbench: every supported dataset found in its directory")
     p.add_argument("--lengths", default="2048", help="prompt tokens (comma list); LongBench "
                    "contexts are cut in the middle to fit, as LongBench does")
     p.add_argument("--depths", default="", help="needle depths in [0,1] (comma list); default: "
@@ -54,11 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="samples per task and length")
     p.add_argument("--questions", default="inside,after",
                    help="question protocols: inside (in the prompt), after (after compression)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first synthetic sample")
     p.add_argument("--batch", type=int, default=10, help="samples decoded together (same "
                    "task, length and question protocol; rows never interact)")
     p.add_argument("--chunk", type=int, default=64, help="prefill attention chunk (queries)")
-    p.add_argument("--backend", default="plain", choices=("plain", "spu"))
+    p.add_argument("--backend", default="plain", choices=("plain", "spu"),
+                   help="spu: private decoding of each sample; reports only its token "
+                   "agreement with plaintext")
     p.add_argument("--protocol", default="semi2k", help="with --backend spu")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="start no new sample after this many minutes; the results then say "
@@ -67,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same "
                    "settings; --batch and --max-minutes may differ): its samples are kept and "
                    "not run again")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tasks is None:  # resolved here, so results record (and --resume compares) the list
+        args.tasks = "" if args.longbench else ",".join(SYNTHETIC)
+    return args
 
 
 def _list(text, conv, flag):
@@ -89,6 +98,8 @@ def build_setting(args):
     lb_tasks = _list(args.longbench_tasks, str, "--longbench-tasks")
     if lb_tasks and not args.longbench:
         raise ConfigError("--longbench-tasks needs --longbench DIR")
+    if args.longbench and not lb_tasks:
+        lb_tasks = longbench.datasets_in(args.longbench)
     lb_data = {}
     for name in lb_tasks:
         lb_data[name] = longbench.load(args.longbench, name, args.samples)
@@ -146,8 +157,6 @@ RESUME_FREE = ("batch", "max_minutes", "out", "resume")  # settings a resumed ru
 def resumed_records(args):
     """The per-sample records of the run in --out that --resume continues (checked to have
     the same settings, apart from RESUME_FREE)."""
-    from experiments.merge_accuracy import load
-
     if not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     old = load(args.out)
@@ -230,10 +239,11 @@ class LayerJit:
     """`mpc_llama.model.decode_layer` jit-compiled per (policy, prompt length, diagnostics,
     reused selection's kind): a decode step is then 30 calls of ONE compiled layer (two where
     layers share selections) instead of a whole-model compile per policy and budget. The
-    selection's kind and cluster size (Python values) travel outside the jitted function."""
+    selection's kind and cluster size (Python values) travel outside the jitted function.
+    The compiled layers are shared by every instance in a process (the key holds everything
+    they depend on), so a second Evaluator or a test compiles nothing again."""
 
-    def __init__(self):
-        self._fns = {}
+    _fns: dict = {}
 
     def __call__(self, lp, x, layer_cache, cache_length, positions, policy, prompt_len, cfg,
                  selection=None, diagnostics=False, select_now=True):
@@ -266,7 +276,11 @@ class LayerJit:
 
 class Evaluator:
     """Jit-compiled prompt pass and cache builds, decode steps as per-layer jitted calls on a
-    per-layer cache (`decode_step`'s layered form), all reused across samples."""
+    per-layer cache (`decode_step`'s layered form), all reused across samples (and, keyed by
+    the config, across the instances of a process)."""
+
+    _prompts: dict = {}
+    _builds: dict = {}
 
     def __init__(self, model, chunk):
         import jax
@@ -283,8 +297,11 @@ class Evaluator:
             self.step_cfg = cfg.replace(tie_embeddings=False)
         else:
             self.step_cfg = cfg
-        self._prompt = jax.jit(lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
-        self._build = {}
+        key = (cfg, chunk)
+        if key not in self._prompts:
+            self._prompts[key] = jax.jit(
+                lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
+        self._prompt = self._prompts[key]
         self._layer = LayerJit()
         self._jax = jax
         self.build_cache, self.decode_step = build_cache, decode_step
@@ -297,13 +314,13 @@ class Evaluator:
 
     def cache(self, layers, capacity, policy):
         """The policy's cache from a prompt pass, in decode_step's per-layer form."""
-        key = (capacity, policy, tuple(layers[0][1].shape))
-        if key not in self._build:
-            cfg = self.cfg
-            self._build[key] = self._jax.jit(
-                lambda lay: _unstack(self.build_cache(cfg, lay, capacity, policy,
-                                                      compaction="index")))
-        return self._build[key](layers)
+        cfg, build_cache = self.cfg, self.build_cache
+        key = (cfg, capacity, policy, tuple(layers[0][1].shape))
+        if key not in self._builds:
+            self._builds[key] = self._jax.jit(
+                lambda lay: _unstack(build_cache(cfg, lay, capacity, policy,
+                                                 compaction="index")))
+        return self._builds[key](layers)
 
     def copy_cache(self, cache):
         """A copy of a cache (`step` updates the cache it is given in place)."""
@@ -481,75 +498,6 @@ def score_output(sample, text):
     return tasks.score(sample.task, text, sample.answers)
 
 
-# ---- reporting ----
-
-def aggregate(records):
-    import numpy as np
-
-    groups = {}
-    for r in records:
-        groups.setdefault((r["task"], r["length"], r["question"], r["policy"], r["budget"]),
-                          []).append(r)
-    rows = []
-    for (task, length, question, policy, budget), rs in groups.items():
-        def mean(k, f=np.mean):
-            vals = [r[k] for r in rs if r[k] is not None]
-            return float(f(vals)) if vals else None
-        rows.append({"task": task, "length": length, "question": question, "policy": policy,
-                     "budget": budget, "score": mean("score"), "n": len(rs),
-                     "answer_logprob": mean("answer_logprob"),
-                     "logprob_vs_full": mean("logprob_vs_full"),
-                     "attn_cosine": mean("attn_cosine"),
-                     "attn_cosine_worst_layer": mean("attn_cosine_worst_layer"),
-                     "needle_fraction": mean("needle_fraction"),
-                     "attended_fraction": mean("attended_fraction"),
-                     "decode_s_per_token": mean("decode_s_per_token", np.median)})
-    return rows
-
-
-def print_summary(rows):
-    print(f"{'task':<18}{'len':>6} {'q':<7}{'policy':<18}{'budget':>7}{'score':>7}{'n':>4}"
-          f"{'dlogp':>8}{'cos':>7}{'needle':>8}{'attended':>9}")
-    for r in rows:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
-        print(f"{r['task']:<18}{r['length']:>6} {r['question']:<7}{r['policy']:<18}"
-              f"{r['budget']:>7.2f}{r['score']:>7.2f}{r['n']:>4}"
-              f"{f(r['logprob_vs_full'], '>8.2f')}{f(r['attn_cosine'], '>7.3f')}"
-              f"{f(r['needle_fraction'], '>8.2f')}{f(r['attended_fraction'], '>9.3f')}")
-
-
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["task"], r["length"], r["question"]) for r in rows})
-    cols = min(3, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.3 * cols, 3.3 * nrows), squeeze=False)
-    for ax, (task, length, question) in zip(axes.flat, panels):
-        rs = [r for r in rows if (r["task"], r["length"], r["question"]) == (task, length,
-                                                                             question)]
-        full = [r["score"] for r in rs if r["policy"] == "full"]
-        for pol in sorted({r["policy"] for r in rs} - {"full"}):
-            pts = sorted((r["budget"], r["score"]) for r in rs if r["policy"] == pol)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
-        if full:
-            ax.axhline(full[0], color="black", linestyle="--", label="full")
-        ax.set_title(f"{task}, {length} tok, question {question}", fontsize=9)
-        ax.set_xlabel("budget (attended fraction)")
-        ax.set_ylabel("score")
-        ax.set_ylim(-0.05, 1.05)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def platform_info():
     """Where the numbers came from: JAX version, backend and device, matmul precision."""
     import platform
@@ -560,16 +508,6 @@ def platform_info():
             "device": jax.devices()[0].device_kind, "host_cpus": os.cpu_count(),
             "python": platform.python_version(),
             "matmul_precision": str(jax.config.jax_default_matmul_precision)}
-
-
-def write_outputs(out_dir, payload):
-    """results.json, results.csv and the plots, all or none (experiments.cli)."""
-    def fill(tmp):
-        write_json_atomic(str(tmp / "results.json"), payload)
-        (tmp / "results.csv").write_text(rows_to_csv(payload["rows"]))
-        plot(payload["rows"], str(tmp / "score.png"))
-
-    write_outputs_atomic(out_dir, fill)
 
 
 # ---- MPC fidelity ----
@@ -648,8 +586,9 @@ def main(argv=None):
         print(f"--resume: {done} of {planned} samples done in {args.out}", file=sys.stderr)
     started = time.monotonic()
     bar = tqdm(total=planned, initial=done, desc="samples", unit="sample", file=sys.stderr)
-    for length, batch, question in work:
-        if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+    for i, (length, batch, question) in enumerate(work):
+        # the first batch always starts (at minute 0), so a limited run makes progress
+        if i and args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes}: stopping after {done} of {planned} "
                   "samples", file=sys.stderr)
             break

@@ -1,4 +1,4 @@
-"""Private decoding benchmark: one decode step with a KV cache of --seq prompt tokens, per
+r"""Private decoding benchmark: one decode step with a KV cache of --seq prompt tokens, per
 eviction policy, under an SPU protocol, composed from blocks measured at the model's real
 dimensions, with projected latency for named network profiles.
 
@@ -50,7 +50,7 @@ def _ints(text: str, flag: str, lo: int):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model", default="llama-2-7b",
                    help="preset (llama-2-7b, llama-3.1-8b, smollm2-135m, tiny), 'smollm2', a "
                         ".gguf file or an HF directory (only the architecture is read)")
@@ -60,7 +60,7 @@ def parse_args(argv=None):
                    help="comma list of policies, or 'all' (oracle is always added as the "
                         "free-selection reference unless --no-oracle); settings as "
                         "name:field=value[:field=value], e.g. mpcache:static_ratio=1.0")
-    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--no-oracle", action="store_true", help="do not add the oracle policy")
     p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
     p.add_argument("--heads", default="2,4",
                    help="KV-head counts measured for attention blocks (extrapolated linearly "
@@ -384,14 +384,28 @@ def to_csv(rows) -> str:
     return buf.getvalue()
 
 
-def plot(rows, out_dir, networks):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def latency_figure(rows, nets):
+    """Projected decode-step latency per policy: with several lengths, one panel per network
+    (latency vs length); with one length, one panel of bars per network and policy (log
+    scale: LAN and WAN differ by orders of magnitude)."""
     import matplotlib.pyplot as plt
 
-    nets = [n.name for n in networks]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
+    seqs = sorted({r["seq"] for r in rows})
+    if len(seqs) == 1:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(nets) * len(policies) + 2), 3.8))
+        width = 0.8 / len(policies)
+        for i, pol in enumerate(policies):
+            r = next(r for r in rows if r["policy"] == pol)
+            ax.bar([j + (i - (len(policies) - 1) / 2) * width for j in range(len(nets))],
+                   [r["latency_s"][n] for n in nets], width, label=pol)
+        ax.set_xticks(range(len(nets)), [f"{n}\n(projected)" for n in nets], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("decode step latency (s)")
+        ax.set_title(f"one decode step, seq {seqs[0]}, {rows[0]['protocol']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
     fig, axes = plt.subplots(1, len(nets), figsize=(4.2 * len(nets), 3.6), squeeze=False)
     for ax, net in zip(axes[0], nets):
         for pol in policies:
@@ -404,6 +418,16 @@ def plot(rows, out_dir, networks):
         ax.set_xscale("log", base=2)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows, out_dir, networks):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = latency_figure(rows, [n.name for n in networks])
     fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
     plt.close(fig)
 

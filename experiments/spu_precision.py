@@ -20,12 +20,14 @@ from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
 
 
 def main() -> None:
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--protocol", default="aby3")
-    p.add_argument("--field", default="FM64")
-    p.add_argument("--fxp-bits", type=int, default=0)
-    p.add_argument("--prompt-ids", default="504,3575,282,4649,314")
+    p = Parser(description=__doc__)
+    p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or HF directory")
+    p.add_argument("--protocol", default="aby3", help="cheetah | semi2k | aby3")
+    p.add_argument("--field", default="FM64", help="SPU ring: FM64 or FM128")
+    p.add_argument("--fxp-bits", type=int, default=0,
+                   help="fixed-point fraction bits (0: SPU default)")
+    p.add_argument("--prompt-ids", default="504,3575,282,4649,314",
+                   help="prompt token ids (comma list)")
     p.add_argument("--json", help="write per-layer errors here")
     args = p.parse_args()
 

@@ -49,7 +49,7 @@ BLOCKS = {
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--protocols", default="semi2k,cheetah", help="two-party protocols")
     p.add_argument("--profiles", default="1000/1,100/10,50/40",
                    help="shaped networks as MBIT/RTT_MS (comma list)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -192,7 +193,6 @@ def load_config(name_or_path: str) -> LlamaConfig:
     """The architecture only (no weights read): a preset name (`llama-2-7b`, ...), `smollm2`
     (the embedded GGUF's header), a `.gguf` file or an HF checkpoint directory."""
     from mpc_llama.config import PRESETS
-    from mpc_llama.gguf_loader import read_config
     from mpc_llama.hf_loader import config_from_hf
 
     if name_or_path in PRESETS:
@@ -209,10 +209,20 @@ def load_config(name_or_path: str) -> LlamaConfig:
             raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
     if path.suffix != ".gguf":
         raise CheckpointError(f"{path} is neither a .gguf file nor a checkpoint directory")
+    st = path.stat()
+    return _gguf_config(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> LlamaConfig:
+    """A GGUF file's architecture, read once per process and file version (the reader parses
+    every metadata field, the vocabulary included: seconds for SmolLM2)."""
     import gguf
 
+    from mpc_llama.gguf_loader import read_config
+
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises assorted errors on bad files
         raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
     return read_config(reader)

@@ -21,12 +21,28 @@ def fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """--help shows the description as written (a script's whole docstring, commands
+    included) and every option's default, unless it has none (None, False, empty)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or (isinstance(d, (str, list)) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments in one line (no usage dump)."""
+    """argparse that reports bad arguments in one line (no usage dump) and whose --help
+    shows defaults (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(f"{message} (see --help)")
-
 
 
 def write_json_atomic(path: str, payload: dict) -> None:

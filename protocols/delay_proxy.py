@@ -77,10 +77,15 @@ def serve(listen: str, target: str, delay_s: float) -> None:
         threading.Thread(target=_pipe, args=(upstream, client, delay_s), daemon=True).start()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """--help: this docstring as written, and the defaults."""
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--listen", required=True)
-    p.add_argument("--to", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--listen", required=True, help="HOST:PORT this proxy accepts on")
+    p.add_argument("--to", required=True, help="HOST:PORT every connection is forwarded to")
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay")
     args = p.parse_args(argv)
     serve(args.listen, args.to, args.delay_ms / 1000.0)

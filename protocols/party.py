@@ -308,7 +308,7 @@ class Cluster:
 def main(argv=None):
     from protocols.cli import Parser
 
-    p = Parser(description="One MPC party over SPU's brpc link.")
+    p = Parser(description=__doc__)
     p.add_argument("--rank", type=int, required=True, help="this party's index in the file")
     p.add_argument("--parties", required=True, help="parties file (JSON)")
     p.add_argument("--model", default="smollm2",

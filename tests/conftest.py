@@ -28,6 +28,27 @@ def assert_close(actual, expected, rtol=1e-4, atol=1e-4):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol)
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(main, *argv) runs a script as `python script.py ARGV` would (`run_main(main)`:
+    errors become one line and exit code 2) without starting an interpreter; returns
+    (exit code, stdout, stderr). The script's own process start is checked once per script
+    by its end-to-end test."""
+    from experiments.cli import run_main
+
+    def run(main, *argv):
+        monkeypatch.setattr(sys, "argv", ["script", *map(str, argv)])
+        code = 0
+        try:
+            run_main(main)
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny():
     cfg = preset("tiny")

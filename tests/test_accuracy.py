@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,23 @@ def test_longbench_loading(tmp_path):
         longbench.load(str(tmp_path), "musique")
 
 
+def test_longbench_dir_alone_runs_every_dataset_in_it(tmp_path):
+    """--longbench DIR without --longbench-tasks: every supported DIR/NAME.jsonl, and no
+    synthetic task unless --tasks asks for one (never silently the RULER defaults)."""
+    from experiments.run_accuracy import SYNTHETIC, build_setting, parse_args
+
+    rec = json.dumps({"context": "c", "input": "q", "answers": ["a"]}) + "\n"
+    for name in ("qasper", "hotpotqa", "dureader", "notes"):  # Chinese and unknown: skipped
+        (tmp_path / f"{name}.jsonl").write_text(rec)
+    assert longbench.datasets_in(str(tmp_path)) == ["qasper", "hotpotqa"]  # PROMPTS order
+    setting = build_setting(parse_args(["--longbench", str(tmp_path), "--samples", "1"]))
+    assert setting["tasks"] == [] and list(setting["longbench"]) == ["qasper", "hotpotqa"]
+    setting = build_setting(parse_args(["--longbench", str(tmp_path), "--tasks", "passkey",
+                                        "--longbench-tasks", "hotpotqa"]))
+    assert setting["tasks"] == ["passkey"] and list(setting["longbench"]) == ["hotpotqa"]
+    assert parse_args([]).tasks == ",".join(SYNTHETIC)  # no --longbench: every synthetic task
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "experiments/run_accuracy.py", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
@@ -91,10 +109,27 @@ def run_cli(*args):
     (["--lengths", "9000"], "exceeds the model's context"),
     (["--longbench", "/no/such/dir", "--longbench-tasks", "hotpotqa", "--tasks", ""],
      "not found"),
+    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found"),
+    (["--longbench", "/"], "holds no LongBench file"),
     (["--budgets", "0"], "budget 0.0"),
     (["--questions", "before"], "--questions"),
 ])
-def test_cli_bad_input(tmp_path, args, needle):
+def test_bad_input_refused_before_any_output(tmp_path, args, needle):
+    from experiments.run_accuracy import build_setting, parse_args
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_setting(parse_args([*args, "--out", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tasks", "passkey,nope"], "unknown task"),
+    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found"),
+    (["--budgets", "0.1", "--samples", "x"], "invalid int value"),   # argparse's own errors too
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
+    """The CLI turns those errors into one line on stderr and exit code 2."""
     out = tmp_path / "out"
     r = run_cli(*args, "--out", str(out))
     assert r.returncode == 2, r.stderr
@@ -140,13 +175,17 @@ def test_cli_end_to_end(tmp_path):
     assert not (tmp_path / "twice").exists()
 
 
-def test_cli_max_minutes_stops_early_and_says_so(tmp_path):
+def test_max_minutes_stops_early_and_says_so(tmp_path, monkeypatch, smollm2, capsys):
+    """The first batch always starts; no new one after the limit (the same settings as
+    test_results_written_after_each_batch: its compiled layers are reused)."""
+    from experiments import run_accuracy
+
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
     out = tmp_path / "out"
-    r = run_cli("--tasks", "passkey", "--lengths", "160", "--samples", "2", "--policies",
-                "full", "--questions", "inside", "--max-minutes", "0.0001", "--batch", "1",
-                "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "stopping after 1 of 2 samples" in r.stderr
+    run_accuracy.main(["--tasks", "passkey", "--lengths", "160", "--samples", "2",
+                       "--policies", "full", "--questions", "inside", "--max-minutes",
+                       "0.0001", "--batch", "1", "--out", str(out)])
+    assert "stopping after 1 of 2 samples" in capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["runs"] == {"planned": 2, "done": 1}
     assert [row["n"] for row in res["rows"]] == [1]

@@ -35,11 +35,13 @@ def test_rows_and_labels(tmp_path):
     assert sum(by["oracle"]["bytes_sent"]) < sum(by["full"]["bytes_sent"])
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, cli):
+    from experiments.attention_cost import main
+
     out = tmp_path / "a.json"
     for args in (["--protocol", "spdz"], ["--seq", "12"], ["--seq", "x"],
                  ["--policies", "lru"]):
-        r = run(*args, "--json", str(out))
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert r.stderr.strip().splitlines()[-1].startswith("error:")
+        code, _, err = cli(main, *args, "--json", out)
+        assert code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("error:")
         assert not out.exists()

@@ -136,7 +136,9 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     policy = policy_from_spec(name, 0.2)
     expected = greedy_generate(params, cfg, prompt, 3, policy=policy).tokens
     session = SpuSession(get_protocol("semi2k"))
-    got = PrivateGenerator(session, cfg, params, policy=policy).generate(prompt, 3).tokens
+    gen = PrivateGenerator(session, cfg, params, policy=policy)
+    got = gen.generate(prompt, 3).tokens
+    check_programs_reveal_nothing(gen, len(prompt), len(prompt) + 3)  # compiled above
     if got != expected:
         # SPU's randomized truncation can flip a near-tied greedy choice (seen for snapkv's
         # third token in about 1 run in 5: plaintext top-2 logits 55.69 vs 55.60): accept a
@@ -166,32 +168,20 @@ def _plain_logits(params, cfg, tokens, policy, prompt_len):
     return np.asarray(logits[0])
 
 
-PROGRAM_CASES = ([(n, None, None, p) for n in sorted(POLICIES) for p in ("semi2k", "aby3")]
-                 + [("mpcache", None, None, "cheetah"), ("mpcache:refresh=2", None, None, "aby3"),
-                    ("mpcache_static", None, None, "semi2k"),
-                    ("mpcache_static", "topk", "search", "semi2k"),
-                    ("snapkv", "search", "search", "semi2k")])
-
-
-@pytest.mark.parametrize("name,selector,static_selector,proto", PROGRAM_CASES)
-def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector, proto):
-    """Prefill and decode programs are checked separately against their own selector; a
-    sort appears only where the policy's compaction is "sort" (SPU's radix sort opens only
-    a shuffled permutation: the one reveal of the threat model besides mhlo.topk's)."""
-    cfg, params = small_model
-    fields = {k: v for k, v in (("selector", selector), ("static_selector", static_selector))
-              if v}
-    policy = policy_from_spec(name, 0.5)  # large enough that every step really selects
-    policy = dataclasses.replace(policy, **fields)
-    gen = PrivateGenerator(SpuSession(get_protocol(proto)), cfg, params, policy=policy)
+def check_programs_reveal_nothing(gen, prompt_len, capacity):
+    """The prefill and decode programs of `gen` (with a `refresh` policy, both decode
+    programs), each checked against its own selector: no reveal, no custom call but those
+    ALLOWED_CALLS lists for it, and a sort only where the policy's compaction is "sort" (SPU's
+    radix sort opens only a shuffled permutation: the one reveal of the threat model besides
+    mhlo.topk's)."""
     policy = gen.policy   # as compiled for the protocol
-    keep = policy.static_keep(200)
-    programs = [(gen.prefill_program(200, 203).text, policy.static_selector,
-                 keep is not None and policy.static_forced(200).sum() < keep < 200),
-                (gen.decode_program(200, 203).text, policy.selector, policy.dynamic)]
+    keep = policy.static_keep(prompt_len)
+    programs = [(gen.prefill_program(prompt_len, capacity).text, policy.static_selector,
+                 keep is not None and policy.static_forced(prompt_len).sum() < keep < prompt_len),
+                (gen.decode_program(prompt_len, capacity).text, policy.selector, policy.dynamic)]
     if getattr(policy, "refresh", 1) > 1:
-        programs.append((gen.decode_program(200, 203, select_now=False).text, policy.selector,
-                         False))
+        programs.append((gen.decode_program(prompt_len, capacity, select_now=False).text,
+                         policy.selector, False))
     for text, sel, selects in programs:
         sorts = re.findall(r"pphlo\.(?:simple_)?sort", text)
         assert not sorts or policy.compaction == "sort", sorts
@@ -200,3 +190,24 @@ def test_compiled_programs_reveal_nothing(small_model, name, selector, static_se
         assert calls <= ALLOWED_CALLS[sel], calls
         if sel == "topk" and selects:
             assert "mhlo.topk" in calls  # the check sees the selection it is meant to police
+
+
+# Every registered policy with its default selectors is checked under SEMI2K on the programs
+# of test_private_tokens_equal_plaintext_per_policy; here under ABY3 and CHEETAH, and the
+# variants, other selectors and kernels.
+PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
+                 + [("mpcache", None, None, "cheetah"), ("mpcache:refresh=2", None, None, "aby3"),
+                    ("mpcache:compaction=sort", None, None, "aby3"),
+                    ("mpcache_static", None, None, "semi2k"),
+                    ("mpcache_static", "topk", "search", "semi2k"),
+                    ("snapkv", "search", "search", "semi2k")])
+
+
+@pytest.mark.parametrize("name,selector,static_selector,proto", PROGRAM_CASES)
+def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector, proto):
+    cfg, params = small_model
+    fields = {k: v for k, v in (("selector", selector), ("static_selector", static_selector))
+              if v}
+    policy = dataclasses.replace(policy_from_spec(name, 0.5), **fields)  # every step selects
+    gen = PrivateGenerator(SpuSession(get_protocol(proto)), cfg, params, policy=policy)
+    check_programs_reveal_nothing(gen, 200, 203)

@@ -15,13 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "experiments" / "generate.py")
 
 
-def assert_one_error_line(r, message=""):
-    """Exit code 2, no traceback, exactly one `error:` line (the last), naming the problem."""
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
+def assert_one_error_line(result, message=""):
+    """Exit code 2, no traceback, exactly one `error:` line (the last), naming the problem.
+    result: (exit code, stdout, stderr), as the `cli` fixture returns."""
+    code, _, err = result
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0], r.stderr
+    assert len(errors) == 1 and errors[0] == lines[-1] and message in errors[0], err
 
 
 def run(*args, timeout=600):
@@ -43,7 +45,11 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
-def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
+def test_plain_and_spu_match_transformers(hf_dir, tmp_path, cli):
+    """The plaintext run as its own process (the script as a user starts it), the SPU run
+    in-process (the same main)."""
+    from experiments.generate import main
+
     path, model = hf_dir
     prompt = [1, 7, 3, 9, 4]
     with torch.no_grad():
@@ -51,10 +57,15 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     for backend in ("plain", "spu"):
         out = tmp_path / f"{backend}.json"
-        r = run("--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
+        args = ["--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
                 "--max-new-tokens", "5", "--backend", backend, "--protocol", "semi2k",
-                "--json", str(out))
-        assert r.returncode == 0, r.stderr
+                "--json", str(out)]
+        if backend == "plain":
+            r = run(*args)
+            assert r.returncode == 0, r.stderr
+        else:
+            code, _, err = cli(main, *args)
+            assert code == 0, err
         data = json.loads(out.read_text())
         assert data["tokens"] == ref
         assert data["backend"] == backend
@@ -75,17 +86,20 @@ def test_plain_and_spu_match_transformers(hf_dir, tmp_path):
     (["--prompt-ids", "1,99999"], "out of range"),
     (["--prompt-ids", ",".join(["1"] * 70)], "exceed the model context"),
 ])
-def test_bad_input_one_line_exit_2(hf_dir, args, message, tmp_path):
+def test_bad_input_one_line_exit_2(hf_dir, args, message, tmp_path, cli):
+    from experiments.generate import main
+
     path, _ = hf_dir
     base = ["--model", str(path)] + ([] if "--prompt-ids" in args else ["--prompt-ids", "1,2"])
     out = tmp_path / "r.json"
-    r = run(*base, *args, "--json", str(out))
-    assert_one_error_line(r, message)
+    assert_one_error_line(cli(main, *base, *args, "--json", out), message)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt_gguf", "corrupt_safetensors", "bad_arch"])
-def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
+def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir, cli):
+    from experiments.generate import main
+
     if kind == "missing":
         target = tmp_path / "nope"
     elif kind == "corrupt_gguf":
@@ -102,20 +116,21 @@ def test_bad_checkpoints_one_line_exit_2(kind, tmp_path, hf_dir):
         cfg = json.loads((hf_dir[0] / "config.json").read_text())
         cfg["model_type"] = "gpt_neox"
         (target / "config.json").write_text(json.dumps(cfg))
-    r = run("--model", str(target), "--prompt-ids", "1,2")
-    assert_one_error_line(r)
+    assert_one_error_line(cli(main, "--model", target, "--prompt-ids", "1,2"))
 
 
-def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path):
+def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path, cli):
+    from experiments.generate import main
+
     path, _ = hf_dir
     prompt = ",".join(str(i % 50) for i in range(3, 43))  # 40 tokens
     runs = {}
     for backend in ("plain", "spu"):
         out = tmp_path / f"{backend}.json"
-        r = run("--model", str(path), "--prompt-ids", prompt, "--max-new-tokens", "4",
-                "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
-                "--window", "8", "--json", str(out))
-        assert r.returncode == 0, r.stderr
+        code, _, err = cli(main, "--model", path, "--prompt-ids", prompt, "--max-new-tokens",
+                           "4", "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
+                           "--window", "8", "--json", out)
+        assert code == 0, err
         runs[backend] = json.loads(out.read_text())
     assert runs["spu"]["tokens"] == runs["plain"]["tokens"]
     for data in runs.values():

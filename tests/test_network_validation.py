@@ -58,10 +58,16 @@ def test_validation_rejects_bad_profiles(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates network namespaces: needs root")
 def test_projection_matches_a_shaped_two_party_run(tmp_path):
     """SEMI2K, one block, 100 Mbit/s and 10 ms RTT between two namespaces: the cost model's
     projection is within 30% of the measured time (and the namespaces are gone after)."""
+    def namespaces():
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in listed.splitlines() if line.startswith("mpcv")}
+
+    others = namespaces()  # another run's on a shared machine: not ours to check
     out = subprocess.run([sys.executable, "experiments/validate_network.py", "--protocols",
                           "semi2k", "--profiles", "100/10", "--blocks", "select_1k", "--out",
                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -70,5 +76,4 @@ def test_projection_matches_a_shaped_two_party_run(tmp_path):
     assert len(rows) == 1 and rows[0]["sends_max"] > 50
     assert rows[0]["measured_s"] > rows[0]["compute_s"]  # the shaping is real
     assert abs(rows[0]["error"]) < 0.3
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "mpcv" not in left
+    assert not namespaces() - others

@@ -1,5 +1,7 @@
 """Real parties: one process each on loopback over SPU's brpc link, against the simulator;
-parties-file checks and faults (dead party, port in use, unreachable peer, wrong count, TLS)."""
+parties-file checks and faults (dead party, port in use, unreachable peer, wrong count, TLS).
+The runs of several party processes are marked slow (`make test-all`, CI); the parties file's
+checks and the faults caught before any party runs are in the default suite."""
 
 import json
 import os
@@ -119,6 +121,7 @@ def test_wrong_party_count_for_protocol(tmp_path, tiny_hf):
 
 # ---- the same runs as the simulator ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol_name, rtol", [("semi2k", 0.0), ("cheetah", 0.01),
                                                  ("aby3", 0.0)])
 def test_distributed_runs_match_the_simulator(tmp_path, tiny_hf, protocol_name, rtol):
@@ -170,6 +173,7 @@ def test_distributed_runs_match_the_simulator(tmp_path, tiny_hf, protocol_name, 
             assert sum(got.sends) == pytest.approx(sum(want.sends), rel=tol)
 
 
+@pytest.mark.slow
 def test_tls_links(tmp_path, tiny_hf):
     """With certificates (self-signed CA) the run works; a party whose certificate the CA
     did not sign is refused at connect time."""
@@ -202,6 +206,7 @@ def test_tls_links(tmp_path, tiny_hf):
 
 # ---- faults ----
 
+@pytest.mark.slow
 def test_killed_party_stops_the_run(tmp_path, tiny_hf):
     """A party killed mid-run: the user's process exits non-zero with a message within 60 s
     and leaves no party process behind."""
@@ -225,6 +230,7 @@ def test_killed_party_stops_the_run(tmp_path, tiny_hf):
     assert not _orphans(path)
 
 
+@pytest.mark.slow
 def test_peer_dies_under_a_remote_party(tmp_path, tiny_hf):
     """A party started on its own (as on another host) whose data owner dies exits non-zero
     with a message after recv_timeout_s."""
@@ -245,6 +251,7 @@ def test_peer_dies_under_a_remote_party(tmp_path, tiny_hf):
     assert "party 0" in err and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.slow  # waits out brpc connection attempts (~10 s each)
 def test_unreachable_peer_fails_in_bounded_time(tmp_path):
     path = parties_file(tmp_path / "parties.json", 2, connect_timeout_s=5)
     start = time.time()
@@ -265,6 +272,7 @@ def test_port_in_use_is_reported(tmp_path, tiny_hf):
     assert not _orphans(path)
 
 
+@pytest.mark.slow
 def test_parties_must_compile_the_same_programs(tmp_path, tiny_hf):
     """A model owner whose checkpoint differs from the architecture the user announced is
     caught by the program-hash comparison before anything runs."""

@@ -47,3 +47,32 @@ def test_rename_per_file_not_chained_and_checked():
         rename_policies(["o"], [old], [("o", "quest", "x")])
     with pytest.raises(ConfigError, match="two different rows"):
         rename_policies(["o", "n"], [old, new], [("n", "mpcache:share=none", "mpcache")])
+
+
+def test_headline_table_joins_cost_and_accuracy(tmp_path):
+    from experiments.results_table import accuracy_by_policy, headline_figure, headline_table
+
+    def cost_row(policy, gb, lan, wan, budget=0.1):
+        return {"policy": policy, "protocol": "aby3", "seq": 8192, "bytes": gb * 1e9,
+                "budget": None if policy == "full" else budget,
+                "latency_s": {"lan": lan, "wan": wan},
+                "reduction_vs_full": {"bytes": 9.0 / gb, "lan": 400 / lan, "wan": 1500 / wan}}
+
+    cost = {"rows": [cost_row("full", 9.0, 400, 1500), cost_row("mpcache", 4.5, 800, 3000),
+                     cost_row("oracle", 1.8, 200, 1000), cost_row("snapkv", 1.8, 200, 1000)]}
+    acc = [{"rows": [_row("passkey", "inside", "full", 1.0, 1.0, 20),
+                     _row("passkey", "inside", "mpcache", 0.1, 0.8, 20),
+                     _row("passkey", "inside", "mpcache", 0.2, 0.1, 20),  # other budget
+                     _row("passkey", "inside", "oracle", 0.1, 0.5, 20)]},
+           {"rows": [_row("passkey", "after", "full", 1.0, 0.5, 20),
+                     _row("passkey", "after", "mpcache", 0.1, 0.4, 20),
+                     _row("passkey", "after", "oracle", 0.1, 1.0, 20)]}]
+    accuracy = accuracy_by_policy(acc, 0.1)
+    assert accuracy["mpcache"] == (pytest.approx(0.6), 40, 2)
+    lines = headline_table(cost, accuracy).splitlines()
+    assert lines[0].startswith("| policy | GB per step | LAN s* | WAN s* |")
+    assert lines[2] == "| full | 9.00 | 400 | 1,500 | 1.00x | 1.00x | 1.00x | 0.75 | 100% | 100% |"
+    assert lines[3] == "| mpcache | 4.50 | 800 | 3,000 | 2.00x | 0.50x | 0.50x | 0.60 | 80% | 80% |"
+    assert lines[5] == "| snapkv | 1.80 | 200 | 1,000 | 5.00x | 2.00x | 1.50x | - | - | - |"
+    headline_figure([cost], accuracy, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 0

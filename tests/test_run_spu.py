@@ -54,8 +54,22 @@ def direct_step(protocol, cfg, policy, seq):
     return Counters.of(s.run(prog, ("next", "cache"))[1])
 
 
-def composed_step(protocol, cfg, policy, seq, heads):
-    meter = BlockMeter(protocol)
+@pytest.fixture(scope="module")
+def meters(tmp_path_factory):
+    """One BlockMeter per protocol for the module, with a block cache of its own: blocks
+    shared by several checks (the dense ones of every policy) are measured once."""
+    cache, made = tmp_path_factory.mktemp("block_cache"), {}
+
+    def get(protocol):
+        if protocol.name not in made:
+            made[protocol.name] = BlockMeter(protocol, str(cache))
+        return made[protocol.name]
+
+    return get
+
+
+def composed_step(protocol, cfg, policy, seq, heads, meter=None):
+    meter = meter or BlockMeter(protocol)
     measured = {None: [(b, meter.measure(b)) for b in dense_blocks(cfg)]}
     for h in heads:
         measured[h] = [(b, meter.measure(b)) for b in attention_blocks(cfg, policy, seq, h)]
@@ -75,11 +89,11 @@ def close(a, b, tol):
 @pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05),
                                                 ("cheetah", 0.03)])
 @pytest.mark.parametrize("policy", ["full", "mpcache"])
-def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
+def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters):
     proto = get_protocol(protocol)
     pol = None if policy == "full" else make_policy(policy, 0.25)
     direct = direct_step(proto, SMALL, pol, SEQ)
-    comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads])
+    comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto))
     assert close(comp.total_bytes, direct.total_bytes, tol_bytes), (comp, direct)
     if protocol == "aby3":  # a party's sends follow the random truncation roles
         assert close(sum(comp.sends), sum(direct.sends), 0.02), (comp.sends, direct.sends)
@@ -90,12 +104,12 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy):
             assert close(a, b, tol_bytes)
 
 
-def test_head_extrapolation_matches_a_direct_measurement():
+def test_head_extrapolation_matches_a_direct_measurement(meters):
     """Attention blocks measured on 1 and 2 KV heads, extrapolated to 4, against 4 measured."""
     proto = get_protocol("semi2k")
     cfg = SMALL.replace(n_kv_heads=4, n_heads=8)
     pol = make_policy("mpcache", 0.25)
-    meter = BlockMeter(proto)
+    meter = meters(proto)
     measured = {h: [(b, meter.measure(b)) for b in attention_blocks(cfg, pol, SEQ, h)]
                 for h in (1, 2, 4)}
     direct = total(compose_step({4: measured[4]}, 4), 2)
@@ -104,11 +118,11 @@ def test_head_extrapolation_matches_a_direct_measurement():
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
-def test_static_step_length_extrapolation():
+def test_static_step_length_extrapolation(meters):
     """The static step at 512 tokens from 128, 256 and 384, against 512 measured (SEMI2K)."""
     proto = get_protocol("semi2k")
     pol = make_policy("mpcache_static", 0.25)
-    meter = BlockMeter(proto)
+    meter = meters(proto)
     measured = {(t, 2): [(b, meter.measure(b)) for b in static_blocks(SMALL, pol, t, 2)]
                 for t in (128, 256, 384, 512)}
     direct = total(compose_static({k: v for k, v in measured.items() if k[0] == 512}, 512, 2), 2)
@@ -152,15 +166,17 @@ def run_cli(*args, cwd=ROOT):
     (["--networks", "moon"], "unknown network profile"),
     (["--heads", "4"], "two counts"),
 ])
-def test_cli_bad_input(tmp_path, args, needle):
+def test_cli_bad_input(tmp_path, args, needle, cli):
+    from experiments.run_spu import main
+
     out = tmp_path / "out"
-    r = run_cli(*args, "--out", str(out))
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+    code, _, err = cli(main, *args, "--out", out)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and needle in err, err
     assert not out.exists()
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, cli):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", "tiny", "--protocol", "semi2k", "--seq", "64,96",
             "--policies", "full,mpcache,snapkv", "--heads", "1,2", "--bandwidth", "50",
@@ -187,7 +203,38 @@ def test_cli_end_to_end(tmp_path):
         if row["policy"] in ("mpcache", "snapkv"):
             assert row["static_prefill"]["bytes"] > 0
     assert len((out / "results.csv").read_text().strip().splitlines()) == len(rows) + 1
-    # a rerun takes every block from the cache and gives the same figures
-    r2 = run_cli(*args)
-    assert r2.returncode == 0 and "0 blocks measured" in r2.stdout
-    assert r.stdout.splitlines()[:3] == r2.stdout.splitlines()[:3]
+    # a rerun (in-process: the same main) takes every block from the cache and gives the
+    # same figures
+    from experiments.run_spu import main
+
+    code, stdout, _ = cli(main, *args)
+    assert code == 0 and "0 blocks measured" in stdout
+    assert r.stdout.splitlines()[:3] == stdout.splitlines()[:3]
+
+
+@pytest.mark.parametrize("seqs", [(8192,), (4096, 8192)])
+def test_latency_plot(seqs):
+    """One length: one panel of bars, one per (network, policy); several: a panel of lines
+    (latency vs length) per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.run_spu import latency_figure
+
+    nets, pols = ["lan", "wan", "puma_llama"], ["full", "mpcache", "oracle"]
+    rows = [{"policy": p, "seq": s, "protocol": "CHEETAH",
+             "latency_s": {n: 1.0 + i + j for j, n in enumerate(nets)}}
+            for s in seqs for i, p in enumerate(pols)]
+    fig = latency_figure(rows, nets)
+    if len(seqs) == 1:
+        (ax,) = fig.axes
+        heights = sorted(b.get_height() for b in ax.patches)
+        assert heights == sorted(r["latency_s"][n] for r in rows for n in nets)
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == pols
+    else:
+        assert len(fig.axes) == len(nets)
+        assert all(len(ax.lines) == len(pols) and len(ax.lines[0].get_xdata()) == len(seqs)
+                   for ax in fig.axes)
+    plt.close(fig)
