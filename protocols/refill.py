@@ -13,8 +13,13 @@ SPU prints nothing when it refills (only an SPDLOG_DEBUG in the adapter's destru
 refill is found from the send pattern: the same program's runs differ only by bursts, the
 refill-free floor is the least sends any run of it had (per party), and a run's excess over
 that floor, in bursts of at least MIN_BURST_SENDS, is refill traffic. A refill in every run
-(an op that alone draws more than a buffer, `BootstrapInplace`) stays in the floor: give
-enough runs of small blocks to see the floor, and read `refill_sends` as a lower bound.
+(an op that alone draws more than a buffer, `BootstrapInplace`) stays in that floor; a
+second signal catches most of those: a steady refill's bins come from ONE party, while a
+CHEETAH block's own sends are close to symmetric between the two parties (measured on the
+8k blocks: within a few hundred sends; the HE matmuls' 512 vs 768 the widest), so a party's
+excess over its peer of MIN_BURST_SENDS or more is refill traffic too. Both give lower
+bounds (the first refill after setup is symmetric, 2,210 on each party): `refill_sends` is
+the larger of the two.
 
 Refill sends are not round trips: the bins go out back to back (measured: a 2,342-send SiLU
 run took 15 s on 50 Mbit/s / 40 ms, where 2,342 round trips would take 55 s).
@@ -54,6 +59,26 @@ def count_refills(refill: Sequence[float]) -> int:
 
 
 def split_runs(runs: Sequence[Sequence[float]]) -> List[Tuple[float, ...]]:
-    """Per run, per party: its refill sends (the excess over the runs' floor)."""
-    floor = refill_floor(runs)
-    return [refill_sends(r, floor) for r in runs]
+    """Per run, per party: its refill sends (block_refill of each run)."""
+    return [block_refill(runs, r) for r in runs]
+
+
+def asymmetric_refill(sends: Sequence[float], count: float = 1) -> Tuple[float, ...]:
+    """Per-party refill sends read from one run's two-party asymmetry (see the module
+    docstring): party p's excess over its peer where it is at least MIN_BURST_SENDS per run
+    of the block (`count`: runs summed into `sends`, e.g. the layers of a composed block)."""
+    if len(sends) != 2:
+        return tuple(0 for _ in sends)
+    out = []
+    for p in range(2):
+        excess = sends[p] - sends[1 - p]
+        out.append(excess if excess >= MIN_BURST_SENDS * count else 0)
+    return tuple(out)
+
+
+def block_refill(runs: Sequence[Sequence[float]], chosen: Sequence[float]) -> Tuple[float, ...]:
+    """Refill sends of the run `chosen` (e.g. the per-party median) of a block measured in
+    `runs`: the larger of its excess over the runs' floor and its two-party asymmetry."""
+    over = refill_sends(chosen, refill_floor(runs))
+    asym = asymmetric_refill(chosen)
+    return tuple(min(c, max(a, b)) for a, b, c in zip(over, asym, chosen))
