@@ -105,8 +105,11 @@ def inner(args) -> None:
         for name in args.blocks.split(","):
             builder, block, policy, seq, heads = BLOCKS[name]
             pol = make_policy(policy, 0.1) if policy else None
-            costs = cluster.measure(protocol, cfg, pol, builder, block, seq, heads)
-            # every run apart: CHEETAH refills land in some runs of a block and not others
+            # every run apart: CHEETAH refills land in some runs of a block and not others;
+            # measured twice over (a block slower than 10 s runs once per measurement, and
+            # its refill-free time is wanted as well as the refill's)
+            costs = [c for _ in range(2)
+                     for c in cluster.measure(protocol, cfg, pol, builder, block, seq, heads)]
             rows.append({"block": name, "runs": [
                 {"seconds": c.seconds, "bytes_sent": [p.bytes_sent for p in c.parties],
                  "sends": [p.sends for p in c.parties]} for c in costs]})
@@ -225,10 +228,13 @@ def analyse(raw, fit=False):
     """Rows (measured vs projected) from the raw runs {protocol: {profile|"unshaped": rows}}.
 
     Per protocol and block: the refill-free floor of sends is the least any run had
-    (protocols.refill); T_comp is the median unshaped refill-free run, and each refill's
-    compute on the unshaped link is (refill run - T_comp) / refills, averaged over the
-    block's unshaped refill runs (0 without). Runs of one block and profile are grouped by
-    their refill count; each group gives one row (medians)."""
+    (protocols.refill); T_comp is the median refill-free unshaped run (none: the median
+    refill-free shaped run less its projected network time). Runs of one block and profile
+    are grouped by refill count; each group gives one row (medians). A refill's price is
+    fitted on every refill group, unshaped ones included (--fit; least squares, both >= 0):
+        measured - projection without refills = c * R + rho * R * RTT / 2,    R = max_i R_i
+    c: compute per refill send (on the loopback of the unshaped runs: part of T_comp, as in
+    the simulator's compute_s), rho: flights per refill send (protocols.network)."""
     from protocols import network
     from protocols.refill import count_refills, refill_floor, refill_sends
     from protocols.registry import get_protocol
@@ -236,12 +242,10 @@ def analyse(raw, fit=False):
     groups = []
     for pname, by_prof in raw.items():
         kind = get_protocol(pname).kind
-        blocks = [r["block"] for r in by_prof["unshaped"]]
-        for block in blocks:
-            runs = {prof: next(r for r in rows if r["block"] == block)["runs"]
+        for block in [r["block"] for r in by_prof["unshaped"]]:
+            runs = {prof: [run for r in rows if r["block"] == block for run in r["runs"]]
                     for prof, rows in by_prof.items()}
-            every = [run["sends"] for rs in runs.values() for run in rs]
-            floor = refill_floor(every) if kind == "CHEETAH" else tuple(0 for _ in every[0])
+            floor = refill_floor([run["sends"] for rs in runs.values() for run in rs])
 
             def split(run):
                 if kind != "CHEETAH":
@@ -249,16 +253,18 @@ def analyse(raw, fit=False):
                 rs = refill_sends(run["sends"], floor)
                 return list(rs), count_refills(rs)
 
-            base = runs["unshaped"]
-            free = [r["seconds"] for r in base if split(r)[1] == 0] or \
-                [min(r["seconds"] for r in base)]
-            t_comp = _median(free)
-            per = [(r["seconds"] - t_comp) / split(r)[1] for r in base if split(r)[1]]
-            c_refill = max(0.0, _median(per)) if per else 0.0
+            free = [r["seconds"] for r in runs["unshaped"] if split(r)[1] == 0]
+            if not free:
+                for prof, rs in runs.items():
+                    if prof != "unshaped":
+                        mbit, rtt = (float(v) for v in prof.split("/"))
+                        free += [r["seconds"] - project(0.0, r["bytes_sent"], r["sends"], None,
+                                                        mbit, rtt, kind)
+                                 for r in rs if split(r)[1] == 0]
+            t_comp = max(0.0, _median(free))
             for prof, rs in runs.items():
-                if prof == "unshaped":
-                    continue
-                mbit, rtt = (float(v) for v in prof.split("/"))
+                mbit, rtt = (None, 0.0) if prof == "unshaped" else \
+                    (float(v) for v in prof.split("/"))
                 by_n = {}
                 for r in rs:
                     by_n.setdefault(split(r)[1], []).append(r)
@@ -271,23 +277,27 @@ def analyse(raw, fit=False):
                                    "mbit": mbit, "rtt_ms": rtt, "runs": len(grp),
                                    "refills": n, "bytes_sent": med("bytes_sent"),
                                    "sends": med("sends"), "refill_sends": refill,
-                                   "compute_s": t_comp + n * c_refill, "t_comp_free_s": t_comp,
-                                   "refill_compute_s": c_refill,
+                                   "t_comp_free_s": t_comp,
                                    "measured_s": _median([g["seconds"] for g in grp])})
-    rho = network.REFILL_FLIGHTS_PER_SEND["CHEETAH"]
+    c_send, rho = network.REFILL_COMPUTE_PER_SEND_S, network.REFILL_FLIGHTS_PER_SEND["CHEETAH"]
     if fit:
-        # least squares of measured - (projection without refill latency) = rho * max(R) * RTT/2
         xs, ys = [], []
         for g in groups:
             if g["kind"] == "CHEETAH" and g["refills"]:
-                network.REFILL_FLIGHTS_PER_SEND["CHEETAH"] = 0.0
-                rest = project(g["compute_s"], g["bytes_sent"], g["sends"], g["refill_sends"],
-                               g["mbit"], g["rtt_ms"], g["kind"])
-                xs.append(max(g["refill_sends"]) * g["rtt_ms"] / 2000.0)
-                ys.append(g["measured_s"] - rest)
+                rest = g["measured_s"] - g["t_comp_free_s"]
+                if g["mbit"] is not None:
+                    regular = [s - r for s, r in zip(g["sends"], g["refill_sends"])]
+                    rest -= project(0.0, g["bytes_sent"], regular, None, g["mbit"],
+                                    g["rtt_ms"], g["kind"])
+                r = max(g["refill_sends"])
+                xs.append((r, r * g["rtt_ms"] / 2000.0))
+                ys.append(rest)
         if xs:
-            rho = max(0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs))
-        network.REFILL_FLIGHTS_PER_SEND["CHEETAH"] = rho
+            c_send, rho = _nnls2(xs, ys)
+    network.REFILL_FLIGHTS_PER_SEND["CHEETAH"] = rho
+    for g in groups:
+        g["compute_s"] = g["t_comp_free_s"] + c_send * max(g["refill_sends"])
+    groups = [g for g in groups if g["mbit"] is not None]
     rows = []
     for g in groups:
         projected = project(g["compute_s"], g["bytes_sent"], g["sends"], g["refill_sends"],
@@ -302,7 +312,24 @@ def analyse(raw, fit=False):
                      "projected_s": projected, "error": projected / g["measured_s"] - 1.0,
                      "projected_no_refill_model_s": old,
                      "error_no_refill_model": old / g["measured_s"] - 1.0})
-    return rows, rho
+    return rows, {"refill_flights_per_send": rho, "refill_compute_per_send_s": c_send}
+
+
+def _nnls2(xs, ys):
+    """Least squares y = a * x1 + b * x2 with a, b >= 0."""
+    import numpy as np
+
+    X, y = np.asarray(xs, float), np.asarray(ys, float)
+    best = None
+    for cols in ([0, 1], [0], [1]):
+        coef, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+        if (coef >= 0).all():
+            full = np.zeros(2)
+            full[cols] = coef
+            err = float(np.sum((X @ full - y) ** 2))
+            if best is None or err < best[0]:
+                best = (err, full)
+    return (0.0, 0.0) if best is None else (float(best[1][0]), float(best[1][1]))
 
 
 def print_table(rows):
@@ -317,21 +344,22 @@ def print_table(rows):
               file=sys.stderr)
 
 
-def write(args, argv, raw, rows, rho):
+def write(args, argv, raw, rows, fitted):
     from protocols.network import FLIGHTS_PER_SEND
 
     worst = max(abs(r["error"]) for r in rows)
-    print(f"worst |error| {worst:.0%} (target 30%); CHEETAH refill flights per send "
-          f"rho = {rho:.3f}", file=sys.stderr)
+    print(f"worst |error| {worst:.0%} (target 30%); CHEETAH refill: "
+          f"{fitted['refill_flights_per_send']:.4f} flights and "
+          f"{fitted['refill_compute_per_send_s'] * 1e3:.2f} ms compute per refill send",
+          file=sys.stderr)
     if not args.out:
         return
     payload = {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                "rows": rows, "worst_abs_error": worst,
-               "flights_per_send": FLIGHTS_PER_SEND, "refill_flights_per_send": rho,
-               "fitted": bool(args.fit),
+               "flights_per_send": FLIGHTS_PER_SEND, **fitted, "fitted": bool(args.fit),
                "model": "T = T_comp + k * max(sends - refill_sends) * RTT/2 + rho * "
                         "max(refill_sends) * RTT/2 + max(bytes) / BW; T_comp = the unshaped "
-                        "refill-free median + refills x the unshaped compute per refill",
+                        "refill-free median + c * max(refill_sends)",
                "raw": raw}
 
     def fill(tmp_dir):
@@ -349,9 +377,9 @@ def main(argv=None):
     if args.reproject:
         with open(args.reproject) as f:
             raw = json.load(f)["raw"]
-        rows, rho = analyse(raw, args.fit)
+        rows, fitted = analyse(raw, args.fit)
         print_table(rows)
-        return write(args, argv, raw, rows, rho)
+        return write(args, argv, raw, rows, fitted)
     from tqdm import tqdm
 
     from protocols.registry import get_protocol
@@ -374,24 +402,27 @@ def main(argv=None):
     # SIGTERM unwinds like an error, so the namespaces are removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     raw = {}
-    runs = [(p, prof) for p in protocols for prof in [None] + profiles]
+    partial = os.path.join(tempfile.gettempdir(), f"validate_network.{os.getpid()}.raw.json")
+    print(f"raw runs so far: {partial} (--reproject reads it)", file=sys.stderr)
+    # unshaped first and last: the compute baseline averaged over the load during the runs
+    runs = [(p, prof) for p in protocols for prof in [None] + profiles + [None]]
     with Netns() as net, tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=len(runs), desc="shaped runs", unit="run", file=sys.stderr) as bar:
         for protocol in protocols:
             raw[protocol.name] = {}
-            for prof in [None] + profiles:
+            for prof in [None] + profiles + [None]:
                 bar.set_postfix_str(f"{protocol.name} {'unshaped' if prof is None else prof}")
                 net.shape(None if prof is None else prof[0])
                 got = run_profile(net, protocol.name, chosen[protocol.name],
                                   0.0 if prof is None else prof[1], tmp)
                 bar.update()
-                raw[protocol.name]["unshaped" if prof is None else f"{prof[0]:g}/{prof[1]:g}"] \
-                    = got
-                if args.out:  # the raw runs survive a failure below
-                    write_json_atomic(args.out.rstrip("/") + ".raw.json", {"raw": raw})
-    rows, rho = analyse(raw, args.fit)
+                key = "unshaped" if prof is None else f"{prof[0]:g}/{prof[1]:g}"
+                raw[protocol.name][key] = raw[protocol.name].get(key, []) + got
+                write_json_atomic(partial, {"raw": raw})  # survives a failure below
+    rows, fitted = analyse(raw, args.fit)
     print_table(rows)
-    write(args, argv, raw, rows, rho)
+    write(args, argv, raw, rows, fitted)
+    os.remove(partial)
 
 
 if __name__ == "__main__":

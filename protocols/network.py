@@ -27,8 +27,10 @@ from typing import Dict, Optional, Sequence
 from mpc_llama.errors import ConfigError
 
 FLIGHTS_PER_SEND = {"SEMI2K": 1.05, "CHEETAH": 1.1, "ABY3": 1.0}
-# fitted on results/netval (validate_network.py --fit); only CHEETAH refills
+# fitted on results/netval (validate_network.py --fit); only CHEETAH refills. The compute of
+# a refill is in T_comp (the simulator's compute_s measures it); the validation fits it too
 REFILL_FLIGHTS_PER_SEND = {"CHEETAH": 0.2}
+REFILL_COMPUTE_PER_SEND_S = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
