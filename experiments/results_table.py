@@ -3,7 +3,7 @@ r"""Markdown tables from results.json files (so README figures are pasted, never
     python experiments/results_table.py runs/cheetah_8192/results.json runs/aby3_8192/results.json
     python experiments/results_table.py runs/acc/results.json
     python experiments/results_table.py --pivot runs/acc_passkey/results.json runs/acc_niah/results.json
-    python experiments/results_table.py runs/netval/results.json
+    python experiments/results_table.py results/netval/results.json
     python experiments/results_table.py --headline results/cheetah_8192/results.json \
         --accuracy results/acc_4k_inside/results.json results/acc_4k_after/results.json \
         --figure results/headline.png
@@ -120,13 +120,21 @@ def rename_policies(paths, results, renames):
 
 
 def netval_table(res: dict) -> str:
-    lines = ["| protocol | block | network | MB (busiest) | sends (busiest) | T_comp s | "
-             "measured s | projected s | error |", "|" + "---|" * 9]
+    refills = "refills" in res["rows"][0]  # validate_network.py since the refill model
+    head = ("| protocol | block | network | " + ("runs | refills | " if refills else "")
+            + "MB (busiest) | sends (busiest) | " + ("refill sends | " if refills else "")
+            + "T_comp s | measured s | projected s | error |"
+            + (" error, refills as round trips |" if refills else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         lines.append(f"| {r['protocol']} | {r['block']} | {r['mbit']:g} Mbit/s, "
-                     f"{r['rtt_ms']:g} ms RTT | {r['bytes_max'] / 1e6:.2f} | {r['sends_max']:,} | "
-                     f"{r['compute_s']:.2f} | {r['measured_s']:.2f} | {r['projected_s']:.2f} | "
-                     f"{r['error']:+.0%} |")
+                     f"{r['rtt_ms']:g} ms RTT | "
+                     + (f"{r['runs']} | {r['refills']} | " if refills else "")
+                     + f"{r['bytes_max'] / 1e6:.2f} | {r['sends_max']:,.0f} | "
+                     + (f"{r['refill_sends_max']:,.0f} | " if refills else "")
+                     + f"{r['compute_s']:.2f} | {r['measured_s']:.2f} | {r['projected_s']:.2f} | "
+                     f"{r['error']:+.0%} |"
+                     + (f" {r['error_no_refill_model']:+.0%} |" if refills else ""))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ dimensions, with projected latency for named network profiles.
         --out runs/aby3
     python experiments/run_spu.py --model smollm2 --protocol semi2k --seq 1024 --bandwidth 200 \
         --rtt 20
+    python experiments/run_spu.py --reproject results/cheetah_8192/results.json --out DIR
 
 How the numbers are made (printed with every run, recorded in the JSON):
   * every block kind of a decode step (protocols.blocks) runs under SPU on its own: dense
@@ -17,6 +18,8 @@ How the numbers are made (printed with every run, recorded in the JSON):
   * every party's bytes and sends are measured (3PC: one run per party); compute_s is the
     simulator's wall-clock with all parties as threads on this machine;
   * latency is PROJECTED from those counters by protocols.network.projected_seconds;
+    CHEETAH's silent-OT refill sends (protocols.refill) are priced apart, not as round trips
+    (`refills`, `refill_sends` per row and block);
   * `oracle` attends exactly the budget with selection left out (the floor at that budget);
   * the one-time static step at prefill and CHEETAH's one-time setup are reported apart.
 Measured blocks are cached on disk (--block-cache), keyed by program text and protocol.
@@ -88,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--party-logs", help="directory for the logs of locally started parties")
     p.add_argument("--no-spawn", action="store_true",
                    help="start no parties here: all are already running protocols.party")
+    p.add_argument("--reproject", metavar="RESULTS_JSON",
+                   help="measure nothing: re-project an earlier results.json's blocks with "
+                        "today's cost model (refills read from each block's counters), "
+                        "writing --out")
     return p.parse_args(argv)
 
 
@@ -197,8 +204,18 @@ def measure_all(meter, jobs):
 def latency(c, protocol, networks):
     from protocols.network import projected_seconds
 
-    return {n.name: projected_seconds(c.seconds, c.bytes_sent, c.sends, n, protocol.kind)
+    return {n.name: projected_seconds(c.seconds, c.bytes_sent, c.sends, n, protocol.kind,
+                                      refill_sends=c.refill_sends)
             for n in networks}
+
+
+def refill_fields(c, blocks=None) -> dict:
+    """`refills` (in REFILL_SENDS units of the busiest party) and per-party `refill_sends`."""
+    from protocols.refill import REFILL_SENDS
+
+    out = {"refill_sends": [round(r) for r in c.refills],
+           "refills": round(max(c.refills) / REFILL_SENDS, 1)}
+    return out
 
 
 def make_rows(setting, measured, hs, args):
@@ -229,6 +246,8 @@ def make_rows(setting, measured, hs, args):
                 "attention_compute_s": att.seconds,
                 "latency_s": latency(step, protocol, networks),
                 "attention_latency_s": latency(att, protocol, networks),
+                **refill_fields(step),
+                "attention_refill_sends": [round(r) for r in att.refills],
                 "bytes_by_category": cats,
                 "blocks": {n: {"category": b.category, "count": b.count, **c.to_json()}
                            for n, (b, c) in blocks.items()},
@@ -256,13 +275,59 @@ def make_rows(setting, measured, hs, args):
                     f"from prompts of {lengths} tokens: bytes and seconds by least squares "
                     "a*T + b*T^2, sends those of the longest"}
             rows.append(row)
+    add_reductions(rows)
+    return rows
+
+
+def add_reductions(rows) -> None:
     for row in rows:
         full = next(r for r in rows if r["seq"] == row["seq"] and r["policy"] == "full")
         red = {"bytes": full["bytes"] / row["bytes"],
                "attention_bytes": full["attention_bytes"] / row["attention_bytes"]}
         red.update({n: full["latency_s"][n] / row["latency_s"][n] for n in row["latency_s"]})
         row["reduction_vs_full"] = red
-    return rows
+
+
+# protocols.blocks.dense_blocks: the rest of a step's blocks are the attention modules'
+DENSE_BLOCKS = ("embed", "attn_norm", "qkv", "o_proj", "mlp_norm", "gate_up", "gated", "down",
+                "final_norm", "lm_head", "argmax")
+
+
+def reproject(payload: dict, networks) -> dict:
+    """An earlier results payload with every row's latency re-projected from its blocks
+    (CHEETAH: refill sends read from each block's counters, protocols.refill; blocks that
+    carry `refill_sends` keep them). Counters are unchanged; the static step's latency too."""
+    import dataclasses
+
+    from protocols.benchmark import Counters, _with_refills, total
+    from protocols.registry import Protocol
+
+    protocol = Protocol(**payload["protocol"])
+    rows = []
+    for row in payload["rows"]:
+        blocks = {}
+        for name, b in row["blocks"].items():
+            c = Counters.from_json(b)
+            if c.refill_sends is None:  # per layer, then times the layers that run it
+                one = _with_refills(protocol, c.scale(1.0 / b["count"]), None)
+                c = dataclasses.replace(c, refill_sends=None if one.refill_sends is None else
+                                        tuple(r * b["count"] for r in one.refill_sends))
+            blocks[name] = (b, c)
+        world = len(row["bytes_per_party"])
+        step = total(blocks, world)
+        att = total({n: v for n, v in blocks.items() if n not in DENSE_BLOCKS}, world)
+        new = dict(row)
+        new["latency_s_before_refill_model"] = row["latency_s"]
+        new["attention_latency_s_before_refill_model"] = row["attention_latency_s"]
+        new["latency_s"] = latency(step, protocol, networks)
+        new["attention_latency_s"] = latency(att, protocol, networks)
+        new.update(refill_fields(step))
+        new["attention_refill_sends"] = [round(r) for r in att.refills]
+        new["blocks"] = {n: {**b, **c.to_json()} for n, (b, c) in blocks.items()}
+        rows.append(new)
+    add_reductions(rows)
+    return {**payload, "rows": rows, "reprojected_from": payload.get("command"),
+            "command": None}
 
 
 def shortcuts(setting, hs, args):
@@ -465,6 +530,8 @@ def main(argv=None) -> None:
     from protocols.benchmark import BlockMeter
 
     args = parse_args(argv)
+    if args.reproject:
+        return main_reproject(args, argv)
     setting = build_setting(args)
     jobs, hs = plan(setting, args)
     start = time.perf_counter()
@@ -499,10 +566,51 @@ def main(argv=None) -> None:
             "setup": None if setup is None else setup.to_json(),
             "networks": {n.name: {"bandwidth_bps": n.bandwidth_bps, "rtt_s": n.rtt_s,
                                   "source": n.source} for n in setting["networks"]},
-            "cost_model": "T = compute_s + k * max_i(sends_i) * RTT/2 + max_i(bytes_i) / BW "
-                          "(protocols.network.projected_seconds)"}
+            "cost_model": COST_MODEL}
         write_outputs(args.out, payload, setting["networks"])
         print(f"wrote {args.out}/results.json, results.csv, latency.png, bytes_by_category.png")
+
+
+COST_MODEL = ("T = compute_s + k * max_i(sends_i - refill_sends_i) * RTT/2 + rho * "
+              "max_i(refill_sends_i) * RTT/2 + max_i(bytes_i) / BW "
+              "(protocols.network.projected_seconds; refill_sends: CHEETAH's silent-OT "
+              "refill bursts, protocols.refill)")
+
+
+def main_reproject(args, argv) -> None:
+    """--reproject: today's cost model on an earlier run's counters (nothing measured)."""
+    import json
+
+    from protocols.network import (FLIGHTS_PER_SEND, REFILL_FLIGHTS_PER_SEND, NetworkProfile)
+
+    if not args.out:
+        raise ConfigError("--reproject needs --out")
+    try:
+        with open(args.reproject) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--reproject: cannot read {args.reproject}: {e}") from None
+    networks = [NetworkProfile(n, v["bandwidth_bps"], v["rtt_s"], v["source"])
+                for n, v in payload["networks"].items()]
+    out = reproject(payload, networks)
+    out["command"] = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+    out["cost_model"] = COST_MODEL
+    out["flights_per_send"] = FLIGHTS_PER_SEND
+    out["refill_flights_per_send"] = REFILL_FLIGHTS_PER_SEND
+    print_reproject(out["rows"], payload["rows"])
+    write_outputs(args.out, out, networks)
+    print(f"wrote {args.out}/results.json, results.csv, latency.png, bytes_by_category.png")
+
+
+def print_reproject(rows, before) -> None:
+    print(f"{'policy':<12}{'seq':>6}{'sends':>9}{'refill':>9}{'refills':>8}"
+          f"{'WAN s* before':>15}{'WAN s* now':>12}{'WAN x before':>13}{'WAN x now':>11}"
+          f"{'attn LAN s* now':>16}")
+    for r, b in zip(rows, before):
+        print(f"{r['policy']:<12}{r['seq']:>6}{r['sends']:>9}{max(r['refill_sends']):>9}"
+              f"{r['refills']:>8}{b['latency_s']['wan']:>15.0f}{r['latency_s']['wan']:>12.0f}"
+              f"{b['reduction_vs_full']['wan']:>13.2f}{r['reduction_vs_full']['wan']:>11.2f}"
+              f"{r['attention_latency_s']['lan']:>16.0f}")
 
 
 if __name__ == "__main__":

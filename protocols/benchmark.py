@@ -46,12 +46,19 @@ PUBLIC_ARGS = ("position",)  # block arguments that every party knows (as in dec
 
 @dataclasses.dataclass(frozen=True)
 class Counters:
-    """Counters of a run (or a sum of runs), one entry per party; seconds: wall-clock."""
+    """Counters of a run (or a sum of runs), one entry per party; seconds: wall-clock;
+    refill_sends: the part of `sends` that is CHEETAH silent-OT refill bursts
+    (protocols.refill; None: not known, counted as none)."""
 
     bytes_sent: Tuple[float, ...]
     bytes_recv: Tuple[float, ...]
     sends: Tuple[float, ...]
     seconds: float
+    refill_sends: Optional[Tuple[float, ...]] = None
+
+    @property
+    def refills(self) -> Tuple[float, ...]:
+        return self.refill_sends or tuple(0 for _ in self.sends)
 
     @staticmethod
     def zero(world_size: int) -> "Counters":
@@ -69,26 +76,39 @@ class Counters:
     def __add__(self, o: "Counters") -> "Counters":
         return Counters(*(tuple(a + b for a, b in zip(x, y)) for x, y in
                           ((self.bytes_sent, o.bytes_sent), (self.bytes_recv, o.bytes_recv),
-                           (self.sends, o.sends))), self.seconds + o.seconds)
+                           (self.sends, o.sends))), self.seconds + o.seconds,
+                        _sum_refills(self, o))
 
     def scale(self, f: float) -> "Counters":
         return Counters(tuple(a * f for a in self.bytes_sent),
                         tuple(a * f for a in self.bytes_recv), tuple(a * f for a in self.sends),
-                        self.seconds * f)
+                        self.seconds * f,
+                        None if self.refill_sends is None else
+                        tuple(a * f for a in self.refill_sends))
 
     @property
     def total_bytes(self) -> float:
         return float(sum(self.bytes_sent))
 
     def to_json(self) -> dict:
-        return {"bytes_sent": [round(b) for b in self.bytes_sent],
-                "bytes_recv": [round(b) for b in self.bytes_recv],
-                "sends": [round(s) for s in self.sends], "seconds": self.seconds}
+        out = {"bytes_sent": [round(b) for b in self.bytes_sent],
+               "bytes_recv": [round(b) for b in self.bytes_recv],
+               "sends": [round(s) for s in self.sends], "seconds": self.seconds}
+        if self.refill_sends is not None:
+            out["refill_sends"] = [round(s) for s in self.refill_sends]
+        return out
 
     @staticmethod
     def from_json(d: dict) -> "Counters":
+        refill = d.get("refill_sends")
         return Counters(tuple(d["bytes_sent"]), tuple(d["bytes_recv"]), tuple(d["sends"]),
-                        float(d["seconds"]))
+                        float(d["seconds"]), None if refill is None else tuple(refill))
+
+
+def _sum_refills(a: Counters, b: Counters):
+    if a.refill_sends is None and b.refill_sends is None:
+        return None
+    return tuple(x + y for x, y in zip(a.refills, b.refills))
 
 
 def extrapolate(measured: Dict[int, Counters], heads: int) -> Counters:
@@ -109,8 +129,12 @@ def extrapolate(measured: Dict[int, Counters], heads: int) -> Counters:
         # through two noisy points must not leave what batched ops can do
         return tuple(min(max(u + t * (v - u), v), v * grow) for u, v in zip(x, y))
 
+    refill = None
+    if ca.refill_sends is not None or cb.refill_sends is not None:  # refills follow traffic
+        refill = tuple(min(r, s) for r, s in zip(line(ca.refills, cb.refills),
+                                                  line(ca.sends, cb.sends)))
     return Counters(line(ca.bytes_sent, cb.bytes_sent), line(ca.bytes_recv, cb.bytes_recv),
-                    line(ca.sends, cb.sends), line((ca.seconds,), (cb.seconds,))[0])
+                    line(ca.sends, cb.sends), line((ca.seconds,), (cb.seconds,))[0], refill)
 
 
 class BlockMeter:
@@ -214,7 +238,7 @@ class BlockMeter:
         self.last_one_time = self._load("onetime-" + key) if steady else None
         if cached is not None and (self.last_one_time is not None or not steady):
             self.hits += 1
-            return cached
+            return _with_refills(self.protocol, cached, None)
         self.misses += 1
         if self.cluster is not None:
             self._ensure_sessions()  # CHEETAH: setup first
@@ -227,7 +251,7 @@ class BlockMeter:
                                 program)
         if steady:  # the first run opened the fixed operands
             first, runs = Counters.of(runs[0]), runs[1:]
-        counters = Counters.of(_median_cost(runs))
+        counters = _with_refills(self.protocol, Counters.of(_median_cost(runs)), runs)
         if steady:
             self.last_one_time = first + counters.scale(-1.0)
             self._store("onetime-" + key, self.last_one_time)
@@ -315,6 +339,20 @@ def _median_cost(costs):
         parties.append(PartyCost(*(int(np.median(v)) for v in fields)))
     return dataclasses.replace(costs[0], parties=tuple(parties),
                                seconds=float(np.median([c.seconds for c in costs])))
+
+
+def _with_refills(protocol: Protocol, counters: Counters, costs) -> Counters:
+    """CHEETAH: `counters` with their refill sends (protocols.refill) from the block's runs
+    `costs`, or from the two-party asymmetry alone (None: a cached entry without them)."""
+    from protocols import refill
+
+    if protocol.kind != "CHEETAH" or counters.refill_sends is not None:
+        return counters
+    if costs is None:
+        found = refill.asymmetric_refill(counters.sends)
+    else:
+        found = refill.block_refill([c.sends for c in costs], counters.sends)
+    return dataclasses.replace(counters, refill_sends=tuple(found))
 
 
 def _spu_version() -> str:
