@@ -43,7 +43,7 @@ import numpy as np
 
 from eviction.base import Policy, check_gather, check_ratio, topk_mask
 from eviction.clusters import cluster_candidates, expand
-from eviction.neighbors import dilate, tops
+from eviction import neighbors
 from eviction.quest import quest_bound
 from eviction.sharing import PATTERNS, share_source
 from eviction.static_scores import max_pool, window_attention
@@ -73,6 +73,7 @@ class MPCache(Policy):
     score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
     neighbors: int = 0        # right neighbours selected with each chosen level-2 cluster
     neighbors_left: int = 0   # left neighbours likewise (eviction.neighbors)
+    neighbor_tops: int = 0    # 0: every chosen cluster gets neighbours; m: the m best only
     dynamic = True
     needs_bounds = True
 
@@ -99,8 +100,8 @@ class MPCache(Policy):
             if getattr(self, field) not in SCORES:
                 raise ConfigError(f"{field} must be one of {SCORES}, got "
                                   f"{getattr(self, field)!r}")
-        if self.neighbors < 0 or self.neighbors_left < 0:
-            raise ConfigError("neighbors and neighbors_left must be >= 0")
+        if min(self.neighbors, self.neighbors_left, self.neighbor_tops) < 0:
+            raise ConfigError("neighbors, neighbors_left and neighbor_tops must be >= 0")
         if self.s2 < 1 or self.s1 % self.s2:
             raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
                               f"{self.s1}")
@@ -192,8 +193,8 @@ class MPCache(Policy):
         cand2, forced2 = cluster_candidates(length, n2, self.s2)
         eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
         # the chosen clusters and their neighbours share the k2 - 2 free slots
-        right, left = self.neighbors, self.neighbors_left
-        chosen = dilate(topk_mask(sim2, tops(self.k2(prompt_len) - 2, right, left), eligible,
-                                  self.selector), right, left, jnp.logical_or(cand2, forced2))
+        chosen = neighbors.select(sim2, self.k2(prompt_len) - 2, eligible,
+                                  jnp.logical_or(cand2, forced2), self.neighbors,
+                                  self.neighbors_left, self.neighbor_tops, self.selector)
         keep2 = jnp.logical_or(chosen, forced2)
         return keep2, self.s2, self.k2(prompt_len)

@@ -16,11 +16,43 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from eviction.base import BIG, topk_mask
 
-def tops(slots: int, right: int, left: int = 0) -> int:
-    """Clusters to choose by top-k so that, each with `right` + `left` neighbours, they fill at
-    most `slots` slots (public)."""
-    return slots // (1 + right + left)
+
+def tops(slots: int, right: int, left: int = 0, best: int = 0):
+    """(clusters chosen by top-k, how many of the highest get neighbours) so that, with
+    `right` + `left` neighbours each, they fill at most `slots` slots (public). best = 0: all
+    chosen ones get neighbours; else the `best` highest (fewer if the slots are short)."""
+    width = right + left
+    if best == 0 or width == 0:
+        n = slots // (1 + width)
+        return n, n
+    n_best = min(best, slots // (1 + width))
+    return slots - n_best * width, n_best
+
+
+def select(scores, slots: int, allowed, within, right: int, left: int = 0, best: int = 0,
+           selector: str = "search"):
+    """The top clusters of `scores` [..., n] among `allowed` with their neighbours, at most
+    `slots` in all, AND `within` (the clusters that hold entries).
+
+    best = 0: every chosen cluster gets its neighbours (tops(...) of them chosen);
+    best = 1: only the highest does, found by one max (n - 1 comparisons and n equalities,
+              not a second top-k), the other slots go to the plain top-k;
+    best > 1: the `best` highest do, by a second top-k."""
+    n_top, n_best = tops(slots, right, left, best)
+    chosen = topk_mask(scores, n_top, allowed, selector)
+    if right + left == 0 or n_best == 0:
+        return chosen
+    if n_best == n_top:
+        return dilate(chosen, right, left, within)
+    if n_best == 1:
+        masked = jnp.where(allowed, scores, -BIG)
+        top = jnp.logical_and(masked >= masked.max(axis=-1, keepdims=True), allowed)
+        top = jnp.logical_and(top, jnp.cumsum(top.astype(jnp.int32), axis=-1) <= 1)  # ties
+    else:
+        top = topk_mask(scores, n_best, allowed, selector)
+    return jnp.logical_or(chosen, dilate(top, right, left, within))
 
 
 def shift(mask: jnp.ndarray, by: int) -> jnp.ndarray:
