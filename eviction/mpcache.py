@@ -43,6 +43,7 @@ import numpy as np
 
 from eviction import attention
 from eviction.base import Policy, check_gather, check_ratio, topk_mask
+from eviction import neighbors
 from eviction.clusters import cluster_candidates, expand, forced_rows
 from eviction.compaction import compaction_matrix
 from eviction.quest import quest_bound
@@ -73,6 +74,9 @@ class MPCache(Policy):
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
     score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
+    neighbors: int = 0        # right neighbours selected with each chosen level-2 cluster
+    neighbors_left: int = 0   # left neighbours likewise (eviction.neighbors)
+    neighbor_tops: int = 0    # 0: every chosen cluster gets neighbours; m: the m best only
     dynamic = True
     needs_bounds = True
 
@@ -104,6 +108,8 @@ class MPCache(Policy):
         if self.refresh > 1 and (self.compaction == "sort" or self.gather != "scores"):
             raise ConfigError("refresh > 1 keeps a one-hot selection: it needs "
                               "compaction onehot (or auto) and gather scores")
+        if min(self.neighbors, self.neighbors_left, self.neighbor_tops) < 0:
+            raise ConfigError("neighbors, neighbors_left and neighbor_tops must be >= 0")
         if self.s2 < 1 or self.s1 % self.s2:
             raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
                               f"{self.s1}")
@@ -204,9 +210,11 @@ class MPCache(Policy):
             cand1, forced1 = cluster_candidates(length, n1, self.s1)
             keep1 = jnp.logical_or(topk_mask(sim1, k1 - 2, cand1, self.selector), forced1)
             eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
-        keep2 = jnp.logical_or(
-            topk_mask(sim2, self.k2(prompt_len) - 1 - self.recent, eligible, self.selector),
-            forced2)
+        # the chosen clusters and their neighbours share the k2 - 1 - recent free slots
+        chosen = neighbors.select(sim2, self.k2(prompt_len) - 1 - self.recent, eligible,
+                                  jnp.logical_or(cand2, forced2), self.neighbors,
+                                  self.neighbors_left, self.neighbor_tops, self.selector)
+        keep2 = jnp.logical_or(chosen, forced2)
         return keep2, self.s2, self.k2(prompt_len)
 
     # ---- a selection kept for `refresh` steps (the cache state's last part) ----

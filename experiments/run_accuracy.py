@@ -37,7 +37,7 @@ from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
 from mpc_llama.errors import ConfigError  # noqa: E402
 
 SYNTHETIC = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
-             "common_words")
+             "common_words", "passphrase", "record")
 
 
 def parse_args(argv=None):
@@ -45,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or HF directory")
     p.add_argument("--tasks", help="synthetic tasks (comma list; '' none); default: all of "
                    f"{','.join(SYNTHETIC)}, or none when --longbench is given")
+    p.add_argument("--haystack", default="noise", help="haystack(s) of the synthetic tasks "
+                   "(comma list of noise, varied, prose: each task runs on each); a task "
+                   "written task@haystack in --tasks uses that one. Results name a task on a "
+                   "haystack other than noise task@haystack")
     p.add_argument("--longbench", help="directory with LongBench's official *.jsonl files")
     p.add_argument("--longbench-tasks", default="", help="LongBench datasets (comma list); "
                    "default with --longbench: every supported dataset found in its directory")
@@ -91,10 +95,8 @@ def build_setting(args):
     from experiments import longbench
     from mpc_llama.loading import load_config
 
-    tasks = _list(args.tasks, str, "--tasks")
-    for t in tasks:
-        if t not in SYNTHETIC:
-            raise ConfigError(f"unknown task {t!r}; choose from {list(SYNTHETIC)}")
+    tasks = task_haystacks(_list(args.tasks, str, "--tasks"),
+                           _list(args.haystack, str, "--haystack"))
     lb_tasks = _list(args.longbench_tasks, str, "--longbench-tasks")
     if lb_tasks and not args.longbench:
         raise ConfigError("--longbench-tasks needs --longbench DIR")
@@ -151,6 +153,34 @@ def build_setting(args):
             "earlier_commands": commands}
 
 
+def task_haystacks(tasks, haystacks):
+    """--tasks and --haystack -> [(task, haystack)]: "task@haystack" as written, a bare task
+    on each of `haystacks`."""
+    from experiments.haystacks import HAYSTACKS
+
+    for h in haystacks:
+        if h not in HAYSTACKS:
+            raise ConfigError(f"--haystack: unknown haystack {h!r}; choose from {HAYSTACKS}")
+    if not haystacks:
+        raise ConfigError("--haystack: give at least one haystack")
+    out = []
+    for t in tasks:
+        name, at, hay = t.partition("@")
+        if name not in SYNTHETIC:
+            raise ConfigError(f"unknown task {name!r}; choose from {list(SYNTHETIC)}")
+        if at and hay not in HAYSTACKS:
+            raise ConfigError(f"--tasks {t}: unknown haystack {hay!r}; choose from {HAYSTACKS}")
+        for h in ([hay] if at else haystacks):
+            if (name, h) not in out:
+                out.append((name, h))
+    return out
+
+
+def task_label(task, haystack):
+    """The name results use: the task on noise (as before), else task@haystack."""
+    return task if haystack == "noise" else f"{task}@{haystack}"
+
+
 RESUME_FREE = ("batch", "max_minutes", "out", "resume")  # settings a resumed run may change
 
 
@@ -163,11 +193,12 @@ def resumed_records(args):
     if "setting" not in old:
         raise ConfigError(f"--resume: {args.out} holds no run settings to continue")
     now = vars(args)
-    diff = sorted(k for k in set(now) | set(old["setting"]) if k not in RESUME_FREE
-                  and now.get(k) != old["setting"].get(k))
+    before = {"haystack": "noise", **old["setting"]}  # runs before --haystack: the noise
+    diff = sorted(k for k in set(now) | set(before) if k not in RESUME_FREE
+                  and now.get(k) != before.get(k))
     if diff:
         raise ConfigError(f"--resume: settings differ from the run in {args.out}: "
-                          + ", ".join(f"{k} {old['setting'].get(k)!r} -> {now.get(k)!r}"
+                          + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
                                       for k in diff))
     cmds = old["command"] if isinstance(old["command"], list) else [old["command"]]
     return old["samples"], cmds
@@ -201,11 +232,14 @@ def spread_order(n):
     return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
 
 
-def synthetic_samples(tokenizer, task, length, depths, n, seed):
-    """n samples (seed + i at depth i), in spread_order."""
+def synthetic_samples(tokenizer, task, length, depths, n, seed, haystack="noise"):
+    """n samples (seed + i at depth i), in spread_order, named task_label(task, haystack)."""
+    import dataclasses
+
     from experiments.tasks import generate
 
-    return [generate(task, tokenizer, length, depths[i % len(depths)], seed + i)
+    return [dataclasses.replace(generate(task, tokenizer, length, depths[i % len(depths)],
+                                         seed + i, haystack), task=task_label(task, haystack))
             for i in spread_order(n)]
 
 
@@ -545,9 +579,9 @@ def main(argv=None):
     tok = model.tokenizer
     jobs = []
     for length in setting["lengths"]:
-        for task in setting["tasks"]:
+        for task, haystack in setting["tasks"]:
             for s in synthetic_samples(tok, task, length, setting["depths"], args.samples,
-                                       args.seed):
+                                       args.seed, haystack):
                 jobs.append((length, s))
         for name, recs in setting["longbench"].items():
             for s in longbench_samples(tok, name, recs, length):

@@ -2,8 +2,10 @@
 
 Every sample is built from token pieces (instruction, a noise haystack, needles at a requested
 depth, the question, an answer prefix in the assistant turn), so its prompt is exactly
-`length` tokens: one jit-compiled prefill serves every sample of that length. The haystack is
-RULER's noise ("The grass is green. The sky is blue. ..."), which needs no data files.
+`length` tokens: one jit-compiled prefill serves every sample of that length. The haystack
+(`experiments.haystacks`, no data files) is RULER's noise ("The grass is green. The sky is
+blue. ...", the default), varied everyday sentences, or generated prose; on the latter two
+needles are placed at sentence starts.
 
 Tasks (RULER names in brackets):
     passkey            one 5-digit pass key in the noise                        [passkey]
@@ -12,6 +14,9 @@ Tasks (RULER names in brackets):
     niah_multivalue    4 values for the same key, all asked                     [niah_multivalue]
     variable_tracking  a chain VAR A = 12345, VAR B = VAR A, ...: name them all  [vt]
     common_words       a word list: the 10 most frequent words                  [cwe]
+    passphrase         a four-word passphrase (an answer of several words)
+    record             three facts in one needle: a 5-digit code, a colour, a place
+Needles span more than one 16-token cluster: a 5-digit code alone is 5 tokens, a record ~35.
 Score: the fraction of expected answers found in the output (RULER's string_match_all).
 
 Two protocols: "inside" (the question ends the prompt, so a static eviction step sees it) and
@@ -25,10 +30,9 @@ import dataclasses
 import random
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from experiments.haystacks import HAYSTACKS, NOISE, fill  # noqa: F401  (NOISE: old name)
 from mpc_llama.errors import ConfigError
 
-NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-         "There and back again. ")
 KEY_WORDS = (
     "apple", "river", "candle", "falcon", "garden", "harbor", "island", "jacket", "kettle",
     "lantern", "meadow", "needle", "orchard", "pepper", "quartz", "saddle", "thunder", "velvet",
@@ -122,6 +126,41 @@ def _variable_tracking(rng, hops: int = 4):
             names, 8 * (hops + 1))
 
 
+COLOURS = ("crimson", "turquoise", "amber", "lavender", "scarlet", "olive", "indigo", "maroon")
+
+
+def _plain_words():
+    """KEY_WORDS that no haystack uses (an output word then comes from the needle)."""
+    import experiments.haystacks as h
+
+    used = " ".join(" ".join(getattr(h, n)) for n in dir(h) if n.isupper() and
+                    isinstance(getattr(h, n), tuple) and n != "HAYSTACKS").lower()
+    used += " remember passphrase secret visitor locker badge colour meeting point gate note"
+    return [w for w in KEY_WORDS if w not in used]
+
+
+def _passphrase(rng):
+    words = rng.sample(_plain_words(), 4)
+    phrase = " ".join(words)
+    return ("There is a secret passphrase hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the passphrase.",
+            [f" The secret passphrase is {phrase}. Remember it."],
+            "What is the secret passphrase? Answer with the four words only.",
+            "The secret passphrase is", words, 16)
+
+
+def _record(rng):
+    key, place = rng.sample(_plain_words(), 2)
+    code, colour = _number(rng, 5), rng.choice(COLOURS)
+    return ("A note about a visitor is hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the note.",
+            [f" Note about the visitor {key}: the locker code is {code}, the badge colour is "
+             f"{colour}, and the meeting point is the {place} gate."],
+            f"For the visitor {key}, what are the locker code, the badge colour and the "
+            "meeting point? Answer briefly.",
+            f"For the visitor {key}, the locker code is", [code, colour, place], 32)
+
+
 TASKS: Dict[str, Callable] = {
     "passkey": _passkey,
     "niah_single": lambda rng: _niah(rng, 1, 1),
@@ -129,14 +168,14 @@ TASKS: Dict[str, Callable] = {
     "niah_multivalue": lambda rng: _niah(rng, 1, 4),
     "variable_tracking": _variable_tracking,
     "common_words": None,  # built by _common_words (its context is the word list itself)
+    "passphrase": _passphrase,
+    "record": _record,
 }
 
 
 def _fill(tokenizer, n: int) -> List[int]:
     """Exactly n token ids of noise haystack."""
-    unit = tokenizer.encode_piece(NOISE)
-    reps = -(-n // max(1, len(unit)))
-    return (unit * reps)[:n]
+    return fill(tokenizer, n)[0]
 
 
 def _chat_pieces(tokenizer, user_before: str, user_after: str, prefix: str):
@@ -148,10 +187,15 @@ def _chat_pieces(tokenizer, user_before: str, user_after: str, prefix: str):
     return tokenizer.encode_start(before), tokenizer.encode_piece(after)
 
 
-def generate(task: str, tokenizer, length: int, depth: float, seed: int) -> Sample:
-    """One sample of `task` whose prompt is exactly `length` tokens, needles at `depth`."""
+def generate(task: str, tokenizer, length: int, depth: float, seed: int,
+             haystack: str = "noise") -> Sample:
+    """One sample of `task` whose prompt is exactly `length` tokens, needles at `depth`, in
+    `haystack` (noise | varied | prose). The needles, question and answers depend on (task,
+    length, depth, seed) only: the same across haystacks."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    if haystack not in HAYSTACKS:
+        raise ConfigError(f"unknown haystack {haystack!r}; choose from {HAYSTACKS}")
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{task}:{length}:{depth}:{seed}")
@@ -163,10 +207,13 @@ def generate(task: str, tokenizer, length: int, depth: float, seed: int) -> Samp
     room = length - len(head) - len(tail) - sum(len(n) for n in needle_ids)
     if room < 16:
         raise ConfigError(f"length {length} is too short for task {task}")
-    hay = _fill(tokenizer, room)
+    hay, starts = fill(tokenizer, room, haystack,
+                       random.Random(f"{haystack}:{task}:{length}:{depth}:{seed}"))
     # needles spread from `depth` on (RULER puts multi-needles at evenly spaced depths)
     cuts = sorted(min(room, int(round(room * (depth + (1 - depth) * i / len(needle_ids)))))
                   for i in range(len(needle_ids)))
+    if haystack != "noise":  # at the sentence start nearest each cut (noise: as before)
+        cuts = [min(starts + [room], key=lambda s: abs(s - c)) for c in cuts]
     context, spans, prev = [], [], 0
     for cut, ids in zip(cuts, needle_ids):
         context += hay[prev:cut]
