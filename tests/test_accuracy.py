@@ -95,7 +95,7 @@ def test_longbench_dir_alone_runs_every_dataset_in_it(tmp_path):
     assert setting["tasks"] == [] and list(setting["longbench"]) == ["qasper", "hotpotqa"]
     setting = build_setting(parse_args(["--longbench", str(tmp_path), "--tasks", "passkey",
                                         "--longbench-tasks", "hotpotqa"]))
-    assert setting["tasks"] == ["passkey"] and list(setting["longbench"]) == ["hotpotqa"]
+    assert setting["tasks"] == [("passkey", "noise")] and list(setting["longbench"]) == ["hotpotqa"]
     assert parse_args([]).tasks == ",".join(SYNTHETIC)  # no --longbench: every synthetic task
 
 
