@@ -21,11 +21,12 @@ from protocols.session import SpuSession
 
 T, K, G, D = 256, 2, 2, 4
 BUDGET = 0.25
-# The only custom calls allowed in compiled programs: a share-type hint, and, only where the
-# selector is "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only
-# comparison bits of the shuffled array, whose count is public): see the README.
-ALLOWED_CALLS = {"search": {"spu.prefer_a"}, "rank": {"spu.prefer_a"}, "auto": {"spu.prefer_a"},
-                 "topk": {"spu.prefer_a", "mhlo.topk"}}
+# The only custom calls allowed in compiled programs: a share-type hint, SEMI2K's Beaver-cache
+# marks (a kept opening is reused, nothing new is opened), and, only where the selector is
+# "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only comparison
+# bits of the shuffled array, whose count is public): see docs/privacy.md.
+_BASE = {"spu.prefer_a", "spu.make_cached_var", "spu.drop_cached_var"}
+ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "topk": _BASE | {"mhlo.topk"}}
 CALL = r"pphlo\.custom_call @([\w.]+)"
 
 
