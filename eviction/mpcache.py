@@ -165,7 +165,8 @@ class MPCache(Policy):
     # ---- dynamic ----
     def k2(self, prompt_len: int) -> int:
         """Level-2 clusters attended per step, forced ones included (public)."""
-        return max(2, self.n_attend(prompt_len) // self.s2)
+        # with refresh > 1: first, previous and current forced, and at least one chosen
+        return max(2 if self.refresh == 1 else 4, self.n_attend(prompt_len) // self.s2)
 
     def k1(self, prompt_len: int, n1: int) -> int:
         """Level-1 clusters kept: ratio1 of those over the static cache, enough for k2."""
