@@ -242,7 +242,8 @@ def analyse(raw, fit=False):
     groups = []
     for pname, by_prof in raw.items():
         kind = get_protocol(pname).kind
-        for block in [r["block"] for r in by_prof["unshaped"]]:
+        # unshaped runs come first and last: each block once
+        for block in dict.fromkeys(r["block"] for r in by_prof["unshaped"]):
             runs = {prof: [run for r in rows if r["block"] == block for run in r["runs"]]
                     for prof, rows in by_prof.items()}
             floor = refill_floor([run["sends"] for rs in runs.values() for run in rs])

@@ -77,3 +77,23 @@ def test_projection_matches_a_shaped_two_party_run(tmp_path):
     assert rows[0]["measured_s"] > rows[0]["compute_s"]  # the shaping is real
     assert abs(rows[0]["error"]) < 0.3
     assert not namespaces() - others
+
+
+def test_analysis_gives_one_row_per_block_and_profile():
+    """The unshaped link is measured first and last: the analysis still gives each shaped
+    (block, profile) one row, and a slower link projects a longer time."""
+    sys.path.insert(0, ROOT)
+    from experiments.validate_network import analyse
+
+    def run(seconds):
+        return {"seconds": seconds, "bytes_sent": [2e6, 2e6], "sends": [120, 120]}
+
+    unshaped = [{"block": "select_1k", "runs": [run(1.0), run(1.1)]}]
+    raw = {"semi2k": {"unshaped": unshaped + unshaped,
+                      "100/10": [{"block": "select_1k", "runs": [run(2.5), run(2.6)]}],
+                      "10/40": [{"block": "select_1k", "runs": [run(9.0), run(9.2)]}]}}
+    rows, _ = analyse(raw)
+    assert sorted((r["block"], r["mbit"]) for r in rows) == [("select_1k", 10.0),
+                                                             ("select_1k", 100.0)]
+    by = {r["mbit"]: r for r in rows}
+    assert by[10.0]["projected_s"] > by[100.0]["projected_s"] > by[100.0]["compute_s"] > 0
