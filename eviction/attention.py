@@ -114,8 +114,10 @@ def _select(policy, q, ck, bounds, length, prompt_len, cfg):
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
         mask, size, slots = picked
-        if mode == "scores" and getattr(policy, "compaction", "onehot") == "sort":
+        if mode == "scores" and getattr(policy, "compaction", "onehot") == "sort" and \
+                policy.chooses(prompt_len):
             return "sort", mask, size, slots
+        # (nothing chosen: the mask is public, and so is its one-hot matrix)
         # float once here: a boolean share would be converted again at every use under MPC
         return mode, compaction_matrix(mask, slots).astype(ck.dtype), size, slots
     return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None, None

@@ -121,8 +121,10 @@ class Policy:
             k, v = (jnp.take_along_axis(a, move[..., None], axis=2) for a in (k, v))
             return k, v, jnp.take_along_axis(pos, move, axis=2)
         if self.compaction == "sort":
-            return static_step.partition_rows(move, self.static_keep(k.shape[2]), k, v, pos,
-                                              self.backend)
+            t = k.shape[2]
+            ranked = self.static_keep(t) - int(self.static_forced(t).sum())
+            return static_step.partition_rows(move, self.static_keep(t), k, v, pos,
+                                              self.backend, public=ranked <= 0)
         k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
         return k, v, jnp.round(pos).astype(jnp.int32)
 
@@ -177,6 +179,11 @@ class Policy:
         public number of clusters attended), or None for token-level policies. With
         `gather`, the model gathers the selected clusters and attends to those only."""
         return None
+
+    def chooses(self, prompt_len: int) -> bool:
+        """Whether select_clusters ranks anything at this prompt length (False: its mask is
+        the forced clusters only, a public value; see compaction.partition)."""
+        return True
 
     def select(self, q, cache_k, bounds, length, prompt_len: int, cfg) -> jax.Array:
         """q: [b, k, g, d] current query; cache_k: [b, k, c, d]; length: [] entries valid

@@ -168,6 +168,9 @@ class MPCache(Policy):
         # with refresh > 1: first, previous and current forced, and at least one chosen
         return max(2 if self.refresh == 1 else 4, self.n_attend(prompt_len) // self.s2)
 
+    def chooses(self, prompt_len: int) -> bool:
+        return self.k2(prompt_len) - 1 - self.recent > 0
+
     def k1(self, prompt_len: int, n1: int) -> int:
         """Level-1 clusters kept: ratio1 of those over the static cache, enough for k2."""
         kept1 = math.ceil(self.static_keep(prompt_len) / self.s1)

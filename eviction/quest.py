@@ -66,6 +66,9 @@ class Quest(Policy):
         """Pages attended per step, forced first and current pages included (public)."""
         return max(2, self.n_attend(prompt_len) // self.page)
 
+    def chooses(self, prompt_len: int) -> bool:
+        return self.pages(prompt_len) > 2
+
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
         rmax2, rmin2 = bounds[0], bounds[1]
         score = quest_bound(q, rmax2, rmin2, self.bound)

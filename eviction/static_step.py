@@ -43,12 +43,13 @@ def kept_indices(policy, q, k, cfg) -> jax.Array:
 
 
 def partition_rows(mask: jax.Array, keep: int, k: jax.Array, v: jax.Array, pos: jax.Array,
-                   backend: str):
+                   backend: str, public: bool = False):
     """The "sort" kernel's static compaction: the `keep` entries of `mask` [b, k, t] (exactly
     `keep` per row, as static_mask returns) of k, v [b, k, t, d] and pos [b, k, t], in
     position order, by one stable 1-bit sort over all heads (eviction.compaction.partition):
-    one radix pass moving 2d + 1 columns, instead of keep x t equalities."""
+    one radix pass moving 2d + 1 columns, instead of keep x t equalities. public: the mask
+    holds the forced entries only (nothing ranked: a public value, see partition)."""
     d = k.shape[-1]
     cols = [k[..., i] for i in range(d)] + [v[..., i] for i in range(d)] + [pos]
-    out = partition(mask, keep, cols, backend)
+    out = partition(mask, keep, cols, backend, public)
     return jnp.stack(out[:d], -1), jnp.stack(out[d:2 * d], -1), out[2 * d]

@@ -34,10 +34,13 @@ def _plain_logits(params, cfg, prompt, generated, policy):
     return out
 
 
-@pytest.mark.parametrize("policy_name,prompt_len", [(None, 7), ("mpcache", 48)])
-def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len):
+@pytest.mark.parametrize("policy_name,prompt_len,compaction",
+                         [(None, 7, None), ("mpcache", 48, "auto"), ("mpcache", 100, "sort")])
+def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len, compaction):
+    """At 48 tokens MPCache attends its forced clusters only; at 100 it also chooses one."""
     cfg, params = tiny
-    policy = None if policy_name is None else make_policy(policy_name, 0.5)
+    policy = None if policy_name is None else make_policy(policy_name, 0.5,
+                                                          compaction=compaction)
     session = SpuSession(get_protocol("semi2k"))
     assert session.beaver_cache
     gen = PrivateGenerator(session, cfg, params, policy=policy, reveal="logits")

@@ -135,3 +135,37 @@ def test_spu_sorts_a_true_key_first():
     session.put("y", y)
     refs, _ = session.run(prog, ("sorted",))
     np.testing.assert_array_equal(np.asarray(session.reveal(refs[0])), [0, 2, 1, 3, 4])
+
+
+@pytest.mark.parametrize("length,chosen", [(113, False), (241, True)])
+def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
+    """As private generation compiles it: the length is a public INPUT. When MPCache chooses
+    nothing beyond its forced clusters (a 128-entry cache at 25%), the cluster mask is a
+    public value, which SPU sorts in XLA's order: the kernel must still attend exactly the
+    forced clusters (it takes the one-hot route); with a real choice, the sort."""
+    cap = 128 if length < 128 else C
+    cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot")
+    spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
+                                          compaction="sort"), "SEMI2K")
+    assert spu_policy.chooses(cap) == chosen
+    q, keys, values = _inputs()
+    keys, values = keys[:, :, :cap], values[:, :, :cap]
+    bounds = init_bounds(jnp.asarray(keys), length, *ref.cluster_sizes, ref.bounds_alpha)
+
+    def fn(policy):
+        def attend(q, keys, values, bounds, ln):
+            out, _, count, _ = policy.decode_attention(q, keys, values, bounds, ln, cap, cfg)
+            return out, count
+        return attend
+
+    args = (q, keys, values, bounds, np.int32(length))
+    want_out, want_count = (np.asarray(x) for x in fn(ref)(*args))
+    session = SpuSession(get_protocol("semi2k").without_beaver_cache())
+    names, vis = ("q", "k", "v", "b", "len"), ("secret",) * 4 + ("public",)
+    prog = session.compile(fn(spu_policy), args, names, vis)
+    for name, x, v in zip(names, args, vis):
+        session.put(name, x, public=v == "public")
+    refs, _ = session.run(prog, ("out", "count"))
+    np.testing.assert_array_equal(np.asarray(session.reveal(refs[1])), want_count)
+    assert_close(session.reveal(refs[0]), want_out, rtol=2e-2, atol=2e-2)
