@@ -252,6 +252,8 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
             values]
 
     refresh = getattr(policy, "refresh", 1)
+    if refresh > 1 and getattr(policy, "kept", "onehot") == "kv":
+        return out + _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel)
     if refresh > 1:
         # the selection is made every `refresh` steps and kept: its block counts 1/refresh
         # per step (amortised: run_spu.py says so); the forced clusters' rows are public
@@ -285,6 +287,67 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     raise ConfigError(f"cost blocks are built for gather='scores' only; {policy.name} has "
                       f"gather={kind!r} (a boolean selection crossing a block boundary would "
                       "be costed as an arithmetic share)")
+
+
+def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[Block]:
+    """MPCache with refresh > 1 and kept="kv": every `refresh` steps the selection (its
+    one-hot) and the gather of the chosen clusters' K/V rows into a compact cache (both
+    counted 1/refresh per step: amortised); every step the forced clusters' rows by a public
+    one-hot matmul, then attention over compact + forced rows like `oracle`. Under SEMI2K's
+    Beaver cache the compact rows (fixed between refreshes, "*_frozen") are marked cached."""
+    from mpc_llama.model import attention_scores, attention_values
+
+    heads, g, d = c.n_kv_heads, c.group_size, c.head_dim
+    L, r, n = c.n_layers, policy.refresh, jnp.asarray(length)
+    frozen = length - 1
+
+    def cat(a):
+        return jnp.concatenate(a, axis=2) if isinstance(a, tuple) else a
+
+    def select_kept(q, k, b):
+        qg = q[:, 0].reshape(1, heads, g, d)
+        return (policy.refresh_selection(qg, cat(k), b, n, seq, c),)
+
+    kept = jax.eval_shape(select_kept, q, kv, bounds_spec)[0]
+
+    def compact(p, k, v):
+        segs = (k, v) if isinstance(k, tuple) else None
+        return policy.compact_kv(p, cat(k), cat(v), n, segs)
+
+    def forced(k, v):
+        return policy.forced_kv(cat(k), cat(v), n)[:2]
+
+    rows = kept.shape[2] * policy.s2
+    fr = (1 + policy.recent) * policy.s2
+    ck, fk = _spec((1, heads, rows, d)), _spec((1, heads, fr, d))
+    ok_forced = lambda: policy.forced_kv(jnp.zeros((1, heads, kv.shape[2], 1)),  # noqa: E731
+                                         jnp.zeros((1, heads, kv.shape[2], 1)), n)[2]
+    softmax = nonlinear.SOFTMAX[c.softmax]
+    scores = _spec((1, heads, g, 1, rows + fr))
+
+    def soft(s, ok):
+        mask = jnp.concatenate([ok > 0.5, ok_forced()], axis=-1)
+        return (softmax(s, mask[:, :, None, None, :]),)
+
+    mark = dict(frozen_rows=rows)  # compact rows: Beaver-cached between refreshes
+    return [
+        _block("select", "selection", select_kept, {"q": q, "k": kv, "bounds": bounds_spec},
+               count=n_sel / r, heads=heads),
+        dataclasses.replace(
+            _block("compact", "gather", compact, {"onehot": kept, "k": kv, "v": kv},
+                   count=L / r, heads=heads), frozen_rows=frozen),
+        _block("forced", "gather", forced, {"k": kv, "v": kv}, count=L, heads=heads),
+        dataclasses.replace(
+            _block("scores", "attention",
+                   lambda q, k, f: (attention_scores(q, (k, f), c),),
+                   {"q": q, "kc_frozen": ck, "forced_k": fk}, count=L, heads=heads), **mark),
+        _block("softmax", "softmax", soft,
+               {"scores": scores, "ok": _spec((1, heads, rows))}, count=L, heads=heads),
+        dataclasses.replace(
+            _block("values", "attention",
+                   lambda p, v, f: (attention_values(p, (v, f), c),),
+                   {"probs": scores, "vc_frozen": ck, "forced_v": fk}, count=L, heads=heads),
+            **mark)]
 
 
 def _init_bounds(policy, k, length):

@@ -379,6 +379,32 @@ def test_refresh_keeps_the_selection_between_refreshes(six_layers):
     assert all(len(h) == policy.k2(T) - 3 for layer in dynamic[0] for h in layer)
 
 
+def test_refresh_compact_kv_equals_the_kept_onehot(six_layers):
+    """refresh=4 with kept="kv" (the chosen clusters' K/V rows gathered once per refresh,
+    attention over them and the forced clusters) gives the logits and attended counts of
+    kept="onehot" (scores gathered by the kept one-hot at every step), over 20 steps that
+    cross cluster boundaries and 5 refreshes."""
+    cfg, params = six_layers
+    toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, T)))
+    outs = []
+    for kept in ("onehot", "kv"):
+        policy = make_policy("mpcache", 0.25, refresh=4, kept=kept)
+        _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
+        steps = []
+        for step in range(20):
+            logits, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache,
+                                                policy, T, return_attended=True,
+                                                select_now=policy.selects_at(step))
+            steps.append((np.asarray(logits), np.asarray(counts)))
+        outs.append(steps)
+    for (la, ca), (lb, cb) in zip(*outs):
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ca, cb)
+    assert (outs[0][-1][1] > 0).all()
+    with pytest.raises(ConfigError):
+        MPCache(refresh=4, kept="rows")
+
+
 def test_refresh_one_selects_what_it_always_did(six_layers):
     """refresh=1 (the default) keeps one recent cluster forced and the same selections."""
     assert MPCache().recent == 1 and MPCache(refresh=2).recent == 2
