@@ -378,20 +378,49 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
     keep = policy.static_keep(seq)
     kv = _spec((1, heads, seq, d))
-    out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
-        _block("static_select", "selection", lambda q, k: (static_selection(policy, q, k, c),),
-               {"q": _spec((1, seq, heads, g, d)), "k": kv},
-               count=n_selecting(policy, L), heads=heads, phase="static"),
-        _block("compact", "gather",
-               lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
-               {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
-                "pos": _spec((1, heads, seq))},
-               count=L, heads=heads, phase="static")]
+    if keep < seq and getattr(policy, "compaction", "onehot") == "sort":
+        out = _static_sort_blocks(policy, c, seq, heads, keep)
+    else:
+        out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
+            _block("static_select", "selection",
+                   lambda q, k: (static_selection(policy, q, k, c),), {"q": _spec((1, seq, heads, g, d)), "k": kv},
+                   count=n_selecting(policy, L), heads=heads, phase="static"),
+            _block("compact", "gather",
+                   lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
+                   {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
+                    "pos": _spec((1, heads, seq))},
+                   count=L, heads=heads, phase="static")]
     if policy.needs_bounds:
         _, cap = retained(policy, seq)
         out.append(_block("init_bounds", "selection", lambda k: (_init_bounds(policy, k, keep),),
                           {"k": _spec((1, heads, cap, d))}, count=L, heads=heads,
                           phase="static"))
+    return out
+
+
+def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Block]:
+    """The static step with the "sort" kernel: a source layer selects its keep mask and
+    compacts K, V and positions by one stable 1-bit sort (static_step.partition_rows) in one
+    block (the mask is a one-bit key only inside the program computing it); a sharing layer
+    gets the mask as 0/1, compares it again and sorts."""
+    from eviction.static_step import partition_rows, static_mask
+
+    L, d, g = c.n_layers, c.head_dim, c.group_size
+    kv, pos = _spec((1, heads, seq, d)), _spec((1, heads, seq), jnp.int32)
+
+    def select(q, k, v, p):
+        return partition_rows(static_mask(policy, q, k, c), keep, k, v, p, policy.backend)
+
+    n_sel = n_selecting(policy, L)
+    out = [_block("static_select", "selection", select,
+                  {"q": _spec((1, seq, heads, g, d)), "k": kv, "v": kv, "pos": pos},
+                  count=n_sel, heads=heads, phase="static")]
+    if n_sel < L:
+        out.append(_block("compact", "gather",
+                          lambda m, k, v, p: partition_rows(m > 0.5, keep, k, v, p,
+                                                            policy.backend),
+                          {"mask": _spec((1, heads, seq)), "k": kv, "v": kv, "pos": pos},
+                          count=L - n_sel, heads=heads, phase="static"))
     return out
 
 

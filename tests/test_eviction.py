@@ -354,6 +354,21 @@ def test_selectors_agree_on_random_scores(selector):
     np.testing.assert_array_equal(m, ref >= kth)
 
 
+def test_lean_search_counts_exactly_and_agrees_on_separated_scores():
+    """selector "lean" (4 parts, 8 bits: 12 comparisons per entry instead of 28) returns
+    exactly k entries, ties to the earliest positions, and the same top-k as "topk" where
+    the scores are further apart than (max - min) / 2**8."""
+    rng = np.random.default_rng(11)
+    levels = rng.permutation(97).astype(np.float32) * 0.1            # gaps 0.1 > 9.7 / 256
+    s = jnp.asarray(np.stack([levels, levels[::-1]])[None])
+    allowed = jnp.asarray(rng.random(97) > 0.2)
+    lean = np.asarray(topk_mask(s, 11, allowed, "lean"))
+    np.testing.assert_array_equal(lean, np.asarray(topk_mask(s, 11, allowed, "topk")))
+    flat = jnp.zeros((1, 1, 40)).at[0, 0, 30].set(1.0)               # a plateau of 39 ties
+    m = np.asarray(topk_mask(flat, 5, jnp.ones(40, bool), "lean"))[0, 0]
+    assert m.sum() == 5 and m[30] and m[:4].all()
+
+
 def test_refresh_keeps_the_selection_between_refreshes(six_layers):
     """With refresh=4 the chosen clusters of steps 1-3 are step 0's; only the forced ones
     (first, previous, current: public) follow the new tokens. Step 4 selects again."""
