@@ -122,6 +122,7 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
     h_out = _spec((1, 1, cfg.n_heads * cfg.head_dim))
     g = _spec((1, 1, cfg.ffn_dim))
     head_w = "embed" if cfg.tie_embeddings else "lm_head"
+    slices = head_slices(cfg.vocab_size, d)
     m = {n: MODEL for n in w}
     return [
         _block("embed", "linear", lambda t, e: (embed({"embed": e}, t, cfg),),
@@ -147,10 +148,27 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
                {"x": _spec((1, d)), "norm": w["norm"]}, m),
         _block("lm_head", "linear",
                (lambda h, e: (h @ e.T,)) if cfg.tie_embeddings else (lambda h, e: (h @ e,)),
-               {"h": _spec((1, d)), head_w: w[head_w]}, m),
+               {"h": _spec((1, d)), head_w: _spec(_head_slice(w[head_w].shape, slices,
+                                                              cfg.tie_embeddings))},
+               m, slices),
         _block("argmax", "other", lambda z: (jnp.argmax(z, axis=-1).astype(jnp.int32),),
                {"logits": _spec((1, cfg.vocab_size))}),
     ]
+
+
+HEAD_MAX_ELEMENTS = 40_000_000  # above this the LM head is measured in vocabulary slices
+
+
+def head_slices(vocab: int, d: int) -> int:
+    """Vocabulary slices the LM head block is measured in (its count): the fewest that divide
+    the vocabulary with at most HEAD_MAX_ELEMENTS weights each. A 7B head (32000 x 4096)
+    needs ~11 GB in the simulator whole; a matmul's cost is additive over output columns."""
+    return next(c for c in range(1, vocab + 1)
+                if vocab % c == 0 and vocab // c * d <= HEAD_MAX_ELEMENTS)
+
+
+def _head_slice(shape, slices: int, tied: bool):
+    return (shape[0] // slices, shape[1]) if tied else (shape[0], shape[1] // slices)
 
 
 def sampled(cfg: LlamaConfig, heads: int) -> LlamaConfig:
