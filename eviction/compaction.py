@@ -57,8 +57,9 @@ def for_protocol(policy, protocol_kind: Optional[str]):
     kernel = kernel_for(policy.compaction, protocol_kind)
     if getattr(policy, "refresh", 1) > 1 and policy.compaction == "auto":
         kernel = "onehot"   # a selection kept across steps is a one-hot matrix
+    extra = {"split_kept": protocol_kind == "SEMI2K"} if hasattr(policy, "split_kept") else {}
     return dataclasses.replace(policy, compaction=kernel,
-                               backend="plain" if protocol_kind is None else "spu")
+                               backend="plain" if protocol_kind is None else "spu", **extra)
 
 
 def pad_to(mask: jax.Array, slots: int) -> jax.Array:

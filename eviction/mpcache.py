@@ -38,6 +38,7 @@ import dataclasses
 import math
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +77,8 @@ class MPCache(Policy):
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
+    split_kept: bool = False  # kept="kv": compact and forced rows multiplied apart (SEMI2K, set
+                              # by compaction.for_protocol: the compact rows' Beaver opening)
     neighbors: int = 0        # right neighbours selected with each chosen level-2 cluster
     neighbors_left: int = 0   # left neighbours likewise (eviction.neighbors)
     neighbor_tops: int = 0    # 0: every chosen cluster gets neighbours; m: the m best only
@@ -254,17 +257,22 @@ class MPCache(Policy):
                 gather_segments(kept, self.s2, (valid,)))
 
     def forced_kv(self, ck, cv, length):
-        """The forced clusters' rows (first, previous, current) by a PUBLIC one-hot matmul:
-        keys, values [b, k, (1+recent)*s2, d] and their validity, bool [b, k, (1+recent)*s2]
-        (public)."""
-        from eviction.compaction import gather_clusters
-
-        rows = forced_rows(length, ck.shape[2] // self.s2, self.s2, self.recent)
-        p = jnp.broadcast_to(rows.astype(ck.dtype), ck.shape[:2] + rows.shape)
-        fk, fv = gather_clusters(p, self.s2, ck, cv)
-        valid = (jnp.arange(ck.shape[2]) < length).astype(jnp.int32).reshape(-1, self.s2)
-        okf = rows.astype(jnp.int32) @ valid
-        return fk, fv, jnp.broadcast_to(okf.reshape(-1) > 0, ck.shape[:2] + (fk.shape[2],))
+        """The forced clusters' rows (first, then the `recent` last, oldest first) by PUBLIC
+        slices (length is public: no matmul, no communication): keys, values [b, k,
+        (1+recent)*s2, d] and their validity, bool [b, k, (1+recent)*s2] (public; a recent
+        row inside the first cluster, or beyond the cache, is invalid, as forced_rows
+        zeroes a repeated cluster)."""
+        s2, r = self.s2, self.recent
+        current = (length - 1) // s2
+        start = jnp.maximum(current - r + 1, 0) * s2
+        first = (ck[:, :, :s2], cv[:, :, :s2])
+        recent = [jax.lax.dynamic_slice_in_dim(a, start, r * s2, axis=2) for a in (ck, cv)]
+        pos = start + jnp.arange(r * s2)
+        ok = jnp.concatenate([jnp.arange(s2) < length,
+                              jnp.logical_and(pos >= s2, pos < length)])
+        return (jnp.concatenate([first[0], recent[0]], axis=2),
+                jnp.concatenate([first[1], recent[1]], axis=2),
+                jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
 
     def attend_kept(self, q, compact, forced, cfg):
         """Attention over the compact cache (kept rows) and the forced clusters' rows, like
@@ -273,8 +281,10 @@ class MPCache(Policy):
         from mpc_llama.model import attend
 
         mask = jnp.concatenate([compact[2] > 0.5, forced[2]], axis=-1)
-        out = attend(q, (compact[0], forced[0]), (compact[1], forced[1]),
-                     mask[:, :, None, None, :], cfg)
+        keys, values = (compact[0], forced[0]), (compact[1], forced[1])
+        if not self.split_kept:   # one matmul each: fewer rounds than two segments
+            keys, values = (jnp.concatenate(a, axis=2) for a in (keys, values))
+        out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
         return out, mask.sum(axis=-1)
 
     def refresh_selection(self, q, cache_k, bounds, length, prompt_len, cfg):

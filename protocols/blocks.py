@@ -322,6 +322,9 @@ def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[B
     def cat(a):
         return jnp.concatenate(a, axis=2) if isinstance(a, tuple) else a
 
+    def join(kept_rows, forced_rows):   # as MPCache.attend_kept
+        return (kept_rows, forced_rows) if policy.split_kept else cat((kept_rows, forced_rows))
+
     def select_kept(q, k, b):
         qg = q[:, 0].reshape(1, heads, g, d)
         return (policy.refresh_selection(qg, cat(k), b, n, seq, c),)
@@ -357,13 +360,13 @@ def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[B
         _block("forced", "gather", forced, {"k": kv, "v": kv}, count=L, heads=heads),
         dataclasses.replace(
             _block("scores", "attention",
-                   lambda q, k, f: (attention_scores(q, (k, f), c),),
+                   lambda q, k, f: (attention_scores(q, join(k, f), c),),
                    {"q": q, "kc_frozen": ck, "forced_k": fk}, count=L, heads=heads), **mark),
         _block("softmax", "softmax", soft,
                {"scores": scores, "ok": _spec((1, heads, rows))}, count=L, heads=heads),
         dataclasses.replace(
             _block("values", "attention",
-                   lambda p, v, f: (attention_values(p, (v, f), c),),
+                   lambda p, v, f: (attention_values(p, join(v, f), c),),
                    {"probs": scores, "vc_frozen": ck, "forced_v": fk}, count=L, heads=heads),
             **mark)]
 
