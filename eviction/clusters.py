@@ -51,16 +51,21 @@ def update_bounds(bounds, key: jax.Array, index, s1: int = S1, s2: int = S2,
     Touches one cluster per level: 2*d comparisons and d multiplications per level.
     """
     out = list(bounds)
-    for level, size in ((0, s2), (1, s1)):
-        c = index // size
-        rows = []
-        for j, op in ((0, jnp.maximum), (1, jnp.minimum)):
-            arr = bounds[2 * level + j]
-            row = op(jax.lax.dynamic_slice_in_dim(arr, c, 1, axis=2), key[:, :, None])
-            out[2 * level + j] = jax.lax.dynamic_update_slice_in_dim(arr, row, c, axis=2)
-            rows.append(row)
+    cs = [index // size for size in (s2, s1)]
+    # the four rows (max and min of both levels) in ONE comparison: max(r, k) for the maxima,
+    # -max(-r, -k) for the minima (exact), so a step pays one round of comparisons, not four
+    old = jnp.stack([sign * jax.lax.dynamic_slice_in_dim(bounds[2 * level + j], cs[level], 1,
+                                                         axis=2)
+                     for level in (0, 1) for j, sign in ((0, 1.0), (1, -1.0))])
+    k = key[:, :, None]
+    new = jnp.maximum(old, jnp.stack([k, -k, k, -k]))
+    for level in (0, 1):
+        rows = (new[2 * level], -new[2 * level + 1])
+        for j in (0, 1):
+            out[2 * level + j] = jax.lax.dynamic_update_slice_in_dim(
+                bounds[2 * level + j], rows[j], cs[level], axis=2)
         out[4 + level] = jax.lax.dynamic_update_slice_in_dim(
-            bounds[4 + level], khat(rows[0], rows[1], alpha), c, axis=2)
+            bounds[4 + level], khat(rows[0], rows[1], alpha), cs[level], axis=2)
     return tuple(out)
 
 

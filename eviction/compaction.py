@@ -56,8 +56,9 @@ def for_protocol(policy, protocol_kind: Optional[str]):
     kernel = kernel_for(policy.compaction, protocol_kind)
     if getattr(policy, "refresh", 1) > 1 and policy.compaction == "auto":
         kernel = "onehot"   # a selection kept across steps is a one-hot matrix
+    extra = {"split_kept": protocol_kind == "SEMI2K"} if hasattr(policy, "split_kept") else {}
     return dataclasses.replace(policy, compaction=kernel,
-                               backend="plain" if protocol_kind is None else "spu")
+                               backend="plain" if protocol_kind is None else "spu", **extra)
 
 
 def pad_to(mask: jax.Array, slots: int) -> jax.Array:
@@ -136,4 +137,21 @@ def gather_clusters(p: jax.Array, size: int, *arrays):
         b, h, c = a.shape[:3]
         g = gather_rows(p, a.reshape(b, h, c // size, size, *a.shape[3:]))
         out.append(g.reshape(b, h, -1, *a.shape[3:]))
+    return out
+
+
+def gather_segments(p: jax.Array, size: int, parts) -> jax.Array:
+    """gather_clusters of one array given as row segments: p [b, k, slots, n] over clusters
+    of `size`; parts: arrays [b, k, c_i, ...] whose rows, concatenated, are the n*size rows.
+    One matmul per segment when every segment holds whole clusters (under SEMI2K a fixed
+    segment keeps its Beaver opening), else one over the concatenation.
+    Returns [b, k, slots*size, ...]."""
+    if len(parts) == 1 or any(a.shape[2] % size for a in parts):
+        whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+        return gather_clusters(p, size, whole)[0]
+    out, start = 0, 0
+    for a in parts:
+        n = a.shape[2] // size
+        out = out + gather_clusters(p[..., start:start + n], size, a)[0]
+        start += n
     return out

@@ -38,6 +38,7 @@ import dataclasses
 import math
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,6 +75,10 @@ class MPCache(Policy):
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
     score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
+    kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
+                              # cache, gathered once per refresh), "onehot" their one-hot only
+    split_kept: bool = False  # kept="kv": compact and forced rows multiplied apart (SEMI2K, set
+                              # by compaction.for_protocol: the compact rows' Beaver opening)
     neighbors: int = 0        # right neighbours selected with each chosen level-2 cluster
     neighbors_left: int = 0   # left neighbours likewise (eviction.neighbors)
     neighbor_tops: int = 0    # 0: every chosen cluster gets neighbours; m: the m best only
@@ -105,6 +110,8 @@ class MPCache(Policy):
                                   f"{getattr(self, field)!r}")
         if not 1 <= self.refresh <= self.s2:
             raise ConfigError(f"refresh must be in [1, s2={self.s2}], got {self.refresh}")
+        if self.kept not in ("kv", "onehot"):
+            raise ConfigError(f"kept must be kv or onehot, got {self.kept!r}")
         if self.refresh > 1 and (self.compaction == "sort" or self.gather != "scores"):
             raise ConfigError("refresh > 1 keeps a one-hot selection: it needs "
                               "compaction onehot (or auto) and gather scores")
@@ -227,11 +234,61 @@ class MPCache(Policy):
         if self.refresh == 1:
             return bounds
         b, h, c, _ = keys.shape
-        kept = jnp.zeros((b, h, self.k2(prompt_len) - 1 - self.recent, c // self.s2), keys.dtype)
-        return bounds + (kept,)
+        m = self.k2(prompt_len) - 1 - self.recent
+        kept = jnp.zeros((b, h, m, c // self.s2), keys.dtype)
+        if self.kept == "onehot":
+            return bounds + (kept,)
+        rows = jnp.zeros((b, h, m * self.s2, keys.shape[-1]), keys.dtype)
+        return bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
 
     def update_state(self, state, key, index):
         return super().update_state(state[:6], key, index) + tuple(state[6:])
+
+    def compact_kv(self, kept, ck, cv, length, segments=None):
+        """The kept clusters' rows, gathered once per refresh: kept [b, k, m, n2] (0/1 one-hot
+        of the chosen clusters); ck, cv [b, k, c, d] (or `segments`: (key parts, value parts),
+        row segments of them, see model.attention_scores). Returns (keys, values [b, k,
+        m*s2, d], ok [b, k, m*s2]: 1.0 where the row is a valid cache entry). The chosen
+        clusters are complete and older than the two most recent ones, so their rows do not
+        change until the next refresh."""
+        from eviction.compaction import gather_segments
+
+        kparts, vparts = segments if segments is not None else ((ck,), (cv,))
+        valid = jnp.broadcast_to((jnp.arange(ck.shape[2]) < length).astype(ck.dtype),
+                                 ck.shape[:3])
+        return (gather_segments(kept, self.s2, kparts), gather_segments(kept, self.s2, vparts),
+                gather_segments(kept, self.s2, (valid,)))
+
+    def forced_kv(self, ck, cv, length):
+        """The forced clusters' rows (first, then the `recent` last, oldest first) by PUBLIC
+        slices (length is public: no matmul, no communication): keys, values [b, k,
+        (1+recent)*s2, d] and their validity, bool [b, k, (1+recent)*s2] (public; a recent
+        row inside the first cluster, or beyond the cache, is invalid, as forced_rows
+        zeroes a repeated cluster)."""
+        s2, r = self.s2, self.recent
+        current = (length - 1) // s2
+        start = jnp.maximum(current - r + 1, 0) * s2
+        first = (ck[:, :, :s2], cv[:, :, :s2])
+        recent = [jax.lax.dynamic_slice_in_dim(a, start, r * s2, axis=2) for a in (ck, cv)]
+        pos = start + jnp.arange(r * s2)
+        ok = jnp.concatenate([jnp.arange(s2) < length,
+                              jnp.logical_and(pos >= s2, pos < length)])
+        return (jnp.concatenate([first[0], recent[0]], axis=2),
+                jnp.concatenate([first[1], recent[1]], axis=2),
+                jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
+
+    def attend_kept(self, q, compact, forced, cfg):
+        """Attention over the compact cache (kept rows) and the forced clusters' rows, like
+        `oracle` over its budget. compact: compact_kv's triple; forced: forced_kv's.
+        Returns (out [b, 1, n*d], attended counts [b, k])."""
+        from mpc_llama.model import attend
+
+        mask = jnp.concatenate([compact[2] > 0.5, forced[2]], axis=-1)
+        keys, values = (compact[0], forced[0]), (compact[1], forced[1])
+        if not self.split_kept:   # one matmul each: fewer rounds than two segments
+            keys, values = (jnp.concatenate(a, axis=2) for a in (keys, values))
+        out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
+        return out, mask.sum(axis=-1)
 
     def refresh_selection(self, q, cache_k, bounds, length, prompt_len, cfg):
         """The part of a selection kept across steps: the one-hot matrix [b, k, k2 - 1 -
@@ -253,6 +310,16 @@ class MPCache(Policy):
             return super().decode_attention(q, ck, cv, state, length, prompt_len, cfg,
                                             selection, select_now, segments)
         kept = state[6]
+        if selection is None and self.kept == "kv":
+            compact = tuple(state[7:10])
+            if select_now:
+                qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+                kept = self.refresh_selection(qg, ck, state[:6], length, prompt_len, cfg)
+                compact = self.compact_kv(kept, ck, cv, length, segments)
+            out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg)
+            selection = ("scores", self.with_forced(kept, length), self.s2,
+                         self.k2(prompt_len))
+            return out, selection, count, tuple(state[:6]) + (kept,) + compact
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
@@ -261,4 +328,4 @@ class MPCache(Policy):
                          self.k2(prompt_len))
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
                                                            prompt_len, cfg, selection, segments)
-        return out, selection, count, tuple(state[:6]) + (kept,)
+        return out, selection, count, tuple(state[:6]) + (kept,) + tuple(state[7:])

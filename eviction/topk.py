@@ -27,7 +27,11 @@ MIN_STEP = 2.0 ** -14  # 16 ulps of FM64 with 18 fraction bits
 # much further); with 32 heads the LAN break-even is ~45 entries (rank costs more on LAN,
 # less on WAN).
 RANK_MAX = 160
-SELECTORS = ("search", "topk", "rank", "auto")
+# "lean": the search with 4 parts per round and 8 bits (4 rounds of 3 comparisons per entry:
+# 12 instead of "search"'s 28; ties within (max - min) / 256 go to the earliest positions,
+# so selections can differ from "search": a cost variant until its accuracy is measured)
+LEAN_WAYS, LEAN_BITS = 4, 8
+SELECTORS = ("search", "topk", "rank", "auto", "lean")
 
 
 def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "search",
@@ -49,6 +53,7 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
     instead of 261 at n=64, 2.8x the bytes; 10.7x the bytes at n=256).
     selector "auto": "rank" for rows of at most RANK_MAX entries, else "search" (the choice
     depends on the row length only: not on heads or batch).
+    selector "lean": "search" with ways=LEAN_WAYS, bits=LEAN_BITS (fewer comparisons).
     selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
     quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
     then the same exact-count tie breaking.
@@ -67,6 +72,8 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
         selector = "rank" if n <= RANK_MAX else "search"
     if selector == "rank":
         return _rank_select(masked, allowed, k)
+    if selector == "lean":
+        ways, bits = LEAN_WAYS, LEAN_BITS
     # min and max in one reduction (min = -max(-x), exact): one comparison tree, half the
     # message rounds of two
     ends = jnp.max(jnp.stack([masked, jnp.where(allowed, -scores, -BIG)]), axis=-1,

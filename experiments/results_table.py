@@ -52,6 +52,41 @@ def spu_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def captured(full: float, policy: float, oracle: float):
+    """Share of the oracle's saving a policy captures, (full - policy) / (full - oracle), for
+    one figure of one run (issue 16's metric); None when the oracle saves nothing."""
+    return None if full == oracle else (full - policy) / (full - oracle)
+
+
+CAPTURED = (("bytes", lambda r: r["bytes"]), ("WAN", lambda r: r["latency_s"]["wan"]),
+            ("attention LAN", lambda r: r["attention_latency_s"]["lan"]))
+
+
+def captured_table(res: dict) -> str:
+    """Per (protocol, seq) the captured share of every policy on whole-step bytes, projected
+    WAN seconds and the attention modules' projected LAN seconds, and its static step in
+    decode steps (bytes) of the full cache and of its own. Needs the run's full and oracle rows."""
+    rows = res["rows"]
+    lines = ["| protocol | seq | policy | GB per step | WAN s* | attention LAN s* | "
+             "captured bytes | captured WAN | captured attention LAN | "
+             "static step once, in steps (bytes): full's, own |", "|" + "---|" * 10]
+    for r in rows:
+        ref = {p: next((x for x in rows if x["policy"] == p and x["seq"] == r["seq"]
+                        and x["protocol"] == r["protocol"]), None) for p in ("full", "oracle")}
+        if None in ref.values():
+            raise ConfigError(f"captured shares need full and oracle rows at {r['seq']}")
+        shares = [captured(f(ref["full"]), f(r), f(ref["oracle"])) for _, f in CAPTURED]
+        st = r.get("static_prefill")
+        static = "-" if not st else (f"{st['bytes'] / ref['full']['bytes']:,.1f}, "
+                                     f"{st['bytes'] / r['bytes']:,.1f}"
+                                     + (" (extrapolated)" if st["extrapolated"] else ""))
+        lines.append(f"| {r['protocol']} | {r['seq']} | {r['policy']} | {r['bytes'] / 1e9:.2f} | "
+                     f"{r['latency_s']['wan']:,.0f} | {r['attention_latency_s']['lan']:,.0f} | "
+                     + " | ".join("-" if v is None else f"{v:.2f}" for v in shares)
+                     + f" | {static} |")
+    return "\n".join(lines)
+
+
 def accuracy_table(res: dict) -> str:
     rows = res["rows"]
     lines = ["| task | length | question | policy | budget | score | n | answer logp vs full | "
@@ -268,6 +303,9 @@ def main(argv=None) -> None:
             print(netval_table(res))
         else:
             print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
+            if "bytes" in rows[0] and {"full", "oracle"} <= {r["policy"] for r in rows}:
+                print()
+                print(captured_table(res))
         print()
 
 

@@ -341,6 +341,11 @@ def shortcuts(setting, hs, args):
                    "extrapolated linearly in heads (bytes, sends, seconds)")
     out.append("dense blocks (embedding, norms, projections, MLP, LM head, argmax) measured at "
                "the real dimensions, once for all policies and lengths")
+    from protocols.blocks import head_slices
+    slices = head_slices(cfg.vocab_size, cfg.d_model)
+    if slices > 1:
+        out.append(f"LM head measured as one of {slices} vocabulary slices, counted {slices} "
+                   "times (simulator memory; a matmul's cost adds up over output columns)")
     out.append("latency_s is PROJECTED from measured counters (protocols.network), not timed on "
                "a network; compute_s is simulator wall-clock, all parties on this machine")
     out.append("oracle: attention over exactly the budget, selection free (the floor)")
@@ -349,7 +354,11 @@ def shortcuts(setting, hs, args):
     for n, r in kept:
         out.append(f"{n}: selects every {r} decode steps and reuses the kept selection between; "
                    f"its select block is counted 1/{r} per step (AMORTISED: the mean step over "
-                   f"{r} steps; a selecting step alone costs more, a reusing one less)")
+                   f"{r} steps; a selecting step alone costs more, a reusing one less)"
+                   + ("; kept='kv': the chosen clusters' K/V rows are gathered into a compact "
+                      f"cache at each selection (compact block, also 1/{r}) and the steps "
+                      "attend over it and the forced clusters"
+                      if getattr(setting["policies"][n], "kept", "") == "kv" else ""))
     comp = sorted({(n, p.compaction) for n, p in setting["policies"].items()
                    if p is not None and hasattr(p, "compaction")})
     if comp:

@@ -122,6 +122,7 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
     h_out = _spec((1, 1, cfg.n_heads * cfg.head_dim))
     g = _spec((1, 1, cfg.ffn_dim))
     head_w = "embed" if cfg.tie_embeddings else "lm_head"
+    slices = head_slices(cfg.vocab_size, d)
     m = {n: MODEL for n in w}
     return [
         _block("embed", "linear", lambda t, e: (embed({"embed": e}, t, cfg),),
@@ -147,10 +148,27 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
                {"x": _spec((1, d)), "norm": w["norm"]}, m),
         _block("lm_head", "linear",
                (lambda h, e: (h @ e.T,)) if cfg.tie_embeddings else (lambda h, e: (h @ e,)),
-               {"h": _spec((1, d)), head_w: w[head_w]}, m),
+               {"h": _spec((1, d)), head_w: _spec(_head_slice(w[head_w].shape, slices,
+                                                              cfg.tie_embeddings))},
+               m, slices),
         _block("argmax", "other", lambda z: (jnp.argmax(z, axis=-1).astype(jnp.int32),),
                {"logits": _spec((1, cfg.vocab_size))}),
     ]
+
+
+HEAD_MAX_ELEMENTS = 40_000_000  # above this the LM head is measured in vocabulary slices
+
+
+def head_slices(vocab: int, d: int) -> int:
+    """Vocabulary slices the LM head block is measured in (its count): the fewest that divide
+    the vocabulary with at most HEAD_MAX_ELEMENTS weights each. A 7B head (32000 x 4096)
+    needs ~11 GB in the simulator whole; a matmul's cost is additive over output columns."""
+    return next(c for c in range(1, vocab + 1)
+                if vocab % c == 0 and vocab // c * d <= HEAD_MAX_ELEMENTS)
+
+
+def _head_slice(shape, slices: int, tied: bool):
+    return (shape[0] // slices, shape[1]) if tied else (shape[0], shape[1] // slices)
 
 
 def sampled(cfg: LlamaConfig, heads: int) -> LlamaConfig:
@@ -252,6 +270,8 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
             values]
 
     refresh = getattr(policy, "refresh", 1)
+    if refresh > 1 and getattr(policy, "kept", "onehot") == "kv":
+        return out + _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel)
     if refresh > 1:
         # the selection is made every `refresh` steps and kept: its block counts 1/refresh
         # per step (amortised: run_spu.py says so); the forced clusters' rows are public
@@ -287,6 +307,70 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                       "be costed as an arithmetic share)")
 
 
+def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[Block]:
+    """MPCache with refresh > 1 and kept="kv": every `refresh` steps the selection (its
+    one-hot) and the gather of the chosen clusters' K/V rows into a compact cache (both
+    counted 1/refresh per step: amortised); every step the forced clusters' rows by a public
+    one-hot matmul, then attention over compact + forced rows like `oracle`. Under SEMI2K's
+    Beaver cache the compact rows (fixed between refreshes, "*_frozen") are marked cached."""
+    from mpc_llama.model import attention_scores, attention_values
+
+    heads, g, d = c.n_kv_heads, c.group_size, c.head_dim
+    L, r, n = c.n_layers, policy.refresh, jnp.asarray(length)
+    frozen = length - 1
+
+    def cat(a):
+        return jnp.concatenate(a, axis=2) if isinstance(a, tuple) else a
+
+    def join(kept_rows, forced_rows):   # as MPCache.attend_kept
+        return (kept_rows, forced_rows) if policy.split_kept else cat((kept_rows, forced_rows))
+
+    def select_kept(q, k, b):
+        qg = q[:, 0].reshape(1, heads, g, d)
+        return (policy.refresh_selection(qg, cat(k), b, n, seq, c),)
+
+    kept = jax.eval_shape(select_kept, q, kv, bounds_spec)[0]
+
+    def compact(p, k, v):
+        segs = (k, v) if isinstance(k, tuple) else None
+        return policy.compact_kv(p, cat(k), cat(v), n, segs)
+
+    def forced(k, v):
+        return policy.forced_kv(cat(k), cat(v), n)[:2]
+
+    rows = kept.shape[2] * policy.s2
+    fr = (1 + policy.recent) * policy.s2
+    ck, fk = _spec((1, heads, rows, d)), _spec((1, heads, fr, d))
+    ok_forced = lambda: policy.forced_kv(jnp.zeros((1, heads, kv.shape[2], 1)),  # noqa: E731
+                                         jnp.zeros((1, heads, kv.shape[2], 1)), n)[2]
+    softmax = nonlinear.SOFTMAX[c.softmax]
+    scores = _spec((1, heads, g, 1, rows + fr))
+
+    def soft(s, ok):
+        mask = jnp.concatenate([ok > 0.5, ok_forced()], axis=-1)
+        return (softmax(s, mask[:, :, None, None, :]),)
+
+    mark = dict(frozen_rows=rows)  # compact rows: Beaver-cached between refreshes
+    return [
+        _block("select", "selection", select_kept, {"q": q, "k": kv, "bounds": bounds_spec},
+               count=n_sel / r, heads=heads),
+        dataclasses.replace(
+            _block("compact", "gather", compact, {"onehot": kept, "k": kv, "v": kv},
+                   count=L / r, heads=heads), frozen_rows=frozen),
+        _block("forced", "gather", forced, {"k": kv, "v": kv}, count=L, heads=heads),
+        dataclasses.replace(
+            _block("scores", "attention",
+                   lambda q, k, f: (attention_scores(q, join(k, f), c),),
+                   {"q": q, "kc_frozen": ck, "forced_k": fk}, count=L, heads=heads), **mark),
+        _block("softmax", "softmax", soft,
+               {"scores": scores, "ok": _spec((1, heads, rows))}, count=L, heads=heads),
+        dataclasses.replace(
+            _block("values", "attention",
+                   lambda p, v, f: (attention_values(p, join(v, f), c),),
+                   {"probs": scores, "vc_frozen": ck, "forced_v": fk}, count=L, heads=heads),
+            **mark)]
+
+
 def _init_bounds(policy, k, length):
     from eviction.clusters import init_bounds
 
@@ -315,20 +399,49 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
     keep = policy.static_keep(seq)
     kv = _spec((1, heads, seq, d))
-    out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
-        _block("static_select", "selection", lambda q, k: (static_selection(policy, q, k, c),),
-               {"q": _spec((1, seq, heads, g, d)), "k": kv},
-               count=n_selecting(policy, L), heads=heads, phase="static"),
-        _block("compact", "gather",
-               lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
-               {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
-                "pos": _spec((1, heads, seq))},
-               count=L, heads=heads, phase="static")]
+    if keep < seq and getattr(policy, "compaction", "onehot") == "sort":
+        out = _static_sort_blocks(policy, c, seq, heads, keep)
+    else:
+        out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
+            _block("static_select", "selection",
+                   lambda q, k: (static_selection(policy, q, k, c),), {"q": _spec((1, seq, heads, g, d)), "k": kv},
+                   count=n_selecting(policy, L), heads=heads, phase="static"),
+            _block("compact", "gather",
+                   lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
+                   {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
+                    "pos": _spec((1, heads, seq))},
+                   count=L, heads=heads, phase="static")]
     if policy.needs_bounds:
         _, cap = retained(policy, seq)
         out.append(_block("init_bounds", "selection", lambda k: (_init_bounds(policy, k, keep),),
                           {"k": _spec((1, heads, cap, d))}, count=L, heads=heads,
                           phase="static"))
+    return out
+
+
+def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Block]:
+    """The static step with the "sort" kernel: a source layer selects its keep mask and
+    compacts K, V and positions by one stable 1-bit sort (static_step.partition_rows) in one
+    block (the mask is a one-bit key only inside the program computing it); a sharing layer
+    gets the mask as 0/1, compares it again and sorts."""
+    from eviction.static_step import partition_rows, static_mask
+
+    L, d, g = c.n_layers, c.head_dim, c.group_size
+    kv, pos = _spec((1, heads, seq, d)), _spec((1, heads, seq), jnp.int32)
+
+    def select(q, k, v, p):
+        return partition_rows(static_mask(policy, q, k, c), keep, k, v, p, policy.backend)
+
+    n_sel = n_selecting(policy, L)
+    out = [_block("static_select", "selection", select,
+                  {"q": _spec((1, seq, heads, g, d)), "k": kv, "v": kv, "pos": pos},
+                  count=n_sel, heads=heads, phase="static")]
+    if n_sel < L:
+        out.append(_block("compact", "gather",
+                          lambda m, k, v, p: partition_rows(m > 0.5, keep, k, v, p,
+                                                            policy.backend),
+                          {"mask": _spec((1, heads, seq)), "k": kv, "v": kv, "pos": pos},
+                          count=L - n_sel, heads=heads, phase="static"))
     return out
 
 

@@ -98,6 +98,9 @@ class SpuSession:
         self.profile_rank = profile_rank
         self._libspu = libspu
         desc = libspu.link.Desc()
+        # in-memory links time out after 30 s by default: a big CHEETAH block (the 7B
+        # embedding's HE matmul) on a shared 2-core machine makes its peer wait longer
+        desc.recv_timeout_ms = 1_800_000
         for rank in range(self.world_size):
             desc.add_party(f"id_{rank}", f"thread_{rank}")
         self._io = spu_api.Io(self.world_size, protocol.runtime_config())

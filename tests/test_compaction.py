@@ -39,6 +39,8 @@ def test_kernel_choice_per_protocol():
     assert for_protocol(make_policy("mpcache", 0.1), None).backend == "plain"
     p = for_protocol(make_policy("mpcache", 0.1, refresh=4), "SEMI2K")
     assert (p.compaction, p.backend) == ("onehot", "spu")   # a kept selection is a one-hot
+    assert p.split_kept and not for_protocol(make_policy("mpcache", 0.1, refresh=4),
+                                             "ABY3").split_kept   # compact rows kept apart
     assert for_protocol(None, "ABY3") is None
 
 

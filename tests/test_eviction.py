@@ -354,6 +354,21 @@ def test_selectors_agree_on_random_scores(selector):
     np.testing.assert_array_equal(m, ref >= kth)
 
 
+def test_lean_search_counts_exactly_and_agrees_on_separated_scores():
+    """selector "lean" (4 parts, 8 bits: 12 comparisons per entry instead of 28) returns
+    exactly k entries, ties to the earliest positions, and the same top-k as "topk" where
+    the scores are further apart than (max - min) / 2**8."""
+    rng = np.random.default_rng(11)
+    levels = rng.permutation(97).astype(np.float32) * 0.1            # gaps 0.1 > 9.7 / 256
+    s = jnp.asarray(np.stack([levels, levels[::-1]])[None])
+    allowed = jnp.asarray(rng.random(97) > 0.2)
+    lean = np.asarray(topk_mask(s, 11, allowed, "lean"))
+    np.testing.assert_array_equal(lean, np.asarray(topk_mask(s, 11, allowed, "topk")))
+    flat = jnp.zeros((1, 1, 40)).at[0, 0, 30].set(1.0)               # a plateau of 39 ties
+    m = np.asarray(topk_mask(flat, 5, jnp.ones(40, bool), "lean"))[0, 0]
+    assert m.sum() == 5 and m[30] and m[:4].all()
+
+
 def test_refresh_keeps_the_selection_between_refreshes(six_layers):
     """With refresh=4 the chosen clusters of steps 1-3 are step 0's; only the forced ones
     (first, previous, current: public) follow the new tokens. Step 4 selects again."""
@@ -377,6 +392,32 @@ def test_refresh_keeps_the_selection_between_refreshes(six_layers):
     for step in (1, 2, 3):
         assert dynamic[step] == dynamic[0]
     assert all(len(h) == policy.k2(T) - 3 for layer in dynamic[0] for h in layer)
+
+
+def test_refresh_compact_kv_equals_the_kept_onehot(six_layers):
+    """refresh=4 with kept="kv" (the chosen clusters' K/V rows gathered once per refresh,
+    attention over them and the forced clusters) gives the logits and attended counts of
+    kept="onehot" (scores gathered by the kept one-hot at every step), over 20 steps that
+    cross cluster boundaries and 5 refreshes."""
+    cfg, params = six_layers
+    toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, T)))
+    outs = []
+    for kept in ("onehot", "kv"):
+        policy = make_policy("mpcache", 0.25, refresh=4, kept=kept)
+        _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
+        steps = []
+        for step in range(20):
+            logits, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache,
+                                                policy, T, return_attended=True,
+                                                select_now=policy.selects_at(step))
+            steps.append((np.asarray(logits), np.asarray(counts)))
+        outs.append(steps)
+    for (la, ca), (lb, cb) in zip(*outs):
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ca, cb)
+    assert (outs[0][-1][1] > 0).all()
+    with pytest.raises(ConfigError):
+        MPCache(refresh=4, kept="rows")
 
 
 def test_refresh_one_selects_what_it_always_did(six_layers):

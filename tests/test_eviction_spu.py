@@ -26,7 +26,7 @@ BUDGET = 0.25
 # "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only comparison
 # bits of the shuffled array, whose count is public): see docs/privacy.md.
 _BASE = {"spu.prefer_a", "spu.make_cached_var", "spu.drop_cached_var"}
-ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "topk": _BASE | {"mhlo.topk"}}
+ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "lean": _BASE, "topk": _BASE | {"mhlo.topk"}}
 CALL = r"pphlo\.custom_call @([\w.]+)"
 
 
@@ -129,7 +129,8 @@ def small_model():
     return cfg, params
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES) + ["mpcache:refresh=2"])
+@pytest.mark.parametrize("name", sorted(POLICIES) + ["mpcache:refresh=2",
+                                                     "mpcache:refresh=2:kept=onehot"])
 def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     """refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
     cfg, params = small_model
@@ -198,6 +199,8 @@ def check_programs_reveal_nothing(gen, prompt_len, capacity):
 # variants, other selectors and kernels.
 PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
                  + [("mpcache", None, None, "cheetah"), ("mpcache:refresh=2", None, None, "aby3"),
+                    ("mpcache:refresh=2:kept=onehot", None, None, "aby3"),
+                    ("mpcache:refresh=2", "lean", None, "cheetah"),
                     ("mpcache:compaction=sort", None, None, "aby3"),
                     ("mpcache_static", None, None, "semi2k"),
                     ("mpcache_static", "topk", "search", "semi2k"),

@@ -76,3 +76,23 @@ def test_headline_table_joins_cost_and_accuracy(tmp_path):
     assert lines[5] == "| snapkv | 1.80 | 200 | 1,000 | 5.00x | 2.00x | 1.50x | - | - | - |"
     headline_figure([cost], accuracy, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def _cost(policy, gb, wan, attn_lan, static=None):
+    return {"protocol": "aby3", "seq": 8192, "policy": policy, "bytes": gb * 1e9,
+            "latency_s": {"wan": wan}, "attention_latency_s": {"lan": attn_lan},
+            "static_prefill": static}
+
+
+def test_captured_table_shares_and_static_steps():
+    from experiments.results_table import captured, captured_table
+
+    assert captured(10.0, 4.0, 2.0) == 0.75 and captured(3.0, 3.0, 3.0) is None
+    res = {"rows": [_cost("full", 9.0, 100.0, 40.0), _cost("oracle", 1.0, 60.0, 10.0),
+                    _cost("mpcache:refresh=8", 5.0, 110.0, 25.0,
+                          {"bytes": 90e9, "extrapolated": True})]}
+    lines = captured_table(res).splitlines()
+    assert lines[4] == ("| aby3 | 8192 | mpcache:refresh=8 | 5.00 | 110 | 25 | 0.50 | -0.25 | "
+                        "0.50 | 10.0, 18.0 (extrapolated) |")
+    with pytest.raises(ConfigError):
+        captured_table({"rows": res["rows"][:1]})
