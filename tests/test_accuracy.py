@@ -147,8 +147,8 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle, own_process, cli)
 
 def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     """The whole CLI in-process on the session's SmolLM2 (the process start: the test above).
-    160 tokens and mpcache at 0.3, one sample a batch: the compiled layers of
-    test_batched_rows_equal_one_by_one and test_results_written_after_each_batch serve."""
+    160 tokens and mpcache at 0.3, one sample a batch, as test_batched_rows_equal_one_by_one
+    and test_results_written_after_each_batch: run together, they share compiled layers."""
     from experiments.run_accuracy import main
 
     monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
@@ -217,6 +217,7 @@ def test_spread_order_prefixes_cover_the_range():
         assert all(any(q * n / 4 <= i < (q + 1) * n / 4 for i in half) for q in range(4))
 
 
+@pytest.mark.slow  # ~50 s on two cores: every policy decoded three times (a batch, each row)
 def test_batched_rows_equal_one_by_one(smollm2):
     """Rows of a batch never interact: every metric matches decoding each sample alone
     (question "after": the fed question, greedy answer and teacher-forced answer all batched;
