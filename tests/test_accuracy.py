@@ -147,15 +147,15 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle, own_process, cli)
 
 def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     """The whole CLI in-process on the session's SmolLM2 (the process start: the test above).
-    160 tokens and mpcache at 0.3, one sample a batch, as test_batched_rows_equal_one_by_one
-    and test_results_written_after_each_batch: run together, they share compiled layers."""
+    160 tokens and mpcache at 0.3, both samples in one batch, as in
+    test_batched_rows_equal_one_by_one: run together, they share compiled layers."""
     from experiments.run_accuracy import main
 
     monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
     out = tmp_path / "out"
     code, _, err = cli(main, "--tasks", "passkey", "--lengths", "160", "--samples", "2",
                        "--policies", "full,mpcache", "--budgets", "0.3", "--questions",
-                       "inside,after", "--batch", "1", "--out", out)
+                       "inside,after", "--out", out)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json",
                                                       "score.png"]

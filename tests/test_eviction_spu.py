@@ -138,14 +138,17 @@ def two_layers(small_model):
     return cfg.replace(n_layers=2), {**params, "layers": layers}
 
 
-# h2o, tova and streaming_llm take snapkv's static-eviction path (another score, the same
-# compaction): in the default suite snapkv stands for them, `make test-slow` runs them too
-# (their programs' privacy is checked in the default suite by the ABY3 cases below).
-_SLOW_STATIC = {"h2o", "tova", "streaming_llm"}
+# The default suite decodes under SPU with mpcache (dynamic selection), its kept selection
+# (refresh=2) and snapkv (the static eviction h2o, tova and streaming_llm share, with other
+# scores); `make test-slow` (and .ci/run) the other policies too. Every policy's selection
+# under SPU is compared in the default suite by test_selection_on_spu_equals_plaintext, its
+# programs' privacy by the ABY3 cases of test_compiled_programs_reveal_nothing, and full
+# decoding by tests/test_spu.py.
+_DEFAULT = {"mpcache", "mpcache:refresh=2", "snapkv"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_STATIC
-                                  else n for n in sorted(POLICIES) + ["mpcache:refresh=2"]])
+@pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(POLICIES) + ["mpcache:refresh=2"]])
 def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     """refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
     cfg, params = small_model
