@@ -123,26 +123,40 @@ def test_bad_input_refused_before_any_output(tmp_path, args, needle):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--tasks", "passkey,nope"], "unknown task"),
-    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found"),
-    (["--budgets", "0.1", "--samples", "x"], "invalid int value"),   # argparse's own errors too
+@pytest.mark.parametrize("args,needle,own_process", [
+    (["--tasks", "passkey,nope"], "unknown task", True),   # the script as a user starts it
+    (["--longbench", "/no/such/dir"], "LongBench directory /no/such/dir not found", False),
+    (["--budgets", "0.1", "--samples", "x"], "invalid int value", False),  # argparse's too
 ])
-def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle):
-    """The CLI turns those errors into one line on stderr and exit code 2."""
+def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle, own_process, cli):
+    """The CLI turns those errors into one line on stderr and exit code 2. The script's own
+    process start is checked here, once (the first case); the others run its main in-process
+    through `run_main`, as `python experiments/run_accuracy.py` does."""
+    from experiments.run_accuracy import main
+
     out = tmp_path / "out"
-    r = run_cli(*args, "--out", str(out))
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+    if own_process:
+        r = run_cli(*args, "--out", str(out))
+        code, err = r.returncode, r.stderr
+    else:
+        code, _, err = cli(main, *args, "--out", out)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and needle in err, err
     assert not out.exists()
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
+    """The whole CLI in-process on the session's SmolLM2 (the process start: the test above).
+    160 tokens and mpcache at 0.3, both samples in one batch, as in
+    test_batched_rows_equal_one_by_one: run together, they share compiled layers."""
+    from experiments.run_accuracy import main
+
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
     out = tmp_path / "out"
-    r = run_cli("--tasks", "passkey", "--lengths", "256", "--samples", "2", "--policies",
-                "full,mpcache", "--budgets", "0.5", "--questions", "inside,after",
-                "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    code, _, err = cli(main, "--tasks", "passkey", "--lengths", "160", "--samples", "2",
+                       "--policies", "full,mpcache", "--budgets", "0.3", "--questions",
+                       "inside,after", "--out", out)
+    assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json",
                                                       "score.png"]
     res = json.loads((out / "results.json").read_text())
@@ -150,14 +164,14 @@ def test_cli_end_to_end(tmp_path):
     assert keys == {(p, q) for p in ("full", "mpcache") for q in ("inside", "after")}
     for row in res["rows"]:
         assert row["n"] == 2 and 0.0 <= row["score"] <= 1.0
-        assert row["task"] == "passkey" and row["length"] == 256
+        assert row["task"] == "passkey" and row["length"] == 160
         if row["policy"] == "full":
             assert row["attn_cosine"] == pytest.approx(1.0, abs=1e-5)
             assert row["logprob_vs_full"] == 0.0 and row["needle_fraction"] == 1.0
         else:
             assert row["attended_fraction"] < 0.75
     full = [row for row in res["rows"] if row["policy"] == "full"]
-    assert all(row["score"] == 1.0 for row in full)  # SmolLM2 finds a pass key at 256 tokens
+    assert all(row["score"] == 1.0 for row in full)  # SmolLM2 finds a pass key at 160 tokens
     # merging runs split by question protocol re-aggregates to the same rows
     from experiments.merge_accuracy import main as merge_main
 
@@ -203,6 +217,7 @@ def test_spread_order_prefixes_cover_the_range():
         assert all(any(q * n / 4 <= i < (q + 1) * n / 4 for i in half) for q in range(4))
 
 
+@pytest.mark.slow  # ~50 s on two cores: every policy decoded three times (a batch, each row)
 def test_batched_rows_equal_one_by_one(smollm2):
     """Rows of a batch never interact: every metric matches decoding each sample alone
     (question "after": the fed question, greedy answer and teacher-forced answer all batched;

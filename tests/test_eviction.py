@@ -332,8 +332,9 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
     for gather, compaction in (("scores", "onehot"), ("scores", "sort"), ("kv", "onehot"),
                                ("mask", "onehot")):
         policy = make_policy(name, 0.25, gather=gather, compaction=compaction)
-        _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
-        for step in range(20):  # crosses a cluster boundary: bounds update, new candidates
+        _, cache = prefill(params, cfg, toks, T + 12, policy=policy)
+        # position 208 = 13 * 16 starts a cluster: bounds update, new candidates
+        for step in range(12):
             logits, cache, counts = decode_step(params, cfg, toks[:, step], T + step, cache,
                                                 policy, T, return_attended=True)
         outs.append((np.asarray(logits), np.asarray(counts)))

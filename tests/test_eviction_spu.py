@@ -129,8 +129,26 @@ def small_model():
     return cfg, params
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES) + ["mpcache:refresh=2",
-                                                     "mpcache:refresh=2:kept=onehot"])
+@pytest.fixture(scope="module")
+def two_layers(small_model):
+    """small_model's first two layers: the privacy checks compile programs without running
+    them, and every layer compiles to the same ops (two: one layer feeds the next)."""
+    cfg, params = small_model
+    layers = {k: v[:2] for k, v in params["layers"].items()}
+    return cfg.replace(n_layers=2), {**params, "layers": layers}
+
+
+# The default suite decodes under SPU with mpcache (dynamic selection), its kept selection
+# (refresh=2) and snapkv (the static eviction h2o, tova and streaming_llm share, with other
+# scores); `make test-slow` (and .ci/run) the other policies too. Every policy's selection
+# under SPU is compared in the default suite by test_selection_on_spu_equals_plaintext, its
+# programs' privacy by the ABY3 cases of test_compiled_programs_reveal_nothing, and full
+# decoding by tests/test_spu.py.
+_DEFAULT = {"mpcache", "mpcache:refresh=2", "snapkv"}
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(POLICIES) + ["mpcache:refresh=2"]])
 def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     """refresh=2 selects at steps 0 and 2 and reuses the kept selection at step 1."""
     cfg, params = small_model
@@ -208,8 +226,8 @@ PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
 
 
 @pytest.mark.parametrize("name,selector,static_selector,proto", PROGRAM_CASES)
-def test_compiled_programs_reveal_nothing(small_model, name, selector, static_selector, proto):
-    cfg, params = small_model
+def test_compiled_programs_reveal_nothing(two_layers, name, selector, static_selector, proto):
+    cfg, params = two_layers
     fields = {k: v for k, v in (("selector", selector), ("static_selector", static_selector))
               if v}
     policy = dataclasses.replace(policy_from_spec(name, 0.5), **fields)  # every step selects

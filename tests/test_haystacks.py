@@ -29,7 +29,8 @@ class WordTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(built_tokenizer):
+    """SmolLM2's tokenizer, read back from the run's cache (built once by `built_tokenizer`)."""
     from mpc_llama.loading import load_tokenizer
 
     return load_tokenizer("smollm2")

@@ -133,6 +133,7 @@ def test_head_extrapolation_matches_a_direct_measurement(meters):
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
+@pytest.mark.slow  # ~25 s: the static step's blocks measured at four lengths
 def test_static_step_length_extrapolation(meters):
     """The static step at 512 tokens from 128, 256 and 384, against 512 measured (SEMI2K)."""
     proto = get_protocol("semi2k")

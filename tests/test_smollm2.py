@@ -30,14 +30,15 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(unpermute_qk(permuted, n_heads), hf)
 
 
-def test_tokenizer_cache_reads_back_what_was_built(tmp_path, monkeypatch):
+def test_tokenizer_cache_reads_back_what_was_built(built_tokenizer, monkeypatch):
     """The GGUF tokenizer saved to the cache reads back the same: ids (special tokens and
-    BOS rules included), decoding and the chat template."""
+    BOS rules included), decoding and the chat template. (The build, ~25 s, is the session's:
+    `built_tokenizer` built it with a cache of its own.)"""
     from mpc_llama.loading import _gguf_tokenizer, embedded_gguf_path
 
-    monkeypatch.setenv("MPCACHE_CACHE_DIR", str(tmp_path))
-    built = _gguf_tokenizer(embedded_gguf_path())
-    entries = list((tmp_path / "tokenizers").iterdir())
+    built, root = built_tokenizer
+    monkeypatch.setenv("MPCACHE_CACHE_DIR", str(root))
+    entries = list((root / "tokenizers").iterdir())
     assert len(entries) == 1 and (entries[0] / "tokenizer.json").exists()
     cached = _gguf_tokenizer(embedded_gguf_path())
     assert cached.hf is not built.hf
