@@ -18,17 +18,19 @@ from mpc_llama.model import attend, attention_scores, attention_values
 
 
 def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array, size: int,
-                    valid: jax.Array, cfg: LlamaConfig) -> jax.Array:
+                    valid: jax.Array, cfg: LlamaConfig, scores=None) -> jax.Array:
     """Attention of one decode query over the selected clusters, by "score then select":
     scores against the whole cache (a matmul whose output is one scalar per entry), the
     selected clusters' SCORES gathered by the one-hot matrix, softmax over those only, the
     probabilities scattered back, then p . V. No key or value row is ever gathered, which under
     ABY3 (communication ~ matmul output) is what makes selection pay.
 
-    q: [b, 1, n, d]; k, v: [b, k, c, d]; onehot: [b, k, slots, c/size] (bool); valid: [c].
+    q: [b, 1, n, d]; k, v: [b, k, c, d]; onehot: [b, k, slots, c/size] (bool); valid: [c];
+    scores: q . k [b, k, g, c] when the selection computed them already (else computed here).
     Returns [b, 1, n*d].
     """
-    scores = attention_scores(q, k, cfg)[:, :, :, 0]                            # [b,k,g,c]
+    if scores is None:
+        scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     picked, ok = gather_scores(onehot, scores, valid, size)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5)
     return attention_values(scatter_probs(onehot, probs, size)[:, :, :, None], v, cfg)
@@ -92,25 +94,27 @@ def scatter_partitioned(hi: jax.Array, lo: jax.Array, probs: jax.Array, size: in
 
 
 def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaConfig,
-                       backend: str, entries: int):
+                       backend: str, entries: int, scores=None):
     """attend_selected with the "sort" kernel: scores against the whole cache, the selected
     clusters' scores packed by partition_scores, softmax over those only, the probabilities
     back in cache order (scatter_partitioned), then p . V. Same output as attend_selected.
     k, v: [b, k, entries, d] or tuples of row segments (see model.attention_scores).
-    Returns (out [b, 1, n*d], attended counts [b, k])."""
-    scores = attention_scores(q, k, cfg)[:, :, :, 0]                            # [b,k,g,c]
+    scores: as in attend_selected. Returns (out [b, 1, n*d], attended counts [b, k])."""
+    if scores is None:
+        scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok)
     full = scatter_partitioned(hi, lo, probs, size, entries // size)
     return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
 
 
-def _select(policy, q, ck, bounds, length, prompt_len, cfg):
+def _select(policy, q, ck, bounds, length, prompt_len, cfg, scores=None):
     """(kind, selection, cluster size, slots): for cluster policies that gather ("scores" or
     "kv"), kind is the gather mode and the selection P [b, k, slots, n] (0/1 float), except
     under the "sort" compaction with gather "scores", where kind is "sort" and the selection
-    the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c], None, None)."""
-    picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg)
+    the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c], None, None).
+    scores: the step's q . k [b, k, g, c] for policies with `needs_scores`, else None."""
+    picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg, scores=scores)
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
         mask, size, slots = picked
@@ -120,7 +124,8 @@ def _select(policy, q, ck, bounds, length, prompt_len, cfg):
         # (nothing chosen: the mask is public, and so is its one-hot matrix)
         # float once here: a boolean share would be converted again at every use under MPC
         return mode, compaction_matrix(mask, slots).astype(ck.dtype), size, slots
-    return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None, None
+    return "mask", expand(picked[0], picked[1]) if picked is not None else policy.select(
+        q, ck, bounds, length, prompt_len, cfg), None, None
 
 
 def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: LlamaConfig,
@@ -139,18 +144,22 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
     mk, mv = (ck, cv) if segments is None else segments
     if policy is None or not policy.dynamic:
         return attend(q, mk, mv, mask[:, :, None, None, :], cfg), None, mask.sum(axis=-1)
+    scores = None
     if selection is None:
         qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-        selection = _select(policy, qg, ck, bounds, length, prompt_len, cfg)
+        if policy.needs_scores:   # one q . k matmul for the selection and the attention
+            scores = attention_scores(q, mk, cfg)[:, :, :, 0]                   # [b,k,g,c]
+        selection = _select(policy, qg, ck, bounds, length, prompt_len, cfg, scores)
     kind, sel, size, slots = selection
     if kind == "sort":
         out, count = attend_partitioned(q, mk, mv, sel, size, slots, length, cfg,
-                                        getattr(policy, "backend", "plain"), ck.shape[2])
+                                        getattr(policy, "backend", "plain"), ck.shape[2],
+                                        scores)
         return out, selection, count
     if kind == "scores":
         count = jnp.einsum("bksn,nz->bk", sel.astype(jnp.int32),
                            valid.reshape(-1, size).astype(jnp.int32))
-        return attend_selected(q, mk, mv, sel, size, valid, cfg), selection, count
+        return attend_selected(q, mk, mv, sel, size, valid, cfg, scores), selection, count
     keys, values = mk, mv
     if kind == "kv":
         keys, values, picked = gather_clusters(sel, size, ck, cv, mask.astype(ck.dtype))

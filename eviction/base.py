@@ -174,10 +174,14 @@ class Policy:
         """alpha of the khat summaries kept with the bounds."""
         return 0.6
 
-    def select_clusters(self, q, cache_k, bounds, length, prompt_len: int, cfg):
+    needs_scores: ClassVar[bool] = False   # select_clusters ranks by the step's q . k scores
+
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len: int, cfg, scores=None):
         """Cluster-level selection: (mask [b, k, n] over clusters, cluster size, slots = the
         public number of clusters attended), or None for token-level policies. With
-        `gather`, the model gathers the selected clusters and attends to those only."""
+        `gather`, the model gathers the selected clusters and attends to those only.
+        scores: the step's attention scores [b, k, g, c] for policies with `needs_scores`
+        (computed once by the decode step for selection and attention), else None."""
         return None
 
     def chooses(self, prompt_len: int) -> bool:

@@ -53,7 +53,7 @@ from eviction.static_scores import max_pool, window_attention
 from mpc_llama.errors import ConfigError
 
 
-SCORES = ("khat", "bound", "mix")
+SCORES = ("khat", "bound", "mix", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,8 @@ class MPCache(Policy):
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
-    score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound)
+    score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound) |
+                              # exact (max of the step's own q . k: no level-1 search)
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
@@ -108,6 +109,9 @@ class MPCache(Policy):
             if getattr(self, field) not in SCORES:
                 raise ConfigError(f"{field} must be one of {SCORES}, got "
                                   f"{getattr(self, field)!r}")
+        if self.score1 == "exact":
+            raise ConfigError("score1 cannot be exact: score2=exact scores level-2 clusters by "
+                              "the step's own q . k and skips level 1")
         if not 1 <= self.refresh <= self.s2:
             raise ConfigError(f"refresh must be in [1, s2={self.s2}], got {self.refresh}")
         if self.kept not in ("kv", "onehot"):
@@ -187,6 +191,24 @@ class MPCache(Policy):
     def bounds_alpha(self):
         return self.alpha
 
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the selection ranks clusters by the step's attention scores (score2 =
+        "exact"): the decode step then computes q . k once for selection and attention."""
+        return self.score2 == "exact"
+
+    def exact_score(self, q, cache_k, scores=None):
+        """Level-2 cluster scores [b, k, n2] by "exact": the max over each cluster of the
+        query heads' summed scores q . k / sqrt(d). q: [b, k, g, d]; cache_k: [b, k, c, d];
+        scores: the step's attention scores [b, k, g, c] when the caller has them (the
+        decode step does: no second matmul). One max tree per KV head: s2 - 1 comparisons
+        per cluster."""
+        if scores is None:
+            scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
+        summed = scores.sum(axis=2)
+        b, h, c = summed.shape
+        return summed.reshape(b, h, c // self.s2, self.s2).max(axis=-1)
+
     def cluster_score(self, q, bounds, level: int):
         """Level-1 or level-2 cluster scores [b, k, c], summed over the group's query heads.
 
@@ -209,12 +231,13 @@ class MPCache(Policy):
         those two, as refresh <= s2)."""
         return 1 if self.refresh == 1 else 2
 
-    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None):
         n1, n2 = bounds[5].shape[2], bounds[4].shape[2]
-        sim2 = self.cluster_score(q, bounds, 2)
+        exact = self.score2 == "exact"
+        sim2 = self.exact_score(q, cache_k, scores) if exact else self.cluster_score(q, bounds, 2)
         cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
         k1 = self.k1(prompt_len, n1)
-        if k1 >= n1:   # level 1 keeps every cluster: no level-1 search at all
+        if exact or k1 >= n1:   # exact scores, or level 1 keeps every cluster: no level 1
             eligible = cand2
         else:
             sim1 = self.cluster_score(q, bounds, 1)

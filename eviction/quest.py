@@ -69,7 +69,7 @@ class Quest(Policy):
     def chooses(self, prompt_len: int) -> bool:
         return self.pages(prompt_len) > 2
 
-    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg):
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None):
         rmax2, rmin2 = bounds[0], bounds[1]
         score = quest_bound(q, rmax2, rmin2, self.bound)
         cand, forced = cluster_candidates(length, rmax2.shape[2], self.page)

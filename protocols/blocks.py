@@ -234,10 +234,13 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                                               policy.bounds_alpha),),
                   {"bounds": bounds_spec, "key": _spec((1, heads, d))}, count=L, heads=heads)]
 
-    def select(q, k, b):
+    def select(q, k, b, s=None):
+        # s: the step's scores [1, heads, g, 1, cap], input of policies that rank by them
         qg = q[:, 0].reshape(1, heads, g, d)
-        return _select(policy, qg, k, b, jnp.asarray(length), seq, c)
+        return _select(policy, qg, k, b, jnp.asarray(length), seq, c,
+                       None if s is None else s[:, :, :, 0])
 
+    _ranked = (lambda s: s) if policy.needs_scores else (lambda s: None)  # noqa: E731
     probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
     kind = "mask" if probe is None else getattr(policy, "gather", "mask")
     n_sel = n_selecting(policy, L)
@@ -254,7 +257,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         pack = lambda m, s: partition_scores(m, s[:, :, :, 0], size, slots,  # noqa: E731
                                              jnp.asarray(length), policy.backend)
         out.append(_block("select", "selection",
-                          lambda q, k, b, s: pack(select(q, k, b)[1], s),
+                          lambda q, k, b, s: pack(select(q, k, b, _ranked(s))[1], s),
                           {"q": q, "k": kv, "bounds": bounds_spec, "scores": scores},
                           count=n_sel, heads=heads))
         if n_sel < L:
@@ -285,9 +288,12 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                           {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel / refresh,
                           heads=heads))
     else:
-        sel_spec = jax.eval_shape(lambda *a: select(*a)[1], q, kv, bounds_spec)
-        out.append(_block("select", "selection", lambda *a: (select(*a)[1],),
-                          {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel, heads=heads))
+        sel_in = {"q": q, "k": kv, "bounds": bounds_spec}
+        if policy.needs_scores:   # ranks by the scores block's output: no second q . k
+            sel_in["scores"] = scores
+        sel_spec = jax.eval_shape(lambda *a: select(*a)[1], *sel_in.values())
+        out.append(_block("select", "selection", lambda *a: (select(*a)[1],), sel_in,
+                          count=n_sel, heads=heads))
     if kind == "scores":
         size = probe[1]
         packed = _spec((1, heads, g, sel_spec.shape[2] * size))

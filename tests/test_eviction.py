@@ -1,11 +1,13 @@
 """Eviction policies in plaintext: hand-computed pieces, budgets, sharing, validation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eviction import POLICIES, make_policy
+from eviction import POLICIES, make_policy, policy_from_spec
 from eviction.base import topk_mask
 from eviction.clusters import bounds_of, cluster_candidates, init_bounds, khat, update_bounds
 from eviction.mpcache import MPCache
@@ -321,7 +323,36 @@ def test_topk_mask_is_exact_under_ties():
     assert int(m.sum()) == 5 and not bool(m[0, 4])
 
 
-@pytest.mark.parametrize("name", ["mpcache", "quest"])
+@pytest.mark.parametrize("length", [128, 121])
+def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_score(length):
+    """score2="exact": each level-2 cluster scored by the max over its entries of q . k
+    summed over the KV group's query heads; the top k2 - 2 candidates are chosen (no
+    level-1 pruning), plus the first and current clusters; the same with the step's scores
+    passed in."""
+    rng = np.random.default_rng(7)
+    keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
+    bounds = init_bounds(keys, length, 32, 16)
+    pol = MPCache(budget=0.5, score2="exact")
+    mask, size, slots = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None)
+    summed = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
+    per = summed.reshape(2, 2, 8, 16).max(-1)
+    cand, forced = map(np.asarray, cluster_candidates(jnp.asarray(length), 8, 16))
+    want = np.zeros((2, 2, 8), bool)
+    for b in range(2):
+        for h in range(2):
+            best = np.argsort(-np.where(cand, per[b, h], -np.inf), kind="stable")
+            want[b, h, best[:pol.k2(length) - 2]] = True
+    np.testing.assert_array_equal(np.asarray(mask), want | forced)
+    assert size == 16 and slots == pol.k2(length) and pol.k2(length) - 2 >= 1
+    scores = jnp.einsum("bkgd,bkcd->bkgc", q, keys) / np.sqrt(8)
+    again = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None, scores)[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(mask))
+    with pytest.raises(ConfigError, match="score1 cannot be exact"):
+        MPCache(score1="exact")
+
+
+@pytest.mark.parametrize("name", ["mpcache", "quest", "mpcache:score2=exact"])
 def test_gathered_attention_equals_masked_attention(six_layers, name):
     """Gathering the selected clusters (attention over k2 * s2 entries, by the one-hot matrix
     or by the stable 1-bit sort) gives the same logits and counts as attending the whole
@@ -331,7 +362,8 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
     outs = []
     for gather, compaction in (("scores", "onehot"), ("scores", "sort"), ("kv", "onehot"),
                                ("mask", "onehot")):
-        policy = make_policy(name, 0.25, gather=gather, compaction=compaction)
+        policy = policy_from_spec(name, 0.25)
+        policy = dataclasses.replace(policy, gather=gather, compaction=compaction)
         _, cache = prefill(params, cfg, toks, T + 12, policy=policy)
         # position 208 = 13 * 16 starts a cluster: bounds update, new candidates
         for step in range(12):
