@@ -4,13 +4,18 @@ Static step (once, end of prefill): keep round(static_ratio * T) entries per lay
 by observation-window attention (window, aggregation and max-pooling are fields; defaults from
 the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-pooling 7,
 where the published 20%-of-prompt window washed out the question), sink and window forced.
-Dynamic step (each decode step): two-level clusters (s1=32 -> s2=16) scored with the
-comparison-free similarity q . (alpha r_max + (1-alpha) r_min), top-k1 level-1 clusters,
-then top-k2 of their children; first and current clusters always selected. `score1` /
-`score2` pick each level's cluster score: "khat" (the paper's similarity, default), "bound"
-(Quest's exact upper bound in its split form, relu(q) . r_max + min(q, 0) . r_min: G*D
-comparisons per step whatever the cache length, and a matmul twice as wide) or "mix" (their
-sum). Measured on held-out 4k samples (README), both lose accuracy against "khat".
+Dynamic step (each decode step): level-2 clusters of s2=16 consecutive entries, the top k2 of
+them attended, first and current clusters always selected. `score2` picks how clusters are
+ranked: "exact" (default) by the max over each cluster of the step's own q . k summed over
+the KV group's query heads (the scores attention computes anyway, so one matmul serves both;
+s2 - 1 comparisons per cluster; no level-1 search); "khat" (the paper's) by the
+comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a top-k1 search over
+level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
+form, relu(q) . r_max + min(q, 0) . r_min) or "mix" (khat + bound). Why "exact": on varied
+natural haystacks the khat similarity ranks the needle's clusters too low (the cluster
+holding a code's start is chosen, the next one, holding the rest, is not: docs/accuracy.md);
+chosen on seeds 1000-1007 (results/tune_2k_exact), reported on held-out seeds; equal
+selection bytes under ABY3 (its max tree replaces the level-1 search), about half the rounds.
 Layer-wise index sharing by `share` pattern. `gather` says how attention reaches the
 selection (see eviction.base.check_gather); the default "scores" gathers only score scalars,
 so the softmax runs over k2 * s2 entries and no key/value row is gathered. The budget
@@ -71,10 +76,10 @@ class MPCache(Policy):
     s1: int = 32
     s2: int = 16
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
-    selector: str = "auto"    # cluster top-k: pairwise rank up to base.RANK_MAX, else search
+    selector: str = "lean"    # cluster top-k (eviction.topk): lean = 4-way search, 8 bits
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
-    score2: str = "khat"      # level-2 cluster score: khat | bound | mix (khat sim + bound) |
-                              # exact (max of the step's own q . k: no level-1 search)
+    score2: str = "exact"     # level-2 cluster score: exact (max of the step's own q . k, no
+                              # level-1 search) | khat (the paper's) | bound | mix (khat + bound)
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
@@ -134,7 +139,7 @@ class MPCache(Policy):
         """The settings of the paper: static step keeping max(50%, 2 x budget), 20%-of-prompt
         window, summed, no pooling."""
         return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
-                   aggregate="sum", kernel=1, share="pairs")
+                   aggregate="sum", kernel=1, share="pairs", score2="khat", selector="auto")
 
     @classmethod
     def with_static(cls, budget: float = 0.1) -> "MPCache":

@@ -232,7 +232,7 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
     quest = sel(make_policy("quest", 0.5, page=16))
     mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound"))
     np.testing.assert_array_equal(mp, quest)
-    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0)), quest)  # khat differs
+    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat")), quest)
     mix = MPCache(score1="mix", score2="mix")
     for level in (1, 2):                                          # mix = khat sim + bound
         parts = [MPCache(score1=f, score2=f).cluster_score(q, bounds, level)
@@ -312,7 +312,8 @@ def test_auto_selector_switches_on_row_length():
         finally:
             base._rank_select = orig
     assert calls == [1, 1, 1]  # heads and batch size do not change the kernel
-    assert MPCache().selector == "auto" and make_policy("quest", 0.1).selector == "search"
+    assert MPCache().selector == "lean" and make_policy("quest", 0.1).selector == "search"
+    assert MPCache.published().selector == "auto"
 
 
 def test_topk_mask_is_exact_under_ties():
