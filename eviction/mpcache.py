@@ -74,7 +74,7 @@ class MPCache(Policy):
     ratio1: float = 0.5
     share: str = "none"                    # every layer selects ("pairs": the paper's sharing)
     s1: int = 32
-    s2: int = 16
+    s2: int = 32                           # level-2 cluster size (16 for score2=khat)
     gather: str = "scores"    # scores | kv | mask: how attention reaches the selection
     selector: str = "lean"    # cluster top-k (eviction.topk): lean = 4-way search, 8 bits
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
@@ -139,7 +139,8 @@ class MPCache(Policy):
         """The settings of the paper: static step keeping max(50%, 2 x budget), 20%-of-prompt
         window, summed, no pooling."""
         return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
-                   aggregate="sum", kernel=1, share="pairs", score2="khat", selector="auto")
+                   aggregate="sum", kernel=1, share="pairs", score2="khat", selector="auto",
+                   s2=16)
 
     @classmethod
     def with_static(cls, budget: float = 0.1) -> "MPCache":

@@ -68,9 +68,9 @@ def _attention(policy, cfg, length):
 @pytest.mark.parametrize("length", [C, C - 5])   # a full last cluster, and a partial one
 def test_sort_kernel_on_spu_equals_onehot_in_plaintext(proto, length):
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot")
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16)
     spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
-                                          compaction="sort"), get_protocol(proto).kind)
+                                          compaction="sort", s2=16), get_protocol(proto).kind)
     assert spu_policy.compaction == "sort"
     inputs = _inputs()
     want_out, want_count = (np.asarray(x) for x in jax.jit(_attention(ref, cfg, length))(*inputs))
@@ -147,9 +147,9 @@ def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
     forced clusters (it takes the one-hot route); with a real choice, the sort."""
     cap = 128 if length < 128 else C
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot")
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16)
     spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
-                                          compaction="sort"), "SEMI2K")
+                                          compaction="sort", s2=16), "SEMI2K")
     assert spu_policy.chooses(cap) == chosen
     q, keys, values = _inputs()
     keys, values = keys[:, :, :cap], values[:, :, :cap]

@@ -133,12 +133,13 @@ def test_topk_mask_respects_allowed():
 def test_k1_k2_formulas():
     p = MPCache.with_static(0.1)
     assert p.n_attend(1000) == 100
-    assert p.k2(1000) == 6                # floor(100 / 16)
+    assert p.k2(1000) == 3                # floor(100 / 32)
+    assert MPCache.published(0.1).k2(1000) == 6   # the paper's clusters of 16
     assert p.static_keep(1000) == 500     # static ratio max(0.5, 2 * budget)
     assert p.k1(1000, n1=100) == 8        # ratio1 * ceil(500 / 32) = 0.5 * 16
     assert p.k1(1000, n1=5) == 5          # capped by the clusters that exist
     assert MPCache(budget=0.1).k1(1000, n1=100) == 16   # no static step: 0.5 * ceil(1000 / 32)
-    assert MPCache(budget=0.05).k2(1000) == 3
+    assert MPCache(budget=0.05, s2=16).k2(1000) == 3
     assert MPCache(budget=0.05, s2=8).k2(1000) == 6     # floor(50 / 8)
     assert MPCache().share == "none" and MPCache.shared().share == "pairs"
     assert MPCache(budget=0.4, static_ratio=None).static_keep(1000) == 800
@@ -230,9 +231,9 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
     sel = lambda pol: np.asarray(pol.select(q, keys, bounds, jnp.asarray(length),
                                             prompt_len=length, cfg=None))
     quest = sel(make_policy("quest", 0.5, page=16))
-    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound"))
+    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound", s2=16))
     np.testing.assert_array_equal(mp, quest)
-    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat")), quest)
+    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat", s2=16)), quest)
     mix = MPCache(score1="mix", score2="mix")
     for level in (1, 2):                                          # mix = khat sim + bound
         parts = [MPCache(score1=f, score2=f).cluster_score(q, bounds, level)
@@ -240,7 +241,7 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
         np.testing.assert_allclose(mix.cluster_score(q, bounds, level), parts[0] + parts[1],
                                    rtol=1e-5, atol=1e-5)
     for score1 in ("khat", "bound"):
-        pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound")
+        pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound", s2=16)
         sim1 = np.asarray(pol.cluster_score(q, bounds, 1))
         m = sel(pol).reshape(2, 2, 4, 32).any(-1)                 # level-1 clusters touched
         assert m.sum(-1).max() <= pol.k1(length, 4)
@@ -334,7 +335,7 @@ def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_sc
     keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
     bounds = init_bounds(keys, length, 32, 16)
-    pol = MPCache(budget=0.5, score2="exact")
+    pol = MPCache(budget=0.5, score2="exact", s2=16)
     mask, size, slots = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None)
     summed = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
     per = summed.reshape(2, 2, 8, 16).max(-1)
@@ -363,8 +364,9 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
     outs = []
     for gather, compaction in (("scores", "onehot"), ("scores", "sort"), ("kv", "onehot"),
                                ("mask", "onehot")):
-        policy = policy_from_spec(name, 0.25)
+        policy = policy_from_spec(name, 0.5 if name.startswith("mpcache") else 0.25)
         policy = dataclasses.replace(policy, gather=gather, compaction=compaction)
+        assert policy.chooses(T)
         _, cache = prefill(params, cfg, toks, T + 12, policy=policy)
         # position 208 = 13 * 16 starts a cluster: bounds update, new candidates
         for step in range(12):
@@ -415,12 +417,13 @@ def test_refresh_keeps_the_selection_between_refreshes(six_layers):
         _, cache, diag = decode_step(params, cfg, toks[:, step], T + step, cache, policy, T,
                                      diagnostics=True, select_now=policy.selects_at(step))
         length = T + step + 1
-        cur = (length - 1) // 16
+        s2 = policy.s2
+        cur = (length - 1) // s2
         forced = {0, cur - 1, cur}
         pos = np.asarray(diag["attended_pos"])                               # [L, b, K, C]
         counts = (pos >= 0).sum(-1)
-        assert (counts <= policy.k2(T) * 16).all()
-        dynamic.append([[{int(p) // 16 for p in row if p >= 0} - forced for row in layer[0]]
+        assert (counts <= policy.k2(T) * s2).all()
+        dynamic.append([[{int(p) // s2 for p in row if p >= 0} - forced for row in layer[0]]
                         for layer in pos])
     assert [policy.selects_at(s) for s in range(6)] == [True, False, False, False, True, False]
     for step in (1, 2, 3):
@@ -460,4 +463,4 @@ def test_refresh_one_selects_what_it_always_did(six_layers):
     with pytest.raises(ConfigError):
         MPCache(refresh=2, compaction="sort")
     with pytest.raises(ConfigError):
-        MPCache(refresh=17)
+        MPCache(refresh=MPCache().s2 + 1)

@@ -70,7 +70,11 @@ def test_selection_on_spu_equals_plaintext(name, proto, selector):
     """Each policy with its default selector (search; auto = rank here for mpcache; topk for
     the oracle), plus topk cases and mpcache's search."""
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    policy = make_policy(name, BUDGET, **({"selector": selector} if selector else {}))
+    fields = {"selector": selector} if selector else {}
+    policy = make_policy(name, BUDGET, **fields)
+    if policy.dynamic and not policy.chooses(T):   # clusters of 32: a larger budget chooses
+        policy = make_policy(name, 0.4, **fields)
+    assert not policy.dynamic or policy.chooses(T)
     fn = selection_fn(policy, cfg)
     inputs = separated_inputs()
     expected = [np.asarray(x) for x in fn(*inputs)]
@@ -154,6 +158,9 @@ def test_private_tokens_equal_plaintext_per_policy(small_model, name):
     cfg, params = small_model
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 200))
     policy = policy_from_spec(name, 0.2)
+    if policy.dynamic and not policy.chooses(len(prompt)):   # MPCache's clusters of 32
+        policy = policy_from_spec(name, 0.5)
+    assert not policy.dynamic or policy.chooses(len(prompt))
     expected = greedy_generate(params, cfg, prompt, 3, policy=policy).tokens
     session = SpuSession(get_protocol("semi2k"))
     gen = PrivateGenerator(session, cfg, params, policy=policy)
