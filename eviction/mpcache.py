@@ -83,6 +83,7 @@ class MPCache(Policy):
     score1: str = "khat"      # level-1 cluster score: khat (q . khat) | bound (Quest's) | mix
     score2: str = "exact"     # level-2 cluster score: exact (max of the step's own q . k, no
                               # level-1 search) | khat (the paper's) | bound | mix (khat + bound)
+    score_pool: int = 1       # score2=exact: adjacent entries summed before the cluster max
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
@@ -117,6 +118,9 @@ class MPCache(Policy):
             if getattr(self, field) not in SCORES:
                 raise ConfigError(f"{field} must be one of {SCORES}, got "
                                   f"{getattr(self, field)!r}")
+        if self.score_pool < 1 or self.s2 % self.score_pool:
+            raise ConfigError(f"score_pool {self.score_pool} must be >= 1 and divide s2="
+                              f"{self.s2}")
         if self.score1 == "exact":
             raise ConfigError("score1 cannot be exact: score2=exact scores level-2 clusters by "
                               "the step's own q . k and skips level 1")
@@ -208,15 +212,18 @@ class MPCache(Policy):
 
     def exact_score(self, q, cache_k, scores=None):
         """Level-2 cluster scores [b, k, n2] by "exact": the max over each cluster of the
-        query heads' summed scores q . k / sqrt(d). q: [b, k, g, d]; cache_k: [b, k, c, d];
-        scores: the step's attention scores [b, k, g, c] when the caller has them (the
-        decode step does: no second matmul). One max tree per KV head: s2 - 1 comparisons
-        per cluster."""
+        query heads' summed scores q . k / sqrt(d), taken over sums of `score_pool` adjacent
+        entries (1: over the entries). q: [b, k, g, d]; cache_k: [b, k, c, d]; scores: the
+        step's attention scores [b, k, g, c] when the caller has them (the decode step does:
+        no second matmul). One max tree per KV head: s2 / score_pool - 1 comparisons per
+        cluster (the sums are local under MPC)."""
         if scores is None:
             scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
         summed = scores.sum(axis=2)
         b, h, c = summed.shape
-        return summed.reshape(b, h, c // self.s2, self.s2).max(axis=-1)
+        p = self.score_pool
+        pooled = summed.reshape(b, h, c // self.s2, self.s2 // p, p).sum(axis=-1)
+        return pooled.max(axis=-1)
 
     def cluster_score(self, q, bounds, level: int):
         """Level-1 or level-2 cluster scores [b, k, c], summed over the group's query heads.

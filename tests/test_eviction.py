@@ -354,6 +354,25 @@ def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_sc
         MPCache(score1="exact")
 
 
+@pytest.mark.parametrize("pool", [1, 4, 32])
+def test_exact_score_pools_adjacent_entries_before_the_cluster_max(pool):
+    """score_pool=p: each cluster's score is the max over its sums of p adjacent entries'
+    group-summed scores; p = s2 is q . (sum of the cluster's keys), linear in q."""
+    rng = np.random.default_rng(8)
+    keys = jnp.asarray(rng.normal(size=(1, 2, 128, 8)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(1, 2, 3, 8)), jnp.float32)
+    got = np.asarray(MPCache(score_pool=pool).exact_score(q, keys))
+    per = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
+    want = per.reshape(1, 2, 4, 32 // pool, pool).sum(-1).max(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if pool == 32:
+        lin = np.einsum("bkgd,bknd->bkn", np.asarray(q),
+                        np.asarray(keys).reshape(1, 2, 4, 32, 8).sum(3)) / np.sqrt(8)
+        np.testing.assert_allclose(got, lin, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="score_pool"):
+        MPCache(score_pool=3)
+
+
 @pytest.mark.parametrize("name", ["mpcache", "quest", "mpcache:score2=exact"])
 def test_gathered_attention_equals_masked_attention(six_layers, name):
     """Gathering the selected clusters (attention over k2 * s2 entries, by the one-hot matrix
