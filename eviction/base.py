@@ -165,6 +165,12 @@ class Policy:
     needs_bounds: ClassVar[bool] = False
 
     @property
+    def keeps_bounds(self) -> bool:
+        """Whether the per-layer state holds cluster bounds (computed at prefill, updated
+        with every key); a policy may keep a state without them (MPCache's exact ranking)."""
+        return self.needs_bounds
+
+    @property
     def cluster_sizes(self):
         """(s1, s2): level-1 and level-2 cluster sizes of the bounds kept in the cache."""
         return (32, 16)

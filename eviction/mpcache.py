@@ -248,17 +248,18 @@ class MPCache(Policy):
         return 1 if self.refresh == 1 else 2
 
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None):
-        n1, n2 = bounds[5].shape[2], bounds[4].shape[2]
-        exact = self.score2 == "exact"
+        exact = self.score2 == "exact"   # bounds: () (none kept), else the six bounds
+        n2 = cache_k.shape[2] // self.s2
         sim2 = self.exact_score(q, cache_k, scores) if exact else self.cluster_score(q, bounds, 2)
         cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
-        k1 = self.k1(prompt_len, n1)
-        if exact or k1 >= n1:   # exact scores, or level 1 keeps every cluster: no level 1
+        n1 = n2 if exact else bounds[5].shape[2]
+        if exact or self.k1(prompt_len, n1) >= n1:   # exact, or level 1 keeps every cluster
             eligible = cand2
         else:
             sim1 = self.cluster_score(q, bounds, 1)
             cand1, forced1 = cluster_candidates(length, n1, self.s1)
-            keep1 = jnp.logical_or(topk_mask(sim1, k1 - 2, cand1, self.selector), forced1)
+            keep1 = jnp.logical_or(topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1,
+                                             self.selector), forced1)
             eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
         # the chosen clusters and their neighbours share the k2 - 1 - recent free slots
         chosen = neighbors.select(sim2, self.k2(prompt_len) - 1 - self.recent, eligible,
@@ -267,9 +268,21 @@ class MPCache(Policy):
         keep2 = jnp.logical_or(chosen, forced2)
         return keep2, self.s2, self.k2(prompt_len)
 
+    @property
+    def keeps_bounds(self) -> bool:
+        """Whether the cluster bounds live in the cache state: not with score2="exact",
+        which ranks by the step's own scores (no bounds computed at prefill, none updated
+        per step); the state is then () plus, with `refresh` > 1, the kept selection."""
+        return self.score2 != "exact"
+
+    @property
+    def n_bounds(self) -> int:
+        """Leading entries of the state that are cluster bounds (6 or 0)."""
+        return 6 if self.keeps_bounds else 0
+
     # ---- a selection kept for `refresh` steps (the cache state's last part) ----
     def init_state(self, keys, n_keep, prompt_len):
-        bounds = super().init_state(keys, n_keep, prompt_len)
+        bounds = super().init_state(keys, n_keep, prompt_len) if self.keeps_bounds else ()
         if self.refresh == 1:
             return bounds
         b, h, c, _ = keys.shape
@@ -281,7 +294,9 @@ class MPCache(Policy):
         return bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
 
     def update_state(self, state, key, index):
-        return super().update_state(state[:6], key, index) + tuple(state[6:])
+        nb = self.n_bounds
+        head = super().update_state(tuple(state[:nb]), key, index) if nb else ()
+        return head + tuple(state[nb:])
 
     def compact_kv(self, kept, ck, cv, length, segments=None):
         """The kept clusters' rows, gathered once per refresh: kept [b, k, m, n2] (0/1 one-hot
@@ -348,23 +363,24 @@ class MPCache(Policy):
         if self.refresh == 1:
             return super().decode_attention(q, ck, cv, state, length, prompt_len, cfg,
                                             selection, select_now, segments)
-        kept = state[6]
+        nb = self.n_bounds
+        kept = state[nb]
         if selection is None and self.kept == "kv":
-            compact = tuple(state[7:10])
+            compact = tuple(state[nb + 1:nb + 4])
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                kept = self.refresh_selection(qg, ck, state[:6], length, prompt_len, cfg)
+                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg)
                 compact = self.compact_kv(kept, ck, cv, length, segments)
             out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg)
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len))
-            return out, selection, count, tuple(state[:6]) + (kept,) + compact
+            return out, selection, count, tuple(state[:nb]) + (kept,) + compact
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                kept = self.refresh_selection(qg, ck, state[:6], length, prompt_len, cfg)
+                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg)
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len))
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
                                                            prompt_len, cfg, selection, segments)
-        return out, selection, count, tuple(state[:6]) + (kept,) + tuple(state[7:])
+        return out, selection, count, tuple(state[:nb]) + (kept,) + tuple(state[nb + 1:])

@@ -228,19 +228,30 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
             _block("softmax", "softmax", lambda s: (softmax(s, mask),), {"scores": scores},
                    count=L, heads=heads), values]
 
-    bounds_spec = _specs(jax.eval_shape(lambda k: _init_bounds(policy, k, length - 1), kv))
+    # policies that keep no bounds (MPCache's exact ranking) have no bounds block, and their
+    # selection blocks no bounds input: `bnd` is the input, `split` finds it in the args
+    keeps = policy.keeps_bounds
+    bounds_spec = _specs(jax.eval_shape(lambda k: _init_bounds(policy, k, length - 1), kv)) \
+        if keeps else ()
+    bnd = {"bounds": bounds_spec} if keeps else {}
     out = [_block("bounds", "selection",
                   lambda b, k: (update_bounds(b, k, length - 1, *policy.cluster_sizes,
                                               policy.bounds_alpha),),
-                  {"bounds": bounds_spec, "key": _spec((1, heads, d))}, count=L, heads=heads)]
+                  {"bounds": bounds_spec, "key": _spec((1, heads, d))}, count=L,
+                  heads=heads)] if keeps else []
 
-    def select(q, k, b, s=None):
-        # s: the step's scores [1, heads, g, 1, cap], input of policies that rank by them
+    def split(rest):   # a block's args after q and k -> (bounds, the others)
+        return (rest[0], rest[1:]) if keeps else ((), rest)
+
+    def select(q, k, *rest):
+        # rest: the bounds (if kept), then optionally the step's scores [1, heads, g, 1, cap]
+        # (an input of policies that rank by them)
+        b, others = split(rest)
+        s = others[0] if others else None
         qg = q[:, 0].reshape(1, heads, g, d)
         return _select(policy, qg, k, b, jnp.asarray(length), seq, c,
                        None if s is None else s[:, :, :, 0])
 
-    _ranked = (lambda s: s) if policy.needs_scores else (lambda s: None)  # noqa: E731
     probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
     kind = "mask" if probe is None else getattr(policy, "gather", "mask")
     n_sel = n_selecting(policy, L)
@@ -256,9 +267,12 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                   "lo": _spec((1, heads, slots), jnp.int32)}
         pack = lambda m, s: partition_scores(m, s[:, :, :, 0], size, slots,  # noqa: E731
                                              jnp.asarray(length), policy.backend)
-        out.append(_block("select", "selection",
-                          lambda q, k, b, s: pack(select(q, k, b, _ranked(s))[1], s),
-                          {"q": q, "k": kv, "bounds": bounds_spec, "scores": scores},
+        def select_pack(q, k, *rest):   # rest: (bounds if kept, scores)
+            ranked = rest if policy.needs_scores else rest[:-1]
+            return pack(select(q, k, *ranked)[1], rest[-1])
+
+        out.append(_block("select", "selection", select_pack,
+                          {"q": q, "k": kv, **bnd, "scores": scores},
                           count=n_sel, heads=heads))
         if n_sel < L:
             out.append(_block("gather", "gather", lambda m, s: pack(m > 0.5, s),
@@ -274,21 +288,22 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
 
     refresh = getattr(policy, "refresh", 1)
     if refresh > 1 and getattr(policy, "kept", "onehot") == "kv":
-        return out + _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel)
+        return out + _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel)
     if refresh > 1:
         # the selection is made every `refresh` steps and kept: its block counts 1/refresh
         # per step (amortised: run_spu.py says so); the forced clusters' rows are public
-        def select_kept(q, k, b):
+        def select_kept(q, k, *rest):
             qg = q[:, 0].reshape(1, heads, g, d)
-            return (policy.refresh_selection(qg, k, b, jnp.asarray(length), seq, c),)
+            return (policy.refresh_selection(qg, k, split(rest)[0], jnp.asarray(length), seq,
+                                             c),)
 
-        kept = jax.eval_shape(select_kept, q, kv, bounds_spec)[0]
+        kept = jax.eval_shape(select_kept, q, kv, *bnd.values())[0]
         sel_spec = jax.eval_shape(lambda p: policy.with_forced(p, jnp.asarray(length)), kept)
         out.append(_block("select", "selection", select_kept,
-                          {"q": q, "k": kv, "bounds": bounds_spec}, count=n_sel / refresh,
+                          {"q": q, "k": kv, **bnd}, count=n_sel / refresh,
                           heads=heads))
     else:
-        sel_in = {"q": q, "k": kv, "bounds": bounds_spec}
+        sel_in = {"q": q, "k": kv, **bnd}
         if policy.needs_scores:   # ranks by the scores block's output: no second q . k
             sel_in["scores"] = scores
         sel_spec = jax.eval_shape(lambda *a: select(*a)[1], *sel_in.values())
@@ -313,7 +328,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                       "be costed as an arithmetic share)")
 
 
-def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[Block]:
+def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     """MPCache with refresh > 1 and kept="kv": every `refresh` steps the selection (its
     one-hot) and the gather of the chosen clusters' K/V rows into a compact cache (both
     counted 1/refresh per step: amortised); every step the forced clusters' rows by a public
@@ -331,11 +346,11 @@ def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[B
     def join(kept_rows, forced_rows):   # as MPCache.attend_kept
         return (kept_rows, forced_rows) if policy.split_kept else cat((kept_rows, forced_rows))
 
-    def select_kept(q, k, b):
+    def select_kept(q, k, *b):   # b: (bounds,) when the policy keeps them, else ()
         qg = q[:, 0].reshape(1, heads, g, d)
-        return (policy.refresh_selection(qg, cat(k), b, n, seq, c),)
+        return (policy.refresh_selection(qg, cat(k), b[0] if b else (), n, seq, c),)
 
-    kept = jax.eval_shape(select_kept, q, kv, bounds_spec)[0]
+    kept = jax.eval_shape(select_kept, q, kv, *bnd.values())[0]
 
     def compact(p, k, v):
         segs = (k, v) if isinstance(k, tuple) else None
@@ -358,7 +373,7 @@ def _kept_kv_blocks(policy, c, q, kv, bounds_spec, length, seq, n_sel) -> List[B
 
     mark = dict(frozen_rows=rows)  # compact rows: Beaver-cached between refreshes
     return [
-        _block("select", "selection", select_kept, {"q": q, "k": kv, "bounds": bounds_spec},
+        _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
                count=n_sel / r, heads=heads),
         dataclasses.replace(
             _block("compact", "gather", compact, {"onehot": kept, "k": kv, "v": kv},
@@ -388,7 +403,8 @@ def _probe_select_args(cfg, policy, seq, length, cap):
     cluster-level)."""
     heads, g, d = cfg.n_kv_heads, cfg.group_size, cfg.head_dim
     k = jnp.zeros((1, heads, cap, d))
-    bounds = _init_bounds(policy, k, length - 1) if policy.needs_bounds else None
+    bounds = (_init_bounds(policy, k, length - 1) if policy.keeps_bounds else ()) \
+        if policy.needs_bounds else None
     return jnp.zeros((1, heads, g, d)), k, bounds, jnp.asarray(length), seq, cfg
 
 
@@ -417,7 +433,7 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
                    {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
                     "pos": _spec((1, heads, seq))},
                    count=L, heads=heads, phase="static")]
-    if policy.needs_bounds:
+    if policy.keeps_bounds:
         _, cap = retained(policy, seq)
         out.append(_block("init_bounds", "selection", lambda k: (_init_bounds(policy, k, keep),),
                           {"k": _spec((1, heads, cap, d))}, count=L, heads=heads,
