@@ -129,10 +129,11 @@ def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path, cli):
         out = tmp_path / f"{backend}.json"
         code, _, err = cli(main, "--model", path, "--prompt-ids", prompt, "--max-new-tokens",
                            "4", "--backend", backend, "--policy", "mpcache", "--budget", "0.5",
-                           "--window", "8", "--json", out)
+                           "--static-ratio", "0.5", "--window", "8", "--json", out)
         assert code == 0, err
         runs[backend] = json.loads(out.read_text())
     assert runs["spu"]["tokens"] == runs["plain"]["tokens"]
     for data in runs.values():
         assert data["policy"] == "mpcache" and data["policy_settings"]["window"] == 8
+        assert data["policy_settings"]["static_ratio"] == 0.5   # evicts at prefill: < 1
         assert 0 < data["attended_fraction"] < 1
