@@ -62,6 +62,9 @@ CAPTURED = (("bytes", lambda r: r["bytes"]), ("WAN", lambda r: r["latency_s"]["w
             ("attention LAN", lambda r: r["attention_latency_s"]["lan"]))
 
 
+CAPTURED_HEADLINE = (CAPTURED[0][1], CAPTURED[1][1])   # bytes, WAN
+
+
 def captured_table(res: dict) -> str:
     """Per (protocol, seq) the captured share of every policy on whole-step bytes, projected
     WAN seconds and the attention modules' projected LAN seconds, and its static step in
@@ -193,17 +196,24 @@ def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
     full_acc = accuracy.get("full", (None,))[0]
     oracle_acc = accuracy.get("oracle", (None,))[0]
     lines = [f"| policy | GB per step | LAN s* | WAN s* | bytes vs full | LAN vs full | "
-             f"WAN vs full | score at {budget:.0%}{where} | score vs full | score vs oracle |",
-             "|" + "---|" * 10]
+             f"WAN vs full | captured: bytes, WAN | score at {budget:.0%}{where} | "
+             f"score vs full | score vs oracle |", "|" + "---|" * 11]
+    ref = {p: next((x for x in rows if x["policy"] == p), None) for p in ("full", "oracle")}
 
     def ratio(a, b):
         return "-" if a is None or not b else f"{a / b:.0%}"
+
+    def shares(r):   # captured share of the oracle's saving (captured_table), bytes and WAN
+        if None in ref.values():
+            return "-"
+        got = [captured(f(ref["full"]), f(r), f(ref["oracle"])) for f in CAPTURED_HEADLINE]
+        return ", ".join("-" if v is None else f"{v:.2f}" for v in got)
 
     for r in rows:
         red, acc = r["reduction_vs_full"], accuracy.get(r["policy"], (None, 0, 0))[0]
         lines.append(f"| {r['policy']} | {r['bytes'] / 1e9:.2f} | {r['latency_s']['lan']:,.0f} "
                      f"| {r['latency_s']['wan']:,.0f} | {red['bytes']:.2f}x | "
-                     f"{red['lan']:.2f}x | {red['wan']:.2f}x | "
+                     f"{red['lan']:.2f}x | {red['wan']:.2f}x | {shares(r)} | "
                      f"{'-' if acc is None else format(acc, '.2f')} | {ratio(acc, full_acc)} | "
                      f"{ratio(acc, oracle_acc)} |")
     return "\n".join(lines)
