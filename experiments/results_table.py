@@ -90,6 +90,16 @@ def captured_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def selection_table(res: dict) -> str:
+    """experiments/selection_cost.py results: one layer's selection block per policy."""
+    lines = ["| protocol | seq | policy | KV heads | MB (all parties) | sends (busiest) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {res.get('protocol', '-')} | {r['seq']} | {r['policy']} | "
+                     f"{r['kv_heads']} | {r['bytes'] / 1e6:.2f} | {r['sends']:,.0f} |")
+    return "\n".join(lines)
+
+
 def accuracy_table(res: dict) -> str:
     rows = res["rows"]
     lines = ["| task | length | question | policy | budget | score | n | answer logp vs full | "
@@ -311,6 +321,8 @@ def main(argv=None) -> None:
         print(f"<!-- from {path}: {res.get('command', '')} -->")
         if "measured_s" in rows[0]:
             print(netval_table(res))
+        elif "kv_heads" in rows[0]:
+            print(selection_table(res))
         else:
             print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
             if "bytes" in rows[0] and {"full", "oracle"} <= {r["policy"] for r in rows}:

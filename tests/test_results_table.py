@@ -101,3 +101,11 @@ def test_captured_table_shares_and_static_steps():
                         "0.50 | 10.0, 18.0 (extrapolated) |")
     with pytest.raises(ConfigError):
         captured_table({"rows": res["rows"][:1]})
+
+
+def test_selection_cost_files_get_their_own_table():
+    from experiments.results_table import selection_table
+
+    res = {"protocol": "aby3", "rows": [{"policy": "mpcache", "seq": 8192, "budget": 0.1,
+                                         "kv_heads": 3, "bytes": 7.25e6, "sends": 369.0}]}
+    assert selection_table(res).splitlines()[2] == "| aby3 | 8192 | mpcache | 3 | 7.25 | 369 |"
