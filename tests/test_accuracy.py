@@ -393,6 +393,7 @@ def test_results_written_after_each_batch(tmp_path, monkeypatch, smollm2):
         run_accuracy.main(args[:-3] + ["--resume"])
 
 
+@pytest.mark.slow   # a CLI over decode_step, which the default suite covers elsewhere
 def test_decode_speed_script(tmp_path, monkeypatch, smollm2):
     """experiments/decode_speed.py runs (batch-1 rows through the harness's Evaluator)."""
     from experiments.decode_speed import main as speed_main

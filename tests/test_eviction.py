@@ -373,7 +373,7 @@ def test_exact_score_pools_adjacent_entries_before_the_cluster_max(pool):
         MPCache(score_pool=3)
 
 
-@pytest.mark.parametrize("name", ["mpcache", "quest", "mpcache:score2=exact"])
+@pytest.mark.parametrize("name", ["mpcache", "quest"])
 def test_gathered_attention_equals_masked_attention(six_layers, name):
     """Gathering the selected clusters (attention over k2 * s2 entries, by the one-hot matrix
     or by the stable 1-bit sort) gives the same logits and counts as attending the whole

@@ -142,13 +142,13 @@ def two_layers(small_model):
     return cfg.replace(n_layers=2), {**params, "layers": layers}
 
 
-# The default suite decodes under SPU with mpcache (dynamic selection), its kept selection
-# (refresh=2) and snapkv (the static eviction h2o, tova and streaming_llm share, with other
-# scores); `make test-slow` (and .ci/run) the other policies too. Every policy's selection
+# The default suite decodes under SPU with mpcache (dynamic selection) and snapkv (the static
+# eviction h2o, tova and streaming_llm share, with other scores); `make test-slow` (and
+# .ci/run) the other policies and mpcache's kept selection (refresh=2) too. Every policy's selection
 # under SPU is compared in the default suite by test_selection_on_spu_equals_plaintext, its
 # programs' privacy by the ABY3 cases of test_compiled_programs_reveal_nothing, and full
 # decoding by tests/test_spu.py.
-_DEFAULT = {"mpcache", "mpcache:refresh=2", "snapkv"}
+_DEFAULT = {"mpcache", "snapkv"}
 
 
 @pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)
