@@ -12,13 +12,14 @@ import jax.numpy as jnp
 from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
 from eviction.clusters import expand
-from eviction.compaction import (compaction_matrix, digits, gather_clusters, pad_to, partition,
-                                 scatter_by_digits)
+from eviction.compaction import (block_diagonal, compaction_matrix, digits, fold_for,
+                                 gather_clusters, pad_to, partition, scatter_by_digits)
 from mpc_llama.model import attend, attention_scores, attention_values
 
 
 def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array, size: int,
-                    valid: jax.Array, cfg: LlamaConfig, scores=None) -> jax.Array:
+                    valid: jax.Array, cfg: LlamaConfig, scores=None, row_max=None,
+                    fold: int = 1) -> jax.Array:
     """Attention of one decode query over the selected clusters, by "score then select":
     scores against the whole cache (a matmul whose output is one scalar per entry), the
     selected clusters' SCORES gathered by the one-hot matrix, softmax over those only, the
@@ -26,33 +27,54 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
     ABY3 (communication ~ matmul output) is what makes selection pay.
 
     q: [b, 1, n, d]; k, v: [b, k, c, d]; onehot: [b, k, slots, c/size] (bool); valid: [c];
-    scores: q . k [b, k, g, c] when the selection computed them already (else computed here).
+    scores: q . k [b, k, g, c] when the selection computed them already (else computed here);
+    row_max: the max over the selected valid entries [b, k, g, 1] when the selection has it
+    (the softmax then runs no max tree), else None; fold: KV heads per block-diagonal
+    gather/scatter matmul (gather_scores).
     Returns [b, 1, n*d].
     """
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
-    picked, ok = gather_scores(onehot, scores, valid, size)
-    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5)
-    return attention_values(scatter_probs(onehot, probs, size)[:, :, :, None], v, cfg)
+    picked, ok = gather_scores(onehot, scores, valid, size, fold)
+    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5, row_max=row_max)
+    return attention_values(scatter_probs(onehot, probs, size, fold)[:, :, :, None], v, cfg)
 
 
-def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int):
+def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int,
+                  fold: int = 1):
     """The selected clusters' scores, packed: onehot [b, k, slots, c/size] (0/1), scores
     [b, k, g, c], valid [c] (public) -> picked [b, k, g, slots*size], ok [b, k, 1, slots*size]
-    (1.0 where the packed entry is a valid cache entry, else 0.0)."""
+    (1.0 where the packed entry is a valid cache entry, else 0.0). fold: KV heads per
+    block-diagonal matmul (eviction.compaction.FOLD_HEADS; same values)."""
     b, kh, g, c = scores.shape
+    n, slots = c // size, onehot.shape[2]
     p = onehot.astype(scores.dtype)
-    picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, c // size, size))
-    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(c // size, size).astype(scores.dtype))
+    f = fold_for(kh, fold)
+    if f == 1:
+        picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, n, size))
+    else:
+        cols = scores.reshape(b, kh // f, f, g, n, size).transpose(0, 1, 2, 4, 3, 5)
+        out = jnp.einsum("brsn,brnz->brsz", block_diagonal(p, f),
+                         cols.reshape(b, kh // f, f * n, g * size))
+        picked = out.reshape(b, kh, slots, g, size).transpose(0, 1, 3, 2, 4)
+    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(n, size).astype(scores.dtype))
     return picked.reshape(b, kh, g, -1), ok.reshape(b, kh, 1, -1)
 
 
-def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int) -> jax.Array:
-    """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere."""
+def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int, fold: int = 1) -> jax.Array:
+    """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere;
+    fold as in gather_scores."""
     b, kh, g, _ = probs.shape
+    slots, n = onehot.shape[2], onehot.shape[3]
     p = onehot.astype(probs.dtype)
-    full = jnp.einsum("bksn,bkgsz->bkgnz", p, probs.reshape(b, kh, g, p.shape[2], size))
-    return full.reshape(b, kh, g, -1)
+    f = fold_for(kh, fold)
+    if f == 1:
+        full = jnp.einsum("bksn,bkgsz->bkgnz", p, probs.reshape(b, kh, g, slots, size))
+        return full.reshape(b, kh, g, -1)
+    rows = probs.reshape(b, kh // f, f, g, slots, size).transpose(0, 1, 2, 4, 3, 5)
+    out = jnp.einsum("brsn,brsz->brnz", block_diagonal(p, f),
+                     rows.reshape(b, kh // f, f * slots, g * size))
+    return out.reshape(b, kh, n, g, size).transpose(0, 1, 3, 2, 4).reshape(b, kh, g, -1)
 
 
 def partition_scores(mask: jax.Array, scores: jax.Array, size: int, slots: int, length,
@@ -94,27 +116,42 @@ def scatter_partitioned(hi: jax.Array, lo: jax.Array, probs: jax.Array, size: in
 
 
 def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaConfig,
-                       backend: str, entries: int, scores=None):
+                       backend: str, entries: int, scores=None, row_max=None):
     """attend_selected with the "sort" kernel: scores against the whole cache, the selected
     clusters' scores packed by partition_scores, softmax over those only, the probabilities
     back in cache order (scatter_partitioned), then p . V. Same output as attend_selected.
     k, v: [b, k, entries, d] or tuples of row segments (see model.attention_scores).
-    scores: as in attend_selected. Returns (out [b, 1, n*d], attended counts [b, k])."""
+    scores, row_max: as in attend_selected. Returns (out [b, 1, n*d], attended counts
+    [b, k])."""
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
-    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok)
+    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok, row_max=row_max)
     full = scatter_partitioned(hi, lo, probs, size, entries // size)
     return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
 
 
-def _select(policy, q, ck, bounds, length, prompt_len, cfg, scores=None):
+def _select(policy, q, ck, bounds, length, prompt_len, cfg, scores=None, with_max=False):
     """(kind, selection, cluster size, slots): for cluster policies that gather ("scores" or
     "kv"), kind is the gather mode and the selection P [b, k, slots, n] (0/1 float), except
     under the "sort" compaction with gather "scores", where kind is "sort" and the selection
     the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c], None, None).
-    scores: the step's q . k [b, k, g, c] for policies with `needs_scores`, else None."""
-    picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg, scores=scores)
+    scores: the step's q . k [b, k, g, c] for policies with `needs_scores`, else None.
+    with_max: return (that tuple, row_max), row_max the softmax's max over the selected
+    valid entries [b, k, 1, 1] where the policy's selection yields it (`gives_max`), else
+    None."""
+    row_max = None
+    if with_max and getattr(policy, "gives_max", lambda g, t: False)(q.shape[2], prompt_len):
+        *picked, row_max = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg,
+                                                  scores=scores, with_max=True)
+    else:
+        picked = policy.select_clusters(q, ck, bounds, length, prompt_len, cfg, scores=scores)
+    selection = _selection(policy, picked, q, ck, bounds, length, prompt_len, cfg)
+    return (selection, row_max) if with_max else selection
+
+
+def _selection(policy, picked, q, ck, bounds, length, prompt_len, cfg):
+    """_select's tuple from the policy's select_clusters output `picked`."""
     mode = getattr(policy, "gather", "mask")
     if picked is not None and mode != "mask":
         mask, size, slots = picked
@@ -144,22 +181,24 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
     mk, mv = (ck, cv) if segments is None else segments
     if policy is None or not policy.dynamic:
         return attend(q, mk, mv, mask[:, :, None, None, :], cfg), None, mask.sum(axis=-1)
-    scores = None
+    scores = row_max = None   # row_max only where this layer selects (not a shared selection)
     if selection is None:
         qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
         if policy.needs_scores:   # one q . k matmul for the selection and the attention
             scores = attention_scores(q, mk, cfg)[:, :, :, 0]                   # [b,k,g,c]
-        selection = _select(policy, qg, ck, bounds, length, prompt_len, cfg, scores)
+        selection, row_max = _select(policy, qg, ck, bounds, length, prompt_len, cfg, scores,
+                                     with_max=True)
     kind, sel, size, slots = selection
     if kind == "sort":
         out, count = attend_partitioned(q, mk, mv, sel, size, slots, length, cfg,
                                         getattr(policy, "backend", "plain"), ck.shape[2],
-                                        scores)
+                                        scores, row_max)
         return out, selection, count
     if kind == "scores":
         count = jnp.einsum("bksn,nz->bk", sel.astype(jnp.int32),
                            valid.reshape(-1, size).astype(jnp.int32))
-        return attend_selected(q, mk, mv, sel, size, valid, cfg, scores), selection, count
+        return (attend_selected(q, mk, mv, sel, size, valid, cfg, scores, row_max,
+                                max(1, getattr(policy, "fold_heads", 1))), selection, count)
     keys, values = mk, mv
     if kind == "kv":
         keys, values, picked = gather_clusters(sel, size, ck, cv, mask.astype(ck.dtype))

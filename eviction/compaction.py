@@ -38,6 +38,32 @@ BACKENDS = ("plain", "spu")
 SORT_PROTOCOLS = ()
 
 
+# KV heads folded into one block-diagonal matmul by the one-hot gather and scatter
+# (`fold_heads`), per protocol kind. SPU runs a matmul with batch dimensions head by head,
+# each head its own message rounds (ABY3: 3 sends per head, 89 for 32 heads; measured at one
+# 8k layer's gather, 7B shapes); a block-diagonal matmul over f heads is one matmul: the same
+# bytes under ABY3 (its matmuls cost their output), f times the local multiplications, 1/f of
+# the rounds. 2 keeps the cost linear in heads at the benchmark's measured head counts (2, 4;
+# run_spu checks). Not under SEMI2K (Beaver opens the whole block-diagonal operand) nor
+# CHEETAH (homomorphic matmuls cost their input sizes).
+FOLD_HEADS = {"ABY3": 2}
+
+
+def fold_for(n_heads: int, fold: int) -> int:
+    """Heads per block-diagonal matmul for `n_heads` KV heads: the largest divisor of
+    n_heads that is at most `fold` (0 or 1: none folded)."""
+    return max(d for d in range(1, max(1, fold) + 1) if n_heads % d == 0)
+
+
+def block_diagonal(p: jax.Array, fold: int) -> jax.Array:
+    """p [b, k, s, n] -> [b, k/fold, fold*s, fold*n]: each group of `fold` heads' matrices on
+    the diagonal, zeros elsewhere (a select with a public mask: local under MPC)."""
+    b, k, s, n = p.shape
+    eye = jnp.eye(fold, dtype=bool)[:, None, :, None]                       # [f, 1, f, 1]
+    g = p.reshape(b, k // fold, fold, s, 1, n)
+    return jnp.where(eye, g, jnp.zeros((), p.dtype)).reshape(b, k // fold, fold * s, fold * n)
+
+
 def kernel_for(compaction: str, protocol_kind: Optional[str]) -> str:
     """The kernel a policy's `compaction` setting runs under a protocol (an SPU
     ProtocolKind name, or None for plaintext): "auto" is "sort" under SORT_PROTOCOLS and
@@ -57,6 +83,8 @@ def for_protocol(policy, protocol_kind: Optional[str]):
     if getattr(policy, "refresh", 1) > 1 and policy.compaction == "auto":
         kernel = "onehot"   # a selection kept across steps is a one-hot matrix
     extra = {"split_kept": protocol_kind == "SEMI2K"} if hasattr(policy, "split_kept") else {}
+    if getattr(policy, "fold_heads", 1) == 0:
+        extra["fold_heads"] = FOLD_HEADS.get(protocol_kind, 1)
     return dataclasses.replace(policy, compaction=kernel,
                                backend="plain" if protocol_kind is None else "spu", **extra)
 

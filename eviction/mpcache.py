@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eviction import attention
-from eviction.base import Policy, check_gather, check_ratio, topk_mask
+from eviction.base import BIG, Policy, check_gather, check_ratio, topk_mask
 from eviction import neighbors
 from eviction.clusters import cluster_candidates, expand, forced_rows
 from eviction.compaction import compaction_matrix
@@ -247,9 +247,34 @@ class MPCache(Policy):
         those two, as refresh <= s2)."""
         return 1 if self.refresh == 1 else 2
 
-    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None):
+    def gives_max(self, group_size: int, prompt_len: int) -> bool:
+        """Whether select_clusters(with_max=True) yields the softmax's row max: score2 =
+        "exact" over single entries (score_pool 1) with one query head per KV head, where a
+        cluster's score IS the max of its entries' attention scores, so the max over the
+        selected entries is the max of the search's own max (over the candidates, the best of
+        which is always chosen) and the two forced clusters' scores: 2 comparisons instead of
+        the softmax's log2(k2 * s2)-level max tree. Not when nothing is chosen (short
+        prompts: the selection then has no search)."""
+        chosen = neighbors.tops(self.k2(prompt_len) - 1 - self.recent, self.neighbors,
+                                self.neighbors_left, self.neighbor_tops)[0]
+        return self.score2 == "exact" and self.score_pool == 1 and group_size == 1 and \
+            self.refresh == 1 and chosen > 0
+
+    def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None,
+                        with_max: bool = False):
+        """(keep2 bool [b, k, n2], s2, k2); with_max: a 4th element, the max of the step's
+        scores over the selected valid entries [b, k, 1, 1] where `gives_max` (else None)."""
         exact = self.score2 == "exact"   # bounds: () (none kept), else the six bounds
         n2 = cache_k.shape[2] // self.s2
+        slots = self.k2(prompt_len) - 1 - self.recent
+        want = with_max and self.gives_max(q.shape[2], prompt_len)
+        if want:
+            if scores is None:
+                scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
+            # entries beyond the cache scored -BIG (a public mask: local under MPC), so the
+            # current cluster's score is the max over its valid entries; no candidate (a
+            # completely filled cluster) changes, so neither does the selection
+            scores = jnp.where(jnp.arange(cache_k.shape[2]) < length, scores, -BIG)
         sim2 = self.exact_score(q, cache_k, scores) if exact else self.cluster_score(q, bounds, 2)
         cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
         n1 = n2 if exact else bounds[5].shape[2]
@@ -262,11 +287,19 @@ class MPCache(Policy):
                                              self.selector), forced1)
             eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
         # the chosen clusters and their neighbours share the k2 - 1 - recent free slots
-        chosen = neighbors.select(sim2, self.k2(prompt_len) - 1 - self.recent, eligible,
-                                  jnp.logical_or(cand2, forced2), self.neighbors,
-                                  self.neighbors_left, self.neighbor_tops, self.selector)
+        chosen = neighbors.select(sim2, slots, eligible, jnp.logical_or(cand2, forced2),
+                                  self.neighbors, self.neighbors_left, self.neighbor_tops,
+                                  self.selector, with_max=want)
+        if want:
+            chosen, top = chosen
         keep2 = jnp.logical_or(chosen, forced2)
-        return keep2, self.s2, self.k2(prompt_len)
+        if not with_max:
+            return keep2, self.s2, self.k2(prompt_len)
+        if not want:
+            return keep2, self.s2, self.k2(prompt_len), None
+        current = jax.lax.dynamic_slice_in_dim(sim2, (length - 1) // self.s2, 1, axis=-1)
+        row_max = jnp.maximum(top, jnp.maximum(sim2[..., :1], current))           # [b, k, 1]
+        return keep2, self.s2, self.k2(prompt_len), row_max[:, :, None, :]
 
     @property
     def keeps_bounds(self) -> bool:

@@ -32,27 +32,32 @@ def tops(slots: int, right: int, left: int = 0, best: int = 0):
 
 
 def select(scores, slots: int, allowed, within, right: int, left: int = 0, best: int = 0,
-           selector: str = "search"):
+           selector: str = "search", with_max: bool = False):
     """The top clusters of `scores` [..., n] among `allowed` with their neighbours, at most
     `slots` in all, AND `within` (the clusters that hold entries).
 
     best = 0: every chosen cluster gets its neighbours (tops(...) of them chosen);
     best = 1: only the highest does, found by one max (n - 1 comparisons and n equalities,
               not a second top-k), the other slots go to the plain top-k;
-    best > 1: the `best` highest do, by a second top-k."""
+    best > 1: the `best` highest do, by a second top-k.
+    with_max: also return the max of `scores` over `allowed` [..., 1] (topk_mask's)."""
     n_top, n_best = tops(slots, right, left, best)
-    chosen = topk_mask(scores, n_top, allowed, selector)
+    chosen = topk_mask(scores, n_top, allowed, selector, with_max=with_max)
+    if with_max:
+        chosen, top = chosen
+    done = (lambda m: (m, top)) if with_max else (lambda m: m)
     if right + left == 0 or n_best == 0:
-        return chosen
+        return done(chosen)
     if n_best == n_top:
-        return dilate(chosen, right, left, within)
+        return done(dilate(chosen, right, left, within))
     if n_best == 1:
         masked = jnp.where(allowed, scores, -BIG)
-        top = jnp.logical_and(masked >= masked.max(axis=-1, keepdims=True), allowed)
-        top = jnp.logical_and(top, jnp.cumsum(top.astype(jnp.int32), axis=-1) <= 1)  # ties
+        best_mask = jnp.logical_and(masked >= masked.max(axis=-1, keepdims=True), allowed)
+        best_mask = jnp.logical_and(best_mask, jnp.cumsum(best_mask.astype(jnp.int32),
+                                                          axis=-1) <= 1)  # ties
     else:
-        top = topk_mask(scores, n_best, allowed, selector)
-    return jnp.logical_or(chosen, dilate(top, right, left, within))
+        best_mask = topk_mask(scores, n_best, allowed, selector)
+    return done(jnp.logical_or(chosen, dilate(best_mask, right, left, within)))
 
 
 def shift(mask: jnp.ndarray, by: int) -> jnp.ndarray:

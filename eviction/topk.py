@@ -35,7 +35,7 @@ SELECTORS = ("search", "topk", "rank", "auto", "lean")
 
 
 def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "search",
-              ways: int = SEARCH_WAYS, bits: int = SEARCH_BITS) -> jax.Array:
+              ways: int = SEARCH_WAYS, bits: int = SEARCH_BITS, with_max: bool = False):
     """Bool mask of exactly min(k, #allowed) highest `scores` among `allowed` entries, along
     the last axis.
 
@@ -57,40 +57,61 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
     selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
     quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
     then the same exact-count tie breaking.
+    with_max: also return the row max over `allowed` entries, [..., 1] (-BIG where none is
+    allowed): free for "search" and "lean" (their first min/max tree), one max tree otherwise.
     """
+    mask, top = _topk(scores, k, allowed, selector, ways, bits)
+    if not with_max:
+        return mask
+    if top is None:
+        top = jnp.max(jnp.where(jnp.broadcast_to(allowed, mask.shape), scores, -BIG), axis=-1,
+                      keepdims=True)
+    return mask, top
+
+
+def _topk(scores, k, allowed, selector, ways, bits):
+    """(topk_mask's mask, the row max over allowed entries [..., 1] or None where the
+    selector did not compute it)."""
     n = scores.shape[-1]
     k = min(int(k), n)
     shape = jnp.broadcast_shapes(scores.shape, jnp.shape(allowed))
     if k <= 0:
-        return jnp.zeros(shape, bool)
+        return jnp.zeros(shape, bool), None
     allowed = jnp.broadcast_to(allowed, shape)
     masked = jnp.where(allowed, scores, -BIG)
     if selector == "topk":
         kth = jax.lax.top_k(masked, k)[0][..., -1:]
-        return _exact_count(masked, masked > kth, masked == kth, allowed, k)
+        return _exact_count(masked, masked > kth, masked == kth, allowed, k), None
     if selector == "auto":
         selector = "rank" if n <= RANK_MAX else "search"
     if selector == "rank":
-        return _rank_select(masked, allowed, k)
+        return _rank_select(masked, allowed, k), None
     if selector == "lean":
         ways, bits = LEAN_WAYS, LEAN_BITS
     # min and max in one reduction (min = -max(-x), exact): one comparison tree, half the
     # message rounds of two
     ends = jnp.max(jnp.stack([masked, jnp.where(allowed, -scores, -BIG)]), axis=-1,
                    keepdims=True)
-    lo, hi = -ends[1], ends[0] + 1.0
-    # invariant: count(masked >= lo) >= k (if k entries are allowed); count(masked >= hi) < k
+    lo, top = -ends[1], ends[0]
+    # invariant: count(masked >= lo) >= k (if k entries are allowed); count(masked >= lo +
+    # span) < k. The span is clamped ONCE (one comparison, not one per round) so that the
+    # last round's step is at least MIN_STEP: a step under one fixed-point ulp would round to
+    # zero and collapse the interval (the invariant holds for any span >= max - min)
+    rounds = -(-bits // max(1, int(math.log2(ways))))
+    span = jnp.maximum(top + 1.0 - lo, MIN_STEP * float(ways) ** rounds)          # [..., 1]
     parts = jnp.arange(1, ways, dtype=scores.dtype)                              # [ways-1]
-    for _ in range(-(-bits // max(1, int(math.log2(ways))))):
-        # never below MIN_STEP: a step under one fixed-point ulp would round to zero and
-        # collapse the interval (the invariant holds for any step: see above)
-        step = jnp.maximum((hi - lo) * (1.0 / ways), MIN_STEP)                   # [..., 1]
+    for r in range(rounds):
+        step = span * (1.0 / float(ways) ** (r + 1))                              # [..., 1]
         cuts = lo + step * parts                                                  # [..., w-1]
         counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)     # [..., w-1]
         passed = jnp.sum(counts >= k, axis=-1, keepdims=True).astype(scores.dtype)
-        lo, hi = lo + passed * step, lo + (passed + 1.0) * step
-    return _exact_count(masked, masked >= hi, jnp.logical_and(masked >= lo, masked < hi),
-                        allowed, k)
+        lo = lo + passed * step
+    # the entries above the final interval and those inside it, from ONE comparison of every
+    # entry with both ends (a single message round)
+    ge = masked[..., :, None] >= jnp.concatenate([lo, lo + step], axis=-1)[..., None, :]
+    above = ge[..., 1]
+    return _exact_count(masked, above, jnp.logical_and(ge[..., 0], jnp.logical_not(above)),
+                        allowed, k), top
 
 
 def _rank_select(masked, allowed, k):

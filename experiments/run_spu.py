@@ -143,6 +143,15 @@ def build_setting(args):
         if cfg.n_kv_heads > max(hs) and len(set(hs)) < 2:
             raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give {flag} two "
                               "counts to extrapolate from (e.g. 2,4) or at least that many")
+    from eviction.compaction import fold_for
+    from protocols.benchmark import head_samples
+    for n, pol in policies.items():   # folded heads: a cost linear in heads needs multiples
+        fold = max(1, getattr(pol, "fold_heads", 1))
+        counts = head_samples(cfg.n_kv_heads, heads) + [cfg.n_kv_heads]
+        if any(fold_for(h, fold) != fold_for(cfg.n_kv_heads, fold) for h in counts):
+            raise ConfigError(f"policy {n} folds {fold} KV heads per one-hot matmul: measure "
+                              f"--heads in multiples of {fold} (the model has "
+                              f"{cfg.n_kv_heads}), or set {n}:fold_heads=1")
     notes = []
     if max(seqs) > cfg.max_seq_len:
         notes.append(f"--seq {max(seqs)} exceeds the model's context ({cfg.max_seq_len}): "

@@ -36,19 +36,29 @@ def _row_reciprocal(p, axis):
     return 1.0 / jnp.sum(p, axis=axis, keepdims=True)
 
 
-def softmax_exact(x: jax.Array, mask=None, axis: int = -1) -> jax.Array:
-    """Reference softmax along `axis`; `mask` (broadcastable, bool) marks valid entries."""
+def _row_max(x, axis, row_max):
+    """The row max along `axis`, or the caller's `row_max` (keepdims shape): a value the
+    caller already holds, e.g. from a selection that compared the same scores (under MPC the
+    max tree is the softmax's costliest part in message rounds). It must equal the max over
+    the valid entries for the result to be the same softmax."""
+    return jnp.max(x, axis=axis, keepdims=True) if row_max is None else row_max
+
+
+def softmax_exact(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
+    """Reference softmax along `axis`; `mask` (broadcastable, bool) marks valid entries;
+    `row_max`: the max over the valid entries when the caller has it (see _row_max)."""
     x = _masked_scores(x, mask)
-    p = jnp.exp(x - jnp.max(x, axis=axis, keepdims=True))
+    p = jnp.exp(x - _row_max(x, axis, row_max))
     if mask is not None:
         p = p * mask
     return p * _row_reciprocal(p, axis)
 
 
-def softmax_clipped(x: jax.Array, mask=None, axis: int = -1) -> jax.Array:
-    """PUMA-style softmax: exp of (x - max) clipped to zero below EXP_CLIP."""
+def softmax_clipped(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
+    """PUMA-style softmax: exp of (x - max) clipped to zero below EXP_CLIP; `row_max` as in
+    softmax_exact."""
     x = _masked_scores(x, mask)
-    z = x - jnp.max(x, axis=axis, keepdims=True)
+    z = x - _row_max(x, axis, row_max)
     keep = z > EXP_CLIP
     if mask is not None:
         keep = jnp.logical_and(keep, mask)

@@ -243,14 +243,33 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     def split(rest):   # a block's args after q and k -> (bounds, the others)
         return (rest[0], rest[1:]) if keeps else ((), rest)
 
+    # the selecting layers' softmax gets its row max from the selection where the policy
+    # yields one (MPCache's exact ranking with one query head per KV head): a `row_max`
+    # output of the select block and an input of their softmax block
+    gives_max = getattr(policy, "gives_max", lambda g, t: False)(g, seq)
+
     def select(q, k, *rest):
         # rest: the bounds (if kept), then optionally the step's scores [1, heads, g, 1, cap]
-        # (an input of policies that rank by them)
+        # (an input of policies that rank by them). Returns ((kind, sel, size, slots),
+        # row_max or None)
         b, others = split(rest)
         s = others[0] if others else None
         qg = q[:, 0].reshape(1, heads, g, d)
         return _select(policy, qg, k, b, jnp.asarray(length), seq, c,
-                       None if s is None else s[:, :, :, 0])
+                       None if s is None else s[:, :, :, 0], with_max=True)
+
+    def softmax_blocks(packed: dict, mask_of):
+        """The softmax over the packed scores: with the selection's row max for the
+        selecting layers (when it gives one) and the plain one for the others."""
+        plain = _block("softmax", "softmax", lambda s, ok: (softmax(s, mask_of(ok)),), packed,
+                       count=L if not gives_max else L - n_sel, heads=heads)
+        if not gives_max:
+            return [plain]
+        out = [_block("softmax", "softmax",
+                      lambda s, ok, m: (softmax(s, mask_of(ok), row_max=m),),
+                      {**packed, "row_max": _spec((1, heads, 1, 1))}, count=n_sel,
+                      heads=heads)]
+        return out + ([dataclasses.replace(plain, name="softmax_shared")] if n_sel < L else [])
 
     probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
     kind = "mask" if probe is None else getattr(policy, "gather", "mask")
@@ -269,7 +288,8 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                                              jnp.asarray(length), policy.backend)
         def select_pack(q, k, *rest):   # rest: (bounds if kept, scores)
             ranked = rest if policy.needs_scores else rest[:-1]
-            return pack(select(q, k, *ranked)[1], rest[-1])
+            selection, row_max = select(q, k, *ranked)
+            return pack(selection[1], rest[-1]) + ((row_max,) if gives_max else ())
 
         out.append(_block("select", "selection", select_pack,
                           {"q": q, "k": kv, **bnd, "scores": scores},
@@ -278,9 +298,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
             out.append(_block("gather", "gather", lambda m, s: pack(m > 0.5, s),
                               {"mask": _spec((1, heads, n)), "scores": scores},
                               count=L - n_sel, heads=heads))
-        return out + blocks + [
-            _block("softmax", "softmax", lambda s, ok: (softmax(s, ok),), packed,
-                   count=L, heads=heads),
+        return out + blocks + softmax_blocks(packed, lambda ok: ok) + [
             _block("scatter", "gather",
                    lambda hi, lo, pr: (scatter_partitioned(hi, lo, pr, size, n)[:, :, :, None],),
                    {**digits, "probs": packed["picked"]}, count=L, heads=heads),
@@ -306,21 +324,25 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         sel_in = {"q": q, "k": kv, **bnd}
         if policy.needs_scores:   # ranks by the scores block's output: no second q . k
             sel_in["scores"] = scores
-        sel_spec = jax.eval_shape(lambda *a: select(*a)[1], *sel_in.values())
-        out.append(_block("select", "selection", lambda *a: (select(*a)[1],), sel_in,
-                          count=n_sel, heads=heads))
+
+        def select_out(*a):   # the one-hot matrix, and the row max where there is one
+            selection, row_max = select(*a)
+            return (selection[1],) + ((row_max,) if gives_max else ())
+
+        sel_spec = jax.eval_shape(select_out, *sel_in.values())[0]
+        out.append(_block("select", "selection", select_out, sel_in, count=n_sel,
+                          heads=heads))
     if kind == "scores":
-        size = probe[1]
+        size, fold = probe[1], max(1, getattr(policy, "fold_heads", 1))
         packed = _spec((1, heads, g, sel_spec.shape[2] * size))
         return out + blocks + [
             _block("gather", "gather",
-                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size),
+                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size, fold),
                    {"onehot": sel_spec, "scores": scores}, count=L, heads=heads),
-            _block("softmax", "softmax", lambda s, ok: (softmax(s, ok > 0.5),),
-                   {"picked": packed, "ok": _spec((1, heads, 1, packed.shape[3]))},
-                   count=L, heads=heads),
+            ] + softmax_blocks({"picked": packed, "ok": _spec((1, heads, 1, packed.shape[3]))},
+                               lambda ok: ok > 0.5) + [
             _block("scatter", "gather",
-                   lambda p, pr: (scatter_probs(p, pr, size)[:, :, :, None],),
+                   lambda p, pr: (scatter_probs(p, pr, size, fold)[:, :, :, None],),
                    {"onehot": sel_spec, "probs": packed}, count=L, heads=heads),
             values]
     raise ConfigError(f"cost blocks are built for gather='scores' only; {policy.name} has "

@@ -240,3 +240,50 @@ def test_compiled_programs_reveal_nothing(two_layers, name, selector, static_sel
     policy = dataclasses.replace(policy_from_spec(name, 0.5), **fields)  # every step selects
     gen = PrivateGenerator(SpuSession(get_protocol(proto)), cfg, params, policy=policy)
     check_programs_reveal_nothing(gen, 200, 203)
+
+
+@pytest.mark.parametrize("proto", ["aby3", "semi2k"])
+def test_softmax_max_from_the_selection_on_spu_equals_plaintext(proto):
+    """One query head per KV head (7B's shape): MPCache's softmax takes its row max from the
+    selection (the search's max and the forced clusters' scores) instead of a max tree. The
+    output equals attention over the attended entries with the softmax's own max, in plaintext
+    and under SPU; the rows beyond the cache length score far above every real entry, so an
+    unmasked max would clip every real entry to zero."""
+    from eviction.attention import _select, attended_mask, decode_attention
+    from mpc_llama.model import attend
+
+    from eviction.compaction import for_protocol
+
+    cfg = preset("tiny").replace(n_heads=K, n_kv_heads=K, head_dim=D)
+    kind = get_protocol(proto).kind
+    policy = for_protocol(make_policy("mpcache", 0.4), kind)   # ABY3: heads folded by 2
+    assert policy.fold_heads == (2 if kind == "ABY3" else 1)
+    length = T - 5
+    assert policy.gives_max(1, T) and policy.chooses(T)
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(1, 1, K, D)).astype(np.float32)
+    ck = rng.normal(size=(1, K, T, D)).astype(np.float32)
+    cv = rng.normal(size=(1, K, T, D)).astype(np.float32)
+    ck[:, :, length:] = 40.0 * q[0, 0][None, :, None, :]   # beyond the cache: huge scores
+    n = jnp.asarray(length)
+
+    def fn(q, ck, cv):
+        out, selection, _ = decode_attention(q, ck, cv, (), n, policy, T, cfg)
+        return out, attended_mask(selection, jnp.arange(T) < n, ck.shape[:3])
+
+    out, mask = (np.asarray(x) for x in jax.jit(fn)(q, ck, cv))
+    want = np.asarray(attend(q, ck, cv, mask[:, :, None, None, :], cfg))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    qg = q[:, 0].reshape(1, K, 1, D)
+    scores = np.einsum("bkgd,bkcd->bkgc", qg, ck) / np.sqrt(D)
+    _, row_max = _select(policy, qg, ck, (), n, T, cfg, jnp.asarray(scores), with_max=True)
+    np.testing.assert_allclose(np.asarray(row_max)[..., 0, 0],
+                               np.where(mask[:, :, None], scores, -np.inf).max(-1)[..., 0],
+                               rtol=1e-6)
+    session = SpuSession(get_protocol(proto))
+    prog = session.compile(fn, (q, ck, cv), ("q", "ck", "cv"))
+    for name, x in zip(("q", "ck", "cv"), (q, ck, cv)):
+        session.put(name, x)
+    (o, m), _ = session.run(prog, ("out", "mask"))
+    assert (np.asarray(session.reveal(m)).astype(bool) == mask).all()
+    np.testing.assert_allclose(np.asarray(session.reveal(o)), want, atol=2e-2)
