@@ -30,40 +30,33 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
     scores: q . k [b, k, g, c] when the selection computed them already (else computed here);
     row_max: the max over the selected valid entries [b, k, g, 1] when the selection has it
     (the softmax then runs no max tree), else None; fold: KV heads per block-diagonal
-    gather/scatter matmul (gather_scores).
+    scatter matmul (scatter_probs).
     Returns [b, 1, n*d].
     """
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
-    picked, ok = gather_scores(onehot, scores, valid, size, fold)
+    picked, ok = gather_scores(onehot, scores, valid, size)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5, row_max=row_max)
     return attention_values(scatter_probs(onehot, probs, size, fold)[:, :, :, None], v, cfg)
 
 
-def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int,
-                  fold: int = 1):
+def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int):
     """The selected clusters' scores, packed: onehot [b, k, slots, c/size] (0/1), scores
     [b, k, g, c], valid [c] (public) -> picked [b, k, g, slots*size], ok [b, k, 1, slots*size]
-    (1.0 where the packed entry is a valid cache entry, else 0.0). fold: KV heads per
-    block-diagonal matmul (eviction.compaction.FOLD_HEADS; same values)."""
+    (1.0 where the packed entry is a valid cache entry, else 0.0). One matmul per KV head:
+    folded into block-diagonal matmuls (as scatter_probs can be) it took fewer rounds but
+    more time (ABY3, 32 heads, 8k: 1.3 s per-head, 1.9 s by 2, 2.3 s by 4)."""
     b, kh, g, c = scores.shape
-    n, slots = c // size, onehot.shape[2]
     p = onehot.astype(scores.dtype)
-    f = fold_for(kh, fold)
-    if f == 1:
-        picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, n, size))
-    else:
-        cols = scores.reshape(b, kh // f, f, g, n, size).transpose(0, 1, 2, 4, 3, 5)
-        out = jnp.einsum("brsn,brnz->brsz", block_diagonal(p, f),
-                         cols.reshape(b, kh // f, f * n, g * size))
-        picked = out.reshape(b, kh, slots, g, size).transpose(0, 1, 3, 2, 4)
-    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(n, size).astype(scores.dtype))
+    picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, c // size, size))
+    ok = jnp.einsum("bksn,nz->bksz", p, valid.reshape(c // size, size).astype(scores.dtype))
     return picked.reshape(b, kh, g, -1), ok.reshape(b, kh, 1, -1)
 
 
 def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int, fold: int = 1) -> jax.Array:
-    """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere;
-    fold as in gather_scores."""
+    """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere.
+    fold: KV heads per block-diagonal matmul (eviction.compaction.FOLD_HEADS; the same
+    values, 1/fold of the rounds)."""
     b, kh, g, _ = probs.shape
     slots, n = onehot.shape[2], onehot.shape[3]
     p = onehot.astype(probs.dtype)

@@ -34,8 +34,8 @@ FORMAT = 3  # bump when what a cached measurement means changes
 # rounds (a 4-head softmax over 8k entries: ~700 sends steady). A median keeps a refill only
 # where most runs of the block trigger one (blocks moving tens of MB per run); run_spu.py
 # says so. ABY3's per-party counters also vary a few % from run to run (its truncation draws
-# the parties' roles from a public random pivot; their sum is fixed): the parties come busiest
-# first, and each position keeps its median.
+# the parties' roles from a public random pivot; their sum is fixed): each counter comes
+# ranked on its own, largest first (SpuSession.run), and each position keeps its median.
 REPEATS, REPEAT_BELOW_S = 3, 10.0
 # SEMI2K's Beaver cache (Protocol.beaver_cache): a block's fixed operands (weights; KV rows
 # written before the step) are opened by its first run and kept; the block's counters are
@@ -192,8 +192,8 @@ class BlockMeter:
             key["runs"] = "steady: after a first run on the same buffers (Beaver cache warm)"
         if self.cluster is not None:  # real parties: same counters, other seconds
             key["backend"] = "brpc"
-        elif self.protocol.world_size > 2:  # all parties from one run (earlier: one per party)
-            key["parties"] = "one run"
+        elif self.protocol.world_size > 2:  # all parties from one run, each counter ranked
+            key["parties"] = "one run, each counter ranked"
         blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -337,7 +337,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         packed = _spec((1, heads, g, sel_spec.shape[2] * size))
         return out + blocks + [
             _block("gather", "gather",
-                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size, fold),
+                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size),
                    {"onehot": sel_spec, "scores": scores}, count=L, heads=heads),
             ] + softmax_blocks({"picked": packed, "ok": _spec((1, heads, 1, packed.shape[3]))},
                                lambda ok: ok > 0.5) + [

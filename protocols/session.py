@@ -76,15 +76,28 @@ def _run_parallel(fns: Sequence[Callable[[], Any]]) -> List[Any]:
     return results
 
 
+def ranked_counters(links: Sequence[PartyCost]) -> List[PartyCost]:
+    """The parties' link counters with EACH counter ranked on its own, largest first: entry i
+    holds the i-th largest bytes sent, bytes received, sends and receives (not one party's
+    four counters). Without ranks in SPU's log a party cannot be followed from one program to
+    the next, and a joint order (by bytes) let the head extrapolation of a block mix one
+    party's sends at 2 heads with another's at 4 (ABY3's roles vary by run): ranked alone,
+    entry 0 of a composed step is the sum of every block's busiest party per counter, an
+    upper bound of the busiest party's total. Sums over the parties are unchanged."""
+    cols = [sorted((getattr(p, f.name) for p in links), reverse=True)
+            for f in dataclasses.fields(PartyCost)]
+    return [PartyCost(*vals) for vals in zip(*cols)]
+
+
 class SpuSession:
     """Persistent SPU runtimes for one protocol setting.
 
     Every run measures every party. In 2PC the profiled party (`profile_rank`, default 0)
     prints SPU's counters and the other's follow exactly (its sends are the profiled party's
     receives); `ops` are the profiled party's. With three parties all of them print: their
-    link counters are listed busiest first (most bytes sent), NOT by rank (SPU 0.9.5's log
-    lines carry no rank, and parties finishing together interleave them), and `ops` sum all
-    parties'.
+    link counters are NOT by rank (SPU 0.9.5's log lines carry no rank, and parties finishing
+    together interleave them): each counter is ranked on its own, largest first
+    (`ranked_counters`), and `ops` sum all parties'.
     ABY3 needs the one-run measurement: its truncation picks the parties' roles by a public
     random pivot, so one party's counters differ from run to run while their sum does not.
     """
@@ -286,8 +299,7 @@ class SpuSession:
         if link is None:
             raise RuntimeError("SPU printed no link counters; was profiling disabled?")
         if self.world_size > 2:
-            parties = sorted(parse_links(captured[0]), reverse=True,
-                             key=lambda p: (p.bytes_sent, p.sends))
+            parties = ranked_counters(parse_links(captured[0]))
             if len(parties) != self.world_size:
                 raise RuntimeError(f"expected {self.world_size} parties' link counters, "
                                    f"SPU printed {len(parties)}")

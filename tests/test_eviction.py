@@ -483,3 +483,22 @@ def test_refresh_one_selects_what_it_always_did(six_layers):
         MPCache(refresh=2, compaction="sort")
     with pytest.raises(ConfigError):
         MPCache(refresh=MPCache().s2 + 1)
+
+
+def test_wide_search_selects_what_lean_selects():
+    """selector "wide" (16 parts, 2 rounds) cuts lean's 256 levels in half its rounds: the
+    same final interval, so the same mask, plateaus and disallowed entries included; and
+    with_max returns the row max over the allowed entries."""
+    rng = np.random.default_rng(5)
+    for trial in range(8):
+        s = rng.normal(size=(4, 128)) * rng.uniform(0.5, 8)
+        if trial % 2:
+            s = np.round(s * 2) / 2                                   # plateaus
+        s = jnp.asarray(s.astype(np.float32))
+        allowed = jnp.asarray(rng.random(128) > 0.1)
+        k = int(rng.integers(1, 40))
+        lean = np.asarray(topk_mask(s, k, allowed, "lean"))
+        wide, top = topk_mask(s, k, allowed, "wide", with_max=True)
+        np.testing.assert_array_equal(np.asarray(wide), lean)
+        np.testing.assert_allclose(np.asarray(top)[:, 0],
+                                   np.where(np.asarray(allowed), np.asarray(s), -np.inf).max(-1))

@@ -26,7 +26,8 @@ BUDGET = 0.25
 # "topk", SPU's top-k kernel (secret shuffle, then quick-select revealing only comparison
 # bits of the shuffled array, whose count is public): see docs/privacy.md.
 _BASE = {"spu.prefer_a", "spu.make_cached_var", "spu.drop_cached_var"}
-ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "lean": _BASE, "topk": _BASE | {"mhlo.topk"}}
+ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "lean": _BASE, "wide": _BASE,
+                 "topk": _BASE | {"mhlo.topk"}}
 CALL = r"pphlo\.custom_call @([\w.]+)"
 
 
@@ -62,7 +63,8 @@ CASES = [(name, proto, None) for name in sorted(POLICIES) if name != "full"
                                              ("mpcache_static", "aby3", "topk"),
                                              ("mpcache_static", "semi2k", None),
                                              ("snapkv", "semi2k", "topk"),
-                                             ("mpcache", "aby3", "search")]
+                                             ("mpcache", "aby3", "search"),
+                                             ("mpcache", "semi2k", "wide")]
 
 
 @pytest.mark.parametrize("name,proto,selector", CASES)

@@ -114,6 +114,19 @@ def test_colocation_is_a_protocol_setting():
 
 
 
+def test_each_counter_is_ranked_on_its_own():
+    """Without ranks, every counter is ranked alone (largest first): the busiest party's
+    sends are never paired with another party's bytes; sums are unchanged."""
+    from protocols.cost import PartyCost
+    from protocols.session import ranked_counters
+
+    links = [PartyCost(10, 30, 7, 2), PartyCost(30, 10, 2, 9), PartyCost(20, 20, 5, 3)]
+    got = ranked_counters(links)
+    assert [p.bytes_sent for p in got] == [30, 20, 10]
+    assert [p.sends for p in got] == [7, 5, 2] and [p.recvs for p in got] == [9, 3, 2]
+    assert sum(p.bytes_recv for p in got) == sum(p.bytes_recv for p in links)
+
+
 def test_parse_links_lists_every_party():
     from protocols.cost import parse_links, parse_profile
 
