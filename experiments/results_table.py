@@ -91,11 +91,13 @@ def captured_table(res: dict) -> str:
 
 
 def selection_table(res: dict) -> str:
-    """experiments/selection_cost.py results: one layer's selection block per policy."""
+    """experiments/selection_cost.py results: one layer's selection block per policy (and,
+    with --parts, its stages on their own, indented under it)."""
     lines = ["| protocol | seq | policy | KV heads | MB (all parties) | sends (busiest) |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {res.get('protocol', '-')} | {r['seq']} | {r['policy']} | "
+        name = f"... {r['part']}" if r.get("part") else r["policy"]
+        lines.append(f"| {res.get('protocol', '-')} | {r['seq']} | {name} | "
                      f"{r['kv_heads']} | {r['bytes'] / 1e6:.2f} | {r['sends']:,.0f} |")
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ How the numbers are made (printed with every run, recorded in the JSON):
     attention blocks (bounds, selection, scores, gather, softmax, scatter, p.V) on --heads KV
     heads, extrapolated linearly to the model's KV heads when it has more; the step is the sum
     of each block times the layers that run it (selecting and sharing layers counted apart);
-  * every party's bytes and sends are measured (3PC: one run per party); compute_s is the
+  * every party's bytes and sends are measured (3PC: all parties in one run, each counter
+    ranked on its own, largest first, as SPU's log has no ranks); compute_s is the
     simulator's wall-clock with all parties as threads on this machine;
   * latency is PROJECTED from those counters by protocols.network.projected_seconds;
     CHEETAH's silent-OT refill sends (protocols.refill) are priced apart, not as round trips

@@ -6,7 +6,12 @@ prices a change to the selection alone, without the dense blocks a whole decode 
         --out results/select_cost_8192
 
 Every KV head of the model is measured (no extrapolation); the block is one layer's
-selection for one decode step (run_spu counts it once per selecting layer)."""
+selection for one decode step (run_spu counts it once per selecting layer).
+
+--parts (MPCache with score2=exact) also measures the block's stages on their own, where
+the message rounds go: the cluster max over the step's scores, the search's min/max tree,
+the whole top-k (tree included), and the one-hot compaction matrix from a cluster mask (its
+input a 0/1 share compared with 0.5: one comparison more than in the block)."""
 
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--policies", default="mpcache,mpcache:neighbors=1")
     p.add_argument("--block-cache", default="runs/block_cache")
+    p.add_argument("--parts", action="store_true",
+                   help="also measure the stages of MPCache's exact-ranking selection")
     p.add_argument("--out")
     args = p.parse_args(argv)
     cfg = spu_config(load_config(args.model))
@@ -51,10 +58,59 @@ def main(argv=None):
                      "wall_s": time.perf_counter() - t0})
         print(f"{spec:<45} bytes {c.total_bytes:>14,.0f}  sends {max(c.sends):>6.0f}",
               file=sys.stderr)
+        for part in (selection_parts(cfg, policy, args.seq) if args.parts else []):
+            c = meter.measure(part)
+            rows.append({"policy": spec, "part": part.name, "seq": args.seq,
+                         "budget": args.budget, "kv_heads": cfg.n_kv_heads,
+                         "bytes": c.total_bytes, "sends": max(c.sends),
+                         "simulated_s": c.seconds})
+            print(f"  {part.name:<43} bytes {c.total_bytes:>14,.0f}  sends "
+                  f"{max(c.sends):>6.0f}", file=sys.stderr)
     if args.out:
         write_json_atomic(os.path.join(args.out, "results.json"),
                           {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                            "model": args.model, "protocol": args.protocol, "rows": rows})
+
+
+def selection_parts(cfg, policy, seq: int):
+    """The stages of MPCache's exact-ranking selection as blocks, at every KV head: inputs
+    as the select block gets them (the step's scores [1, k, g, 1, cap])."""
+    import jax.numpy as jnp
+
+    from eviction.base import BIG, topk_mask
+    from eviction.clusters import cluster_candidates
+    from eviction.compaction import compaction_matrix
+    from mpc_llama.errors import ConfigError
+    from protocols.blocks import _block, _spec, retained
+
+    if getattr(policy, "score2", None) != "exact":
+        raise ConfigError(f"--parts measures MPCache's exact ranking; {policy.name} has "
+                          f"score2={getattr(policy, 'score2', None)!r}")
+    heads, g = cfg.n_kv_heads, cfg.group_size
+    length, cap = retained(policy, seq)
+    n = cap // policy.s2
+    allowed, _ = cluster_candidates(jnp.asarray(length), n, policy.s2, policy.recent)
+    slots = policy.k2(seq) - 1 - policy.recent
+
+    def cluster_max(s):
+        return (policy.exact_score(None, None, s[:, :, :, 0]),)
+
+    def tree(c):
+        m = jnp.where(allowed, c, -BIG)
+        return (jnp.max(jnp.stack([m, jnp.where(allowed, -c, -BIG)]), axis=-1),)
+
+    def topk(c):
+        return (topk_mask(c, slots, allowed, policy.selector),)
+
+    def onehot(m):
+        return (compaction_matrix(m > 0.5, policy.k2(seq)).astype(jnp.float32),)
+
+    scores, clusters = _spec((1, heads, g, 1, cap)), _spec((1, heads, n))
+    return [_block("cluster max", "selection", cluster_max, {"scores": scores}),
+            _block("min/max tree", "selection", tree, {"clusters": clusters}),
+            _block(f"top-k ({policy.selector}, tree included)", "selection", topk,
+                   {"clusters": clusters}),
+            _block("one-hot compaction", "selection", onehot, {"mask": clusters})]
 
 
 if __name__ == "__main__":

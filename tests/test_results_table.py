@@ -109,3 +109,26 @@ def test_selection_cost_files_get_their_own_table():
     res = {"protocol": "aby3", "rows": [{"policy": "mpcache", "seq": 8192, "budget": 0.1,
                                          "kv_heads": 3, "bytes": 7.25e6, "sends": 369.0}]}
     assert selection_table(res).splitlines()[2] == "| aby3 | 8192 | mpcache | 3 | 7.25 | 369 |"
+    res["rows"].append(dict(res["rows"][0], part="cluster max", bytes=2e6, sends=57.0))
+    assert selection_table(res).splitlines()[3] == "| aby3 | 8192 | ... cluster max | 3 | 2.00 | 57 |"
+
+
+def test_selection_parts_add_up_to_the_block(tmp_path):
+    """selection_cost --parts: the stages of the select block, measured apart, add up to it
+    (the one-hot stage compares its 0/1 input once more than the block does)."""
+    import json
+
+    from experiments import selection_cost
+
+    out = tmp_path / "sel"
+    selection_cost.main(["--model", "tiny", "--protocol", "semi2k", "--seq", "512",
+                         "--policies", "mpcache:s2=16", "--parts", "--block-cache", "",
+                         "--out", str(out)])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    block, parts = rows[0], {r["part"]: r for r in rows[1:]}
+    assert set(parts) == {"cluster max", "min/max tree", "top-k (lean, tree included)",
+                          "one-hot compaction"}
+    total = sum(parts[p]["bytes"] for p in ("cluster max", "top-k (lean, tree included)",
+                                            "one-hot compaction"))
+    assert 0.9 * block["bytes"] < total < 1.1 * block["bytes"]
+    assert parts["min/max tree"]["sends"] < parts["top-k (lean, tree included)"]["sends"]
