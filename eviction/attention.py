@@ -13,7 +13,8 @@ from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
 from eviction.clusters import expand
 from eviction.compaction import (block_diagonal, compaction_matrix, digits, fold_for,
-                                 gather_clusters, pad_to, partition, scatter_by_digits)
+                                 gather_clusters, onehot_form, pad_to, partition,
+                                 scatter_by_digits)
 from mpc_llama.model import attend, attention_scores, attention_values
 
 
@@ -153,7 +154,8 @@ def _selection(policy, picked, q, ck, bounds, length, prompt_len, cfg):
             return "sort", mask, size, slots
         # (nothing chosen: the mask is public, and so is its one-hot matrix)
         # float once here: a boolean share would be converted again at every use under MPC
-        return mode, compaction_matrix(mask, slots).astype(ck.dtype), size, slots
+        return mode, compaction_matrix(mask, slots, onehot_form(policy)).astype(ck.dtype), \
+            size, slots
     return "mask", expand(picked[0], picked[1]) if picked is not None else policy.select(
         q, ck, bounds, length, prompt_len, cfg), None, None
 

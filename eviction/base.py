@@ -70,14 +70,19 @@ class Policy:
     static_selector: str = "topk"   # prefill top-k (once per prompt): exact lax.top_k
     compaction: str = "auto"        # auto | onehot | sort (eviction.compaction; auto: per protocol)
     backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
-    fold_heads: int = 0             # KV heads per one-hot gather/scatter matmul (block-diagonal;
+    fold_heads: int = 0             # KV heads per one-hot scatter matmul (block-diagonal;
                                     # 0: per protocol, compaction.for_protocol; 1: one per head)
+    onehot_form: str = "auto"       # one-hot compaction from equalities ("eq") or threshold
+                                    # comparisons ("ge"); auto: per protocol (compaction)
 
     def __post_init__(self):
         check_ratio("budget", self.budget)
         if self.compaction not in compact.KERNELS:
             raise ConfigError(f"compaction must be one of {compact.KERNELS}, "
                               f"got {self.compaction!r}")
+        if self.onehot_form not in compact.ONEHOT_FORMS:
+            raise ConfigError(f"onehot_form must be one of {compact.ONEHOT_FORMS}, got "
+                              f"{self.onehot_form!r}")
         if self.fold_heads < 0:
             raise ConfigError(f"fold_heads must be >= 0, got {self.fold_heads}")
         if self.backend not in compact.BACKENDS:

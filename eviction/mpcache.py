@@ -54,7 +54,7 @@ from eviction import attention
 from eviction.base import BIG, Policy, check_gather, check_ratio, topk_mask
 from eviction import neighbors
 from eviction.clusters import cluster_candidates, expand, forced_rows
-from eviction.compaction import compaction_matrix
+from eviction.compaction import compaction_matrix, onehot_form
 from eviction.quest import quest_bound
 from eviction.sharing import PATTERNS, share_source
 from eviction.static_scores import max_pool, window_attention
@@ -383,7 +383,8 @@ class MPCache(Policy):
         keep2, _, slots = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
         forced = cluster_candidates(length, keep2.shape[-1], self.s2, self.recent)[1]
         return compaction_matrix(jnp.logical_and(keep2, jnp.logical_not(forced)),
-                                 slots - 1 - self.recent).astype(cache_k.dtype)
+                                 slots - 1 - self.recent,
+                                 onehot_form(self)).astype(cache_k.dtype)
 
     def with_forced(self, kept, length):
         """The kept one-hot rows plus the forced clusters' public rows: [b, k, k2, n2]."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from eviction.compaction import compaction_matrix, partition
+from eviction.compaction import compaction_matrix, onehot_form, partition
 from eviction.topk import topk_mask
 
 
@@ -30,7 +30,8 @@ def static_selection(policy, q, k, cfg) -> jax.Array:
     layer (computed once per source layer; layers sharing its selection reuse the matrix).
     Float, not bool: under MPC a boolean share would be converted at every use."""
     mask = static_mask(policy, q, k, cfg)
-    return compaction_matrix(mask, policy.static_keep(k.shape[2])).astype(k.dtype)
+    return compaction_matrix(mask, policy.static_keep(k.shape[2]),
+                             onehot_form(policy)).astype(k.dtype)
 
 
 def kept_indices(policy, q, k, cfg) -> jax.Array:

@@ -26,6 +26,7 @@ from experiments.cli import Parser, run_main, write_json_atomic  # noqa: E402
 
 def main(argv=None):
     from eviction import policy_from_spec
+    from eviction.compaction import for_protocol
     from mpc_llama.loading import load_config
     from protocols.benchmark import BlockMeter
     from protocols.blocks import attention_blocks
@@ -44,10 +45,11 @@ def main(argv=None):
     p.add_argument("--out")
     args = p.parse_args(argv)
     cfg = spu_config(load_config(args.model))
-    meter = BlockMeter(get_protocol(args.protocol), args.block_cache or None)
+    protocol = get_protocol(args.protocol)
+    meter = BlockMeter(protocol, args.block_cache or None)
     rows = []
     for spec in [s for s in args.policies.split(",") if s]:
-        policy = policy_from_spec(spec, args.budget)
+        policy = for_protocol(policy_from_spec(spec, args.budget), protocol.kind)
         block = next(b for b in attention_blocks(cfg, policy, args.seq, cfg.n_kv_heads)
                      if b.name == "select")
         t0 = time.perf_counter()
@@ -79,7 +81,7 @@ def selection_parts(cfg, policy, seq: int):
 
     from eviction.base import BIG, topk_mask
     from eviction.clusters import cluster_candidates
-    from eviction.compaction import compaction_matrix
+    from eviction.compaction import compaction_matrix, onehot_form
     from mpc_llama.errors import ConfigError
     from protocols.blocks import _block, _spec, retained
 
@@ -103,7 +105,8 @@ def selection_parts(cfg, policy, seq: int):
         return (topk_mask(c, slots, allowed, policy.selector),)
 
     def onehot(m):
-        return (compaction_matrix(m > 0.5, policy.k2(seq)).astype(jnp.float32),)
+        return (compaction_matrix(m > 0.5, policy.k2(seq), onehot_form(policy)).astype(
+            jnp.float32),)
 
     scores, clusters = _spec((1, heads, g, 1, cap)), _spec((1, heads, n))
     return [_block("cluster max", "selection", cluster_max, {"scores": scores}),

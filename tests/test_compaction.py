@@ -63,6 +63,31 @@ def test_folded_scatter_equals_one_matmul_per_head(heads, group, fold):
     assert for_protocol(make_policy("mpcache", 0.1, fold_heads=1), "ABY3").fold_heads == 1
 
 
+@pytest.mark.parametrize("proto", [None, "semi2k"])
+def test_threshold_onehot_equals_the_equality_onehot(proto):
+    """onehot_form "ge" (SEMI2K's: threshold comparisons) builds the equality one-hot's
+    matrix, with more kept entries than slots, fewer, and none; in plaintext and under SPU."""
+    from eviction.compaction import ONEHOT_FORM, compaction_matrix
+
+    rng = np.random.default_rng(7)
+    mask = rng.random((1, 4, 40)) < np.array([0.05, 0.2, 0.5, 0.0])[None, :, None]
+    want = np.asarray(compaction_matrix(jnp.asarray(mask), 6, "eq"))
+    fn = lambda m: (compaction_matrix(m > 0.5, 6, "ge"),)  # noqa: E731
+    if proto is None:
+        got = np.asarray(fn(mask.astype(np.float32))[0])
+    else:
+        session = SpuSession(get_protocol(proto))
+        prog = session.compile(fn, (mask.astype(np.float32),), ("m",))
+        session.put("m", mask.astype(np.float32))
+        (ref,), _ = session.run(prog, ("p",))
+        got = np.asarray(session.reveal(ref)).astype(bool)
+    np.testing.assert_array_equal(got, want)
+    assert want[0, 2].sum() == 6 and not want[0, 3].any()
+    assert ONEHOT_FORM.get("SEMI2K") == "ge"
+    assert for_protocol(make_policy("mpcache", 0.1), "SEMI2K").onehot_form == "ge"
+    assert for_protocol(make_policy("mpcache", 0.1), "ABY3").onehot_form == "eq"
+
+
 def _inputs(seed=0):
     """Keys whose clusters repeat in pairs (equal cluster scores: plateaus at the top-k
     threshold), a query along a random direction."""
