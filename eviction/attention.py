@@ -46,7 +46,7 @@ def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: 
     [b, k, g, c], valid [c] (public) -> picked [b, k, g, slots*size], ok [b, k, 1, slots*size]
     (1.0 where the packed entry is a valid cache entry, else 0.0). One matmul per KV head:
     folded into block-diagonal matmuls (as scatter_probs can be) it took fewer rounds but
-    more time (ABY3, 32 heads, 8k: 1.3 s per-head, 1.9 s by 2, 2.3 s by 4)."""
+    more time (ABY3, 32 heads, 8k, a probe; the benchmark's gather block too)."""
     b, kh, g, c = scores.shape
     p = onehot.astype(scores.dtype)
     picked = jnp.einsum("bksn,bkgnz->bkgsz", p, scores.reshape(b, kh, g, c // size, size))

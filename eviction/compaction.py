@@ -43,7 +43,7 @@ SORT_PROTOCOLS = ()
 # head by head, each head its own message rounds (ABY3: 3 sends per head, 89 for 32 heads;
 # one 8k layer, 7B shapes); a block-diagonal matmul over f heads is one matmul: the same bytes
 # under ABY3 (its matmuls cost their output), f times the local multiplications, 1/f of the
-# rounds, and less time (32 heads: 1.6 s per head, 0.7 s by 4). 2 keeps the cost linear in
+# rounds, and (a probe at 32 heads) less time. 2 keeps the cost linear in
 # heads at the benchmark's measured head counts (2, 4; run_spu checks). Not under SEMI2K
 # (Beaver opens the whole block-diagonal operand) nor CHEETAH (homomorphic matmuls cost their
 # input sizes). The gather of the scores stays per head (eviction.attention.gather_scores).
@@ -146,9 +146,9 @@ def scatter_by_digits(hi: jax.Array, lo: jax.Array, values: jax.Array, n: int) -
 
 # How the one-hot compaction matrix compares each entry's destination with the public slot
 # numbers (`onehot_form`), per protocol kind: "eq", n equalities per entry; "ge", n + 1
-# threshold comparisons (slot i: dest >= i and not dest >= i + 1). Measured for one 8k layer,
-# 7B shapes (25 slots x 256 clusters x 32 heads): SEMI2K 44.4 MB with "eq", 26.4 MB with "ge";
-# ABY3 14.5 MB with "eq" (its equalities are cheap), 25.4 MB with "ge".
+# threshold comparisons (slot i: dest >= i and not dest >= i + 1). SEMI2K's equalities cost
+# about twice its comparisons, ABY3's are cheap (one 8k layer, 7B shapes, measured by
+# `experiments/selection_cost.py --parts`: results/select_parts_8192_{semi2k,aby3}).
 ONEHOT_FORMS = ("auto", "eq", "ge")
 ONEHOT_FORM = {"SEMI2K": "ge"}
 
