@@ -62,7 +62,7 @@ CAPTURED = (("bytes", lambda r: r["bytes"]), ("WAN", lambda r: r["latency_s"]["w
             ("attention LAN", lambda r: r["attention_latency_s"]["lan"]))
 
 
-CAPTURED_HEADLINE = (CAPTURED[0][1], CAPTURED[1][1])   # bytes, WAN
+CAPTURED_HEADLINE = tuple(f for _, f in CAPTURED)   # bytes, WAN, attention LAN
 
 
 def captured_table(res: dict) -> str:
@@ -208,7 +208,7 @@ def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
     full_acc = accuracy.get("full", (None,))[0]
     oracle_acc = accuracy.get("oracle", (None,))[0]
     lines = [f"| policy | GB per step | LAN s* | WAN s* | bytes vs full | LAN vs full | "
-             f"WAN vs full | captured: bytes, WAN | score at {budget:.0%}{where} | "
+             f"WAN vs full | captured: bytes, WAN, attention LAN | score at {budget:.0%}{where} | "
              f"score vs full | score vs oracle |", "|" + "---|" * 11]
     ref = {p: next((x for x in rows if x["policy"] == p), None) for p in ("full", "oracle")}
 

@@ -66,9 +66,11 @@ def parse_args(argv=None):
                         "name:field=value[:field=value], e.g. mpcache:static_ratio=1.0")
     p.add_argument("--no-oracle", action="store_true", help="do not add the oracle policy")
     p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
-    p.add_argument("--heads", default="2,4",
+    p.add_argument("--heads", default="auto",
                    help="KV-head counts measured for attention blocks (extrapolated linearly "
-                        "to the model's when it has more)")
+                        "to the model's when it has more); auto: the model's own under ABY3 "
+                        "and SEMI2K (no extrapolation: a 7B layer at 8k takes seconds), 2,4 "
+                        "under CHEETAH (minutes per head)")
     p.add_argument("--static-heads", default="1,2",
                    help="KV-head counts measured for the static step (extrapolated linearly)")
     p.add_argument("--static-max-seq", type=int, default=1024,
@@ -114,7 +116,7 @@ def build_setting(args):
     if args.no_beaver_cache:
         protocol = protocol.without_beaver_cache()
     seqs = _ints(args.seq, "--seq", 64)
-    heads = _ints(args.heads, "--heads", 1)
+    heads = None if args.heads == "auto" else _ints(args.heads, "--heads", 1)
     static_heads = _ints(args.static_heads, "--static-heads", 1)
     if not 0.0 < args.budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {args.budget}")
@@ -140,6 +142,8 @@ def build_setting(args):
     if args.bandwidth is not None:
         networks.append(custom_profile(args.bandwidth, args.rtt))
     cfg = spu_config(load_config(args.model))
+    if heads is None:
+        heads = [2, 4] if protocol.kind == "CHEETAH" else [cfg.n_kv_heads]
     for flag, hs in (("--heads", heads), ("--static-heads", static_heads)):
         if cfg.n_kv_heads > max(hs) and len(set(hs)) < 2:
             raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give {flag} two "

@@ -56,6 +56,7 @@ def test_headline_table_joins_cost_and_accuracy(tmp_path):
         return {"policy": policy, "protocol": "aby3", "seq": 8192, "bytes": gb * 1e9,
                 "budget": None if policy == "full" else budget,
                 "latency_s": {"lan": lan, "wan": wan},
+                "attention_latency_s": {"lan": lan / 4},
                 "reduction_vs_full": {"bytes": 9.0 / gb, "lan": 400 / lan, "wan": 1500 / wan}}
 
     cost = {"rows": [cost_row("full", 9.0, 400, 1500), cost_row("mpcache", 4.5, 800, 3000),
@@ -71,11 +72,11 @@ def test_headline_table_joins_cost_and_accuracy(tmp_path):
     assert accuracy["mpcache"] == (pytest.approx(0.6), 40, 2)
     lines = headline_table(cost, accuracy).splitlines()
     assert lines[0].startswith("| policy | GB per step | LAN s* | WAN s* |")
-    assert lines[2] == ("| full | 9.00 | 400 | 1,500 | 1.00x | 1.00x | 1.00x | 0.00, 0.00 | 0.75 "
+    assert lines[2] == ("| full | 9.00 | 400 | 1,500 | 1.00x | 1.00x | 1.00x | 0.00, 0.00, 0.00 | 0.75 "
                         "| 100% | 100% |")
-    assert lines[3] == ("| mpcache | 4.50 | 800 | 3,000 | 2.00x | 0.50x | 0.50x | 0.62, -3.00 | "
+    assert lines[3] == ("| mpcache | 4.50 | 800 | 3,000 | 2.00x | 0.50x | 0.50x | 0.62, -3.00, -2.00 | "
                         "0.60 | 80% | 80% |")
-    assert lines[5] == ("| snapkv | 1.80 | 200 | 1,000 | 5.00x | 2.00x | 1.50x | 1.00, 1.00 | - "
+    assert lines[5] == ("| snapkv | 1.80 | 200 | 1,000 | 5.00x | 2.00x | 1.50x | 1.00, 1.00, 1.00 | - "
                         "| - | - |")
     no_oracle = {"rows": [r for r in cost["rows"] if r["policy"] != "oracle"]}
     assert "| 2.00x | 0.50x | 0.50x | - | 0.60 |" in headline_table(no_oracle, accuracy)
