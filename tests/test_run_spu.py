@@ -186,6 +186,7 @@ def run_cli(*args, cwd=ROOT):
     (["--model", "/no/such/model.gguf"], "no such model"),
     (["--networks", "moon"], "unknown network profile"),
     (["--heads", "4"], "two counts"),
+    (["--protocol", "aby3", "--heads", "3,5"], "multiples of 2"),   # ABY3 folds 2 heads
 ])
 def test_cli_bad_input(tmp_path, args, needle, cli):
     from experiments.run_spu import main
