@@ -58,7 +58,9 @@ def test_folded_scatter_equals_one_matmul_per_head(heads, group, fold):
     np.testing.assert_array_equal(scatter_probs(p, probs, size, 1),
                                   scatter_probs(p, probs, size, fold))
     assert fold_for(3, 2) == 1 and fold_for(32, 2) == 2 and fold_for(6, 4) == 3
-    assert for_protocol(make_policy("mpcache", 0.1), "ABY3").fold_heads == FOLD_HEADS["ABY3"]
+    assert for_protocol(make_policy("mpcache", 0.1), "ABY3").fold_heads == \
+        FOLD_HEADS.get("ABY3", 1)
+    assert for_protocol(make_policy("mpcache", 0.1, fold_heads=2), "ABY3").fold_heads == 2
     assert for_protocol(make_policy("mpcache", 0.1), "SEMI2K").fold_heads == 1
     assert for_protocol(make_policy("mpcache", 0.1, fold_heads=1), "ABY3").fold_heads == 1
 

@@ -69,6 +69,11 @@ def meters(tmp_path_factory):
 
 
 def composed_step(protocol, cfg, policy, seq, heads, meter=None):
+    """The step as run_spu composes it, the policy compiled for the protocol as run_spu does
+    (its per-protocol kernels: the direct step's PrivateGenerator resolves them too)."""
+    from eviction.compaction import for_protocol
+
+    policy = for_protocol(policy, protocol.kind)
     meter = meter or BlockMeter(protocol)
     measured = {None: [(b, meter.measure(b)) for b in dense_blocks(cfg)]}
     for h in heads:
@@ -186,7 +191,8 @@ def run_cli(*args, cwd=ROOT):
     (["--model", "/no/such/model.gguf"], "no such model"),
     (["--networks", "moon"], "unknown network profile"),
     (["--heads", "4"], "two counts"),
-    (["--protocol", "aby3", "--heads", "3,5"], "multiples of 2"),   # ABY3 folds 2 heads
+    (["--protocol", "aby3", "--heads", "3,5", "--policies", "mpcache:fold_heads=2"],
+     "multiples of 2"),   # a fold of 2 heads is linear only at even head counts
 ])
 def test_cli_bad_input(tmp_path, args, needle, cli):
     from experiments.run_spu import main
