@@ -34,8 +34,10 @@ def _plain_logits(params, cfg, prompt, generated, policy):
     return out
 
 
+# the sort kernel (no protocol's default: compaction.SORT_PROTOCOLS) runs under make test-slow
 @pytest.mark.parametrize("policy_name,prompt_len,compaction",
-                         [(None, 7, None), ("mpcache", 48, "auto"), ("mpcache", 100, "sort")])
+                         [(None, 7, None), ("mpcache", 48, "auto"),
+                          pytest.param("mpcache", 100, "sort", marks=pytest.mark.slow)])
 def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len, compaction):
     """At 48 tokens MPCache (clusters of 16) attends its forced clusters only; at 100 it also
     chooses one."""
