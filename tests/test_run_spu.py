@@ -113,6 +113,20 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters)
             assert close(a, b, tol_bytes)
 
 
+@pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05)])
+def test_composed_equals_direct_with_the_selections_row_max(protocol, tol_bytes, meters):
+    """One query head per KV head (7B's shape): the select block hands its row max to the
+    softmax block; composed, that is the direct step's cost."""
+    cfg = SMALL.replace(n_heads=SMALL.n_kv_heads)
+    proto = get_protocol(protocol)
+    pol = make_policy("mpcache", 0.4)
+    assert pol.gives_max(cfg.group_size, SEQ)
+    direct = direct_step(proto, cfg, pol, SEQ)
+    comp = composed_step(proto, cfg, pol, SEQ, [cfg.n_kv_heads], meters(proto))
+    assert close(comp.total_bytes, direct.total_bytes, tol_bytes), (comp, direct)
+    assert close(sum(comp.sends), sum(direct.sends), 0.02), (comp.sends, direct.sends)
+
+
 def test_composed_refresh_is_the_mean_of_its_steps(meters):
     """MPCache with refresh=2 and kept="kv": the composed (amortised) step equals the mean of
     a selecting step (selection, compact gather) and a reusing one (attention over the compact
