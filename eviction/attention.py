@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mpc_llama import nonlinear
 from mpc_llama.config import LlamaConfig
+from eviction import slices
 from eviction.clusters import expand
 from eviction.compaction import (block_diagonal, compaction_matrix, digits, fold_for,
                                  gather_clusters, onehot_form, pad_to, partition,
@@ -20,7 +21,7 @@ from mpc_llama.model import attend, attention_scores, attention_values
 
 def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array, size: int,
                     valid: jax.Array, cfg: LlamaConfig, scores=None, row_max=None,
-                    fold: int = 1) -> jax.Array:
+                    fold: int = 1, spans=None, length=None) -> jax.Array:
     """Attention of one decode query over the selected clusters, by "score then select":
     scores against the whole cache (a matmul whose output is one scalar per entry), the
     selected clusters' SCORES gathered by the one-hot matrix, softmax over those only, the
@@ -31,14 +32,42 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
     scores: q . k [b, k, g, c] when the selection computed them already (else computed here);
     row_max: the max over the selected valid entries [b, k, g, 1] when the selection has it
     (the softmax then runs no max tree), else None; fold: KV heads per block-diagonal
-    scatter matmul (scatter_probs).
+    scatter matmul (scatter_probs); spans: the forced slices (eviction.slices.Spans) attended
+    next to the one-hot's clusters, or None; length: [] valid entries (public; with spans).
     Returns [b, 1, n*d].
     """
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
-    picked, ok = gather_scores(onehot, scores, valid, size)
+    picked, ok = gather_packed(onehot, scores, valid, size, spans, length)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5, row_max=row_max)
-    return attention_values(scatter_probs(onehot, probs, size, fold)[:, :, :, None], v, cfg)
+    full = scatter_packed(onehot, probs, size, fold, spans, length, scores.shape[-1])
+    return attention_values(full[:, :, :, None], v, cfg)
+
+
+def gather_packed(onehot, scores, valid, size: int, spans=None, length=None):
+    """gather_scores, then the forced slices' scores appended (public slices): picked
+    [b, k, g, slots*size + spans.width], ok [b, k, 1, same] (1.0: a valid attended entry).
+    onehot may have 0 slots (nothing chosen: the slices only)."""
+    parts = [gather_scores(onehot, scores, valid, size)] if onehot.shape[2] else []
+    if spans is not None:
+        b, kh, g, c = scores.shape
+        ok = slices.valid(length, c, spans).astype(scores.dtype)
+        parts.append((slices.take(scores, length, spans),
+                      jnp.broadcast_to(ok, (b, kh, 1, spans.width))))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(jnp.concatenate(x, axis=-1) for x in zip(*parts))
+
+
+def scatter_packed(onehot, probs, size: int, fold: int = 1, spans=None, length=None,
+                   capacity: int = None):
+    """Inverse of gather_packed for the probabilities: [b, k, g, slots*size (+ spans.width)]
+    -> [b, k, g, capacity] in cache order, zero where nothing was attended."""
+    n = onehot.shape[2] * size
+    if spans is None:
+        return scatter_probs(onehot, probs, size, fold)
+    back = slices.put(probs[..., n:], length, spans, capacity)
+    return back + scatter_probs(onehot, probs[..., :n], size, fold) if n else back
 
 
 def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int):
@@ -110,26 +139,48 @@ def scatter_partitioned(hi: jax.Array, lo: jax.Array, probs: jax.Array, size: in
 
 
 def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaConfig,
-                       backend: str, entries: int, scores=None, row_max=None):
+                       backend: str, entries: int, scores=None, row_max=None, spans=None):
     """attend_selected with the "sort" kernel: scores against the whole cache, the selected
     clusters' scores packed by partition_scores, softmax over those only, the probabilities
     back in cache order (scatter_partitioned), then p . V. Same output as attend_selected.
     k, v: [b, k, entries, d] or tuples of row segments (see model.attention_scores).
-    scores, row_max: as in attend_selected. Returns (out [b, 1, n*d], attended counts
+    scores, row_max, spans: as in attend_selected. Returns (out [b, 1, n*d], attended counts
     [b, k])."""
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
+    picked, ok = with_spans(picked, ok, scores, length, spans)
     probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok, row_max=row_max)
-    full = scatter_partitioned(hi, lo, probs, size, entries // size)
+    full = scatter_spans(lambda p: scatter_partitioned(hi, lo, p, size, entries // size),
+                         probs, slots * size, length, spans, entries)
     return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
 
 
+def with_spans(picked, ok, scores, length, spans):
+    """The sort kernel's packed scores (picked [b, k, g, m], ok bool [b, k, 1, m]) with the
+    forced slices' appended (as gather_packed)."""
+    if spans is None:
+        return picked, ok
+    b, kh, g, c = scores.shape
+    oks = jnp.broadcast_to(slices.valid(length, c, spans), (b, kh, 1, spans.width))
+    return (jnp.concatenate([picked, slices.take(scores, length, spans)], axis=-1),
+            jnp.concatenate([ok, oks], axis=-1))
+
+
+def scatter_spans(scatter, probs, n: int, length, spans, capacity: int):
+    """scatter(probs[..., :n]) plus the forced slices' probabilities put back in place."""
+    if spans is None:
+        return scatter(probs)
+    return scatter(probs[..., :n]) + slices.put(probs[..., n:], length, spans, capacity)
+
+
 def _select(policy, q, ck, bounds, length, prompt_len, cfg, scores=None, with_max=False):
-    """(kind, selection, cluster size, slots): for cluster policies that gather ("scores" or
-    "kv"), kind is the gather mode and the selection P [b, k, slots, n] (0/1 float), except
-    under the "sort" compaction with gather "scores", where kind is "sort" and the selection
-    the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c], None, None).
+    """(kind, selection, cluster size, slots, spans): for cluster policies that gather
+    ("scores" or "kv"), kind is the gather mode and the selection P [b, k, slots, n] (0/1
+    float), except under the "sort" compaction with gather "scores", where kind is "sort"
+    and the selection the bool cluster mask [b, k, n]; otherwise ("mask", bool [b, k, c],
+    None, None, None), the forced slices included. spans: the forced slices attended next to
+    the selection (eviction.slices.Spans, the policy's `spans`), or None.
     scores: the step's q . k [b, k, g, c] for policies with `needs_scores`, else None.
     with_max: return (that tuple, row_max), row_max the softmax's max over the selected
     valid entries [b, k, 1, 1] where the policy's selection yields it (`gives_max`), else
@@ -147,17 +198,23 @@ def _select(policy, q, ck, bounds, length, prompt_len, cfg, scores=None, with_ma
 def _selection(policy, picked, q, ck, bounds, length, prompt_len, cfg):
     """_select's tuple from the policy's select_clusters output `picked`."""
     mode = getattr(policy, "gather", "mask")
+    spans = getattr(policy, "spans", lambda t: None)(prompt_len) if picked is not None \
+        else None
     if picked is not None and mode != "mask":
         mask, size, slots = picked
         if mode == "scores" and getattr(policy, "compaction", "onehot") == "sort" and \
                 policy.chooses(prompt_len):
-            return "sort", mask, size, slots
+            return "sort", mask, size, slots, spans
         # (nothing chosen: the mask is public, and so is its one-hot matrix)
         # float once here: a boolean share would be converted again at every use under MPC
         return mode, compaction_matrix(mask, slots, onehot_form(policy)).astype(ck.dtype), \
-            size, slots
-    return "mask", expand(picked[0], picked[1]) if picked is not None else policy.select(
-        q, ck, bounds, length, prompt_len, cfg), None, None
+            size, slots, spans
+    if picked is None:
+        return "mask", policy.select(q, ck, bounds, length, prompt_len, cfg), None, None, None
+    mask = expand(picked[0], picked[1])
+    if spans is not None:
+        mask = jnp.logical_or(mask, slices.entry_mask(length, ck.shape[2], spans))
+    return "mask", mask, None, None, None
 
 
 def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: LlamaConfig,
@@ -183,21 +240,29 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
             scores = attention_scores(q, mk, cfg)[:, :, :, 0]                   # [b,k,g,c]
         selection, row_max = _select(policy, qg, ck, bounds, length, prompt_len, cfg, scores,
                                      with_max=True)
-    kind, sel, size, slots = selection
+    kind, sel, size, slots, spans = selection
     if kind == "sort":
         out, count = attend_partitioned(q, mk, mv, sel, size, slots, length, cfg,
                                         getattr(policy, "backend", "plain"), ck.shape[2],
-                                        scores, row_max)
+                                        scores, row_max, spans)
         return out, selection, count
+    forced = 0 if spans is None else slices.valid(length, ck.shape[2], spans).sum()
     if kind == "scores":
         count = jnp.einsum("bksn,nz->bk", sel.astype(jnp.int32),
-                           valid.reshape(-1, size).astype(jnp.int32))
+                           valid.reshape(-1, size).astype(jnp.int32)) + forced
         return (attend_selected(q, mk, mv, sel, size, valid, cfg, scores, row_max,
-                                max(1, getattr(policy, "fold_heads", 1))), selection, count)
+                                max(1, getattr(policy, "fold_heads", 1)), spans, length),
+                selection, count)
     keys, values = mk, mv
     if kind == "kv":
         keys, values, picked = gather_clusters(sel, size, ck, cv, mask.astype(ck.dtype))
         mask = picked > 0.5
+        if spans is not None:   # the forced slices' rows (public slices) after the chosen
+            keys, values = (jnp.concatenate([a, slices.take(x, length, spans, axis=2)],
+                                            axis=2) for a, x in ((keys, ck), (values, cv)))
+            mask = jnp.concatenate([mask, jnp.broadcast_to(
+                slices.valid(length, ck.shape[2], spans), mask.shape[:2] + (spans.width,))],
+                axis=-1)
     else:
         mask = jnp.logical_and(mask, sel)
     out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
@@ -206,12 +271,17 @@ def decode_attention(q, ck, cv, bounds, length, policy, prompt_len: int, cfg: Ll
 
 def attended_mask(selection, valid: jax.Array, shape) -> jax.Array:
     """bool [b, k, c]: the cache entries a layer attended (plaintext diagnostics).
-    selection: decode_attention's (kind, sel, size, slots) or None (every valid entry)."""
+    selection: decode_attention's (kind, sel, size, slots, spans) or None (every valid
+    entry)."""
     if selection is None:
         return jnp.broadcast_to(valid, shape)
-    kind, sel, size, _ = selection
+    kind, sel, size, _, spans = selection
     if kind == "mask":
         return jnp.logical_and(sel, valid)
+    if spans is not None:
+        forced = slices.entry_mask(valid.sum(), valid.shape[-1], spans)
+        rest = attended_mask((kind, sel, size, None, None), valid, shape)
+        return jnp.logical_or(rest, jnp.logical_and(forced, valid))
     if kind == "sort":
         return jnp.logical_and(expand(sel, size), valid)
     return jnp.logical_and(expand(sel.sum(axis=2) > 0.5, size), valid)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eviction import attention, compaction as compact, static_step
+from eviction import attention, compaction as compact, slices, static_step
 from eviction.clusters import expand, init_bounds, update_bounds
 from eviction.topk import BIG, SELECTORS, topk_mask  # noqa: F401 (re-exported)
 from mpc_llama.errors import ConfigError
@@ -110,6 +110,10 @@ class Policy:
     def share_source(self, layer: int, n_layers: int) -> int:
         """The layer whose selection this layer reuses (itself: no sharing)."""
         return layer
+
+    def layer_policy(self, layer: int, n_layers: int):
+        """The policy decode layer `layer` runs: this one, or None (the whole cache)."""
+        return self
 
     # ---- what the model calls (by duck typing: mpc_llama never imports eviction) ----
     def static_move(self, q, k, cfg, compaction: str = "policy"):
@@ -206,9 +210,14 @@ class Policy:
 
     def select(self, q, cache_k, bounds, length, prompt_len: int, cfg) -> jax.Array:
         """q: [b, k, g, d] current query; cache_k: [b, k, c, d]; length: [] entries valid
-        (current token included). Returns bool [b, k, c]."""
+        (current token included). Returns bool [b, k, c], the forced slices included (for
+        policies with `spans`)."""
         picked = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
         if picked is None:
             raise TypeError(f"{self.name} has no dynamic step")
         mask, size, _ = picked
-        return expand(mask, size)
+        spans = getattr(self, "spans", lambda t: None)(prompt_len)
+        if spans is None:
+            return expand(mask, size)
+        return jnp.logical_or(expand(mask, size),
+                              slices.entry_mask(length, cache_k.shape[2], spans))

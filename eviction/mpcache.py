@@ -52,7 +52,7 @@ import numpy as np
 
 from eviction import attention
 from eviction.base import BIG, Policy, check_gather, check_ratio, topk_mask
-from eviction import neighbors
+from eviction import neighbors, slices
 from eviction.clusters import cluster_candidates, expand, forced_rows
 from eviction.compaction import compaction_matrix, onehot_form
 from eviction.quest import quest_bound
@@ -62,6 +62,8 @@ from mpc_llama.errors import ConfigError
 
 
 SCORES = ("khat", "bound", "mix", "exact")
+FORCED = ("auto", "slices", "clusters")
+HEAD_SCORES = ("sum", "max", "norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,9 @@ class MPCache(Policy):
     score2: str = "exact"     # level-2 cluster score: exact (max of the step's own q . k, no
                               # level-1 search) | khat (the paper's) | bound | mix (khat + bound)
     score_pool: int = 1       # score2=exact: adjacent entries summed before the cluster max
+    score_heads: str = "sum"  # score2=exact, GQA: the KV group's query heads' scores "sum"-med,
+                              # their "max", or "norm": the max of each head's score less that
+                              # head's max over the cache (log-probability up to its normaliser)
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
@@ -92,6 +97,11 @@ class MPCache(Policy):
     neighbors: int = 0        # right neighbours selected with each chosen level-2 cluster
     neighbors_left: int = 0   # left neighbours likewise (eviction.neighbors)
     neighbor_tops: int = 0    # 0: every chosen cluster gets neighbours; m: the m best only
+    dense_layers: int = 0     # the first layers attend the whole cache (Quest skips 2)
+    forced: str = "auto"      # "slices": the first cluster and a window of the last W entries
+                              # as public slices, W filling the budget (eviction.slices);
+                              # "clusters": the first and current clusters in the one-hot (the
+                              # paper's); auto: slices, clusters with refresh > 1
     dynamic = True
     needs_bounds = True
 
@@ -118,6 +128,9 @@ class MPCache(Policy):
             if getattr(self, field) not in SCORES:
                 raise ConfigError(f"{field} must be one of {SCORES}, got "
                                   f"{getattr(self, field)!r}")
+        if self.score_heads not in HEAD_SCORES:
+            raise ConfigError(f"score_heads must be one of {HEAD_SCORES}, got "
+                              f"{self.score_heads!r}")
         if self.score_pool < 1 or self.s2 % self.score_pool:
             raise ConfigError(f"score_pool {self.score_pool} must be >= 1 and divide s2="
                               f"{self.s2}")
@@ -126,6 +139,13 @@ class MPCache(Policy):
                               "the step's own q . k and skips level 1")
         if not 1 <= self.refresh <= self.s2:
             raise ConfigError(f"refresh must be in [1, s2={self.s2}], got {self.refresh}")
+        if self.dense_layers < 0:
+            raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.forced not in FORCED:
+            raise ConfigError(f"forced must be one of {FORCED}, got {self.forced!r}")
+        if self.forced == "slices" and self.refresh > 1:
+            raise ConfigError("forced=slices needs refresh=1: a kept selection forces the "
+                              "recent clusters (forced=clusters)")
         if self.kept not in ("kv", "onehot"):
             raise ConfigError(f"kept must be kv or onehot, got {self.kept!r}")
         if self.refresh > 1 and (self.compaction == "sort" or self.gather != "scores"):
@@ -186,14 +206,41 @@ class MPCache(Policy):
     def share_source(self, layer, n_layers):
         return share_source(self.share, layer, n_layers)
 
+    def layer_policy(self, layer, n_layers):
+        """None (the whole cache) for the first `dense_layers` decode layers, else self."""
+        return None if layer < self.dense_layers else self
+
     # ---- dynamic ----
     def k2(self, prompt_len: int) -> int:
         """Level-2 clusters attended per step, forced ones included (public)."""
         # with refresh > 1: first, previous and current forced, and at least one chosen
         return max(2 if self.refresh == 1 else 4, self.n_attend(prompt_len) // self.s2)
 
+    @property
+    def slices(self) -> bool:
+        """Whether the forced entries are public slices (`forced`; eviction.slices)."""
+        return self.forced == "slices" or (self.forced == "auto" and self.refresh == 1)
+
+    def free_slots(self, prompt_len: int) -> int:
+        """Clusters chosen per step (public): with slices, n_attend // s2 - 2 (the sink is
+        one cluster, the window the rest of the budget: W in [s2, 2 s2)); with forced
+        clusters, k2 - 1 - recent."""
+        if self.slices:
+            return max(0, self.n_attend(prompt_len) // self.s2 - 2)
+        return self.k2(prompt_len) - 1 - self.recent
+
+    def spans(self, prompt_len: int):
+        """The forced slices (eviction.slices.Spans: sink = the first cluster, window = the
+        budget left after it and the chosen clusters, at least 1 entry), or None with forced
+        clusters. Sink + window + chosen clusters attend n_attend entries (once the sink is
+        full)."""
+        if not self.slices:
+            return None
+        rest = self.n_attend(prompt_len) - (self.free_slots(prompt_len) + 1) * self.s2
+        return slices.Spans(self.s2, max(1, rest))
+
     def chooses(self, prompt_len: int) -> bool:
-        return self.k2(prompt_len) - 1 - self.recent > 0
+        return self.free_slots(prompt_len) > 0
 
     def k1(self, prompt_len: int, n1: int) -> int:
         """Level-1 clusters kept: ratio1 of those over the static cache, enough for k2."""
@@ -210,20 +257,40 @@ class MPCache(Policy):
         "exact"): the decode step then computes q . k once for selection and attention."""
         return self.score2 == "exact"
 
-    def exact_score(self, q, cache_k, scores=None):
+    def exact_score(self, q, cache_k, scores=None, window=None):
         """Level-2 cluster scores [b, k, n2] by "exact": the max over each cluster of the
         query heads' summed scores q . k / sqrt(d), taken over sums of `score_pool` adjacent
         entries (1: over the entries). q: [b, k, g, d]; cache_k: [b, k, c, d]; scores: the
         step's attention scores [b, k, g, c] when the caller has them (the decode step does:
         no second matmul). One max tree per KV head: s2 / score_pool - 1 comparisons per
-        cluster (the sums are local under MPC)."""
+        cluster (the sums are local under MPC).
+        window: (length, Spans) with score_pool 1: also the max over the window slice's
+        valid entries [b, k, r] (r <= 2 rows of s2, maxed by the caller), from the SAME
+        reduction (its rows appended to the clusters': no extra comparison round)."""
         if scores is None:
             scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
-        summed = scores.sum(axis=2)
+        summed = self.head_score(scores)
         b, h, c = summed.shape
         p = self.score_pool
         pooled = summed.reshape(b, h, c // self.s2, self.s2 // p, p).sum(axis=-1)
-        return pooled.max(axis=-1)
+        if window is None:
+            return pooled.max(axis=-1)
+        n2 = c // self.s2
+        both = jnp.concatenate([pooled, slices.window_rows(summed, *window, self.s2)],
+                               axis=2).max(axis=-1)
+        return both[..., :n2], both[..., n2:]
+
+    def head_score(self, scores):
+        """Per-entry scores [b, k, c] from the query heads' [b, k, g, c] (`score_heads`;
+        entries beyond the cache must hold -BIG for "norm"). One query head per KV head: the
+        head's own scores, whatever the setting."""
+        if scores.shape[2] == 1:
+            return scores[:, :, 0]
+        if self.score_heads == "sum":
+            return scores.sum(axis=2)
+        if self.score_heads == "norm":
+            scores = scores - scores.max(axis=-1, keepdims=True)
+        return scores.max(axis=2)
 
     def cluster_score(self, q, bounds, level: int):
         """Level-1 or level-2 cluster scores [b, k, c], summed over the group's query heads.
@@ -255,28 +322,43 @@ class MPCache(Policy):
         which is always chosen) and the two forced clusters' scores: 2 comparisons instead of
         the softmax's log2(k2 * s2)-level max tree. Not when nothing is chosen (short
         prompts: the selection then has no search)."""
-        chosen = neighbors.tops(self.k2(prompt_len) - 1 - self.recent, self.neighbors,
+        chosen = neighbors.tops(self.free_slots(prompt_len), self.neighbors,
                                 self.neighbors_left, self.neighbor_tops)[0]
         return self.score2 == "exact" and self.score_pool == 1 and group_size == 1 and \
             self.refresh == 1 and chosen > 0
 
     def select_clusters(self, q, cache_k, bounds, length, prompt_len, cfg, scores=None,
                         with_max: bool = False):
-        """(keep2 bool [b, k, n2], s2, k2); with_max: a 4th element, the max of the step's
-        scores over the selected valid entries [b, k, 1, 1] where `gives_max` (else None)."""
+        """(mask bool [b, k, n2], s2, slots): with forced clusters the mask holds them and
+        slots = k2; with slices (`spans`) it holds the chosen clusters only (slots =
+        free_slots) and attention adds the slices. with_max: a 4th element, the max of the
+        step's scores over the attended valid entries [b, k, 1, 1] where `gives_max` (else
+        None)."""
         exact = self.score2 == "exact"   # bounds: () (none kept), else the six bounds
         n2 = cache_k.shape[2] // self.s2
-        slots = self.k2(prompt_len) - 1 - self.recent
+        slots = self.free_slots(prompt_len)
+        spans = self.spans(prompt_len)
         want = with_max and self.gives_max(q.shape[2], prompt_len)
-        if want:
+        window_max = None
+        if want or (exact and self.score_heads == "norm" and q.shape[2] > 1):
             if scores is None:
                 scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
             # entries beyond the cache scored -BIG (a public mask: local under MPC), so the
-            # current cluster's score is the max over its valid entries; no candidate (a
-            # completely filled cluster) changes, so neither does the selection
+            # first (or current) cluster's score is the max over its valid entries; no
+            # candidate (a completely filled cluster) changes, so neither does the selection
             scores = jnp.where(jnp.arange(cache_k.shape[2]) < length, scores, -BIG)
-        sim2 = self.exact_score(q, cache_k, scores) if exact else self.cluster_score(q, bounds, 2)
-        cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
+        if exact and want and spans is not None:
+            sim2, window_max = self.exact_score(q, cache_k, scores, (length, spans))
+        elif exact:
+            sim2 = self.exact_score(q, cache_k, scores)
+        else:
+            sim2 = self.cluster_score(q, bounds, 2)
+        if spans is None:
+            cand2, forced2 = cluster_candidates(length, n2, self.s2, self.recent)
+            within = jnp.logical_or(cand2, forced2)
+        else:   # neighbours stay among the candidates: a slice entry is attended once
+            cand2 = within = slices.candidates(length, n2, self.s2, spans)
+            forced2 = jnp.zeros((n2,), bool)
         n1 = n2 if exact else bounds[5].shape[2]
         if exact or self.k1(prompt_len, n1) >= n1:   # exact, or level 1 keeps every cluster
             eligible = cand2
@@ -286,20 +368,24 @@ class MPCache(Policy):
             keep1 = jnp.logical_or(topk_mask(sim1, self.k1(prompt_len, n1) - 2, cand1,
                                              self.selector), forced1)
             eligible = jnp.logical_and(cand2, expand(keep1, self.s1 // self.s2))
-        # the chosen clusters and their neighbours share the k2 - 1 - recent free slots
-        chosen = neighbors.select(sim2, slots, eligible, jnp.logical_or(cand2, forced2),
-                                  self.neighbors, self.neighbors_left, self.neighbor_tops,
-                                  self.selector, with_max=want)
+        # the chosen clusters and their neighbours share the free slots
+        chosen = neighbors.select(sim2, slots, eligible, within, self.neighbors,
+                                  self.neighbors_left, self.neighbor_tops, self.selector,
+                                  with_max=want)
         if want:
             chosen, top = chosen
         keep2 = jnp.logical_or(chosen, forced2)
+        total = slots if spans is not None else self.k2(prompt_len)
         if not with_max:
-            return keep2, self.s2, self.k2(prompt_len)
+            return keep2, self.s2, total
         if not want:
-            return keep2, self.s2, self.k2(prompt_len), None
-        current = jax.lax.dynamic_slice_in_dim(sim2, (length - 1) // self.s2, 1, axis=-1)
-        row_max = jnp.maximum(top, jnp.maximum(sim2[..., :1], current))           # [b, k, 1]
-        return keep2, self.s2, self.k2(prompt_len), row_max[:, :, None, :]
+            return keep2, self.s2, total, None
+        if spans is None:
+            window_max = jax.lax.dynamic_slice_in_dim(sim2, (length - 1) // self.s2, 1, axis=-1)
+        # one max over the search's own max, the sink's and the window's (<= 4 values)
+        row_max = jnp.concatenate([top, sim2[..., :1], window_max], axis=-1).max(
+            axis=-1, keepdims=True)                                               # [b, k, 1]
+        return keep2, self.s2, total, row_max[:, :, None, :]
 
     @property
     def keeps_bounds(self) -> bool:
@@ -407,14 +493,14 @@ class MPCache(Policy):
                 compact = self.compact_kv(kept, ck, cv, length, segments)
             out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg)
             selection = ("scores", self.with_forced(kept, length), self.s2,
-                         self.k2(prompt_len))
+                         self.k2(prompt_len), None)
             return out, selection, count, tuple(state[:nb]) + (kept,) + compact
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
                 kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg)
             selection = ("scores", self.with_forced(kept, length), self.s2,
-                         self.k2(prompt_len))
+                         self.k2(prompt_len), None)
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,
                                                            prompt_len, cfg, selection, segments)
         return out, selection, count, tuple(state[:nb]) + (kept,) + tuple(state[nb + 1:])

@@ -82,6 +82,7 @@ def selection_parts(cfg, policy, seq: int):
     from eviction.base import BIG, topk_mask
     from eviction.clusters import cluster_candidates
     from eviction.compaction import compaction_matrix, onehot_form
+    from eviction.slices import candidates
     from mpc_llama.errors import ConfigError
     from protocols.blocks import _block, _spec, retained
 
@@ -91,8 +92,13 @@ def selection_parts(cfg, policy, seq: int):
     heads, g = cfg.n_kv_heads, cfg.group_size
     length, cap = retained(policy, seq)
     n = cap // policy.s2
-    allowed, _ = cluster_candidates(jnp.asarray(length), n, policy.s2, policy.recent)
-    slots = policy.k2(seq) - 1 - policy.recent
+    spans = policy.spans(seq)
+    if spans is None:
+        allowed, _ = cluster_candidates(jnp.asarray(length), n, policy.s2, policy.recent)
+    else:
+        allowed = candidates(jnp.asarray(length), n, policy.s2, spans)
+    slots = policy.free_slots(seq)
+    total = policy.k2(seq) if spans is None else slots   # the one-hot's rows
 
     def cluster_max(s):
         return (policy.exact_score(None, None, s[:, :, :, 0]),)
@@ -105,7 +111,7 @@ def selection_parts(cfg, policy, seq: int):
         return (topk_mask(c, slots, allowed, policy.selector),)
 
     def onehot(m):
-        return (compaction_matrix(m > 0.5, policy.k2(seq), onehot_form(policy)).astype(
+        return (compaction_matrix(m > 0.5, total, onehot_form(policy)).astype(
             jnp.float32),)
 
     scores, clusters = _spec((1, heads, g, 1, cap)), _spec((1, heads, n))

@@ -390,10 +390,12 @@ def decode_step(params: dict, cfg: LlamaConfig, token: jax.Array, position, cach
     for i in range(cfg.n_layers):
         layer_bounds = None if cache.bounds is None else tuple(bb[i] for bb in cache.bounds)
         src = policy.share_source(i, cfg.n_layers) if dynamic else i
+        # the policy this layer runs (a policy may leave some layers the whole cache)
+        layer_policy = policy.layer_policy(i, cfg.n_layers) if dynamic else policy
         extra = {} if frozen is None else {"frozen": (frozen[0][i], frozen[1][i])}
         x, layer_cache, selections[src], count, diag = run_layer(
             _layer_params(params, i), x, (cache.k[i], cache.v[i], cache.pos[i], layer_bounds),
-            cache.length, positions, policy, prompt_len, cfg,
+            cache.length, positions, layer_policy, prompt_len, cfg,
             selections.get(src), diagnostics,  # a sharing layer reuses its source's pick
             select_now, **extra)
         parts.append(layer_cache)

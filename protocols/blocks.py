@@ -188,9 +188,17 @@ def retained(policy, seq: int) -> Tuple[int, int]:
     return keep + 1, cap
 
 
+def n_dense(policy, n_layers: int) -> int:
+    """Decode layers the policy leaves the whole cache (`layer_policy` None)."""
+    return sum(policy.layer_policy(i, n_layers) is None for i in range(n_layers))
+
+
 def n_selecting(policy, n_layers: int) -> int:
-    """Layers that run their own selection (the others reuse a source layer's)."""
-    return len({policy.share_source(i, n_layers) for i in range(n_layers)})
+    """Layers that run their own selection (the others reuse a source layer's; a layer whose
+    source attends the whole cache selects itself, as decode_step runs it)."""
+    dense = lambda i: policy.layer_policy(i, n_layers) is None   # noqa: E731
+    return len({i if dense(policy.share_source(i, n_layers)) else
+                policy.share_source(i, n_layers) for i in range(n_layers) if not dense(i)})
 
 
 @_recorded("attention")
@@ -202,8 +210,9 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     """
     from eviction.clusters import update_bounds
     from mpc_llama.model import attention_scores, attention_values
-    from eviction.attention import (_select, gather_scores, partition_scores, scatter_partitioned,
-                                    scatter_probs)
+    from eviction.attention import (_select, gather_packed, partition_scores,
+                                    scatter_packed, scatter_partitioned, scatter_spans,
+                                    with_spans)
 
     c = sampled(cfg, heads)
     L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
@@ -227,6 +236,17 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         return blocks + [
             _block("softmax", "softmax", lambda s: (softmax(s, mask),), {"scores": scores},
                    count=L, heads=heads), values]
+
+    # layers the policy leaves the whole cache (`layer_policy`): the full softmax there; the
+    # scores and values blocks above count every layer, the policy's own blocks the others
+    dense = n_dense(policy, L)
+    if dense:
+        if getattr(policy, "refresh", 1) > 1:
+            raise ConfigError("cost blocks for dense layers are built for refresh=1 only")
+        full_mask = valid[None, None, None, None, :]
+        blocks.append(_block("softmax_dense", "softmax", lambda s: (softmax(s, full_mask),),
+                             {"scores": scores}, count=dense, heads=heads))
+    L = L - dense
 
     # policies that keep no bounds (MPCache's exact ranking) have no bounds block, and their
     # selection blocks no bounds input: `bnd` is the input, `split` finds it in the args
@@ -273,7 +293,11 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
 
     probe = policy.select_clusters(*_probe_select_args(c, policy, seq, length, cap))
     kind = "mask" if probe is None else getattr(policy, "gather", "mask")
-    n_sel = n_selecting(policy, L)
+    n_sel = n_selecting(policy, cfg.n_layers)
+    # the forced slices (public, next to the chosen clusters) or None
+    spans = getattr(policy, "spans", lambda t: None)(seq)
+    forced = 0 if spans is None else spans.width
+    n_len = jnp.asarray(length)
     if kind == "scores" and policy.compaction == "sort":
         # the cluster mask is a comparison result (a one-bit key of the sort) only inside the
         # program that computes it, so the selecting layers' block selects AND packs; the
@@ -281,11 +305,14 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         # one comparison per cluster that the whole-step program does not run)
         size, slots = probe[1], probe[2]
         n, sl = cap // size, slots * size
-        packed = {"picked": _spec((1, heads, g, sl)), "ok": _spec((1, heads, 1, sl), jnp.bool_)}
+        packed = {"picked": _spec((1, heads, g, sl + forced)),
+                  "ok": _spec((1, heads, 1, sl + forced), jnp.bool_)}
         digits = {"hi": _spec((1, heads, slots), jnp.int32),
                   "lo": _spec((1, heads, slots), jnp.int32)}
-        pack = lambda m, s: partition_scores(m, s[:, :, :, 0], size, slots,  # noqa: E731
-                                             jnp.asarray(length), policy.backend)
+        def pack(m, s):   # the chosen clusters' scores by the sort, then the slices'
+            hi, lo, picked, ok = partition_scores(m, s[:, :, :, 0], size, slots, n_len,
+                                                  policy.backend)
+            return (hi, lo) + with_spans(picked, ok, s[:, :, :, 0], n_len, spans)
         def select_pack(q, k, *rest):   # rest: (bounds if kept, scores)
             ranked = rest if policy.needs_scores else rest[:-1]
             selection, row_max = select(q, k, *ranked)
@@ -300,7 +327,9 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                               count=L - n_sel, heads=heads))
         return out + blocks + softmax_blocks(packed, lambda ok: ok) + [
             _block("scatter", "gather",
-                   lambda hi, lo, pr: (scatter_partitioned(hi, lo, pr, size, n)[:, :, :, None],),
+                   lambda hi, lo, pr: (scatter_spans(
+                       lambda p: scatter_partitioned(hi, lo, p, size, n), pr, sl, n_len,
+                       spans, cap)[:, :, :, None],),
                    {**digits, "probs": packed["picked"]}, count=L, heads=heads),
             values]
 
@@ -334,15 +363,16 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
                           heads=heads))
     if kind == "scores":
         size, fold = probe[1], max(1, getattr(policy, "fold_heads", 1))
-        packed = _spec((1, heads, g, sel_spec.shape[2] * size))
+        packed = _spec((1, heads, g, sel_spec.shape[2] * size + forced))
         return out + blocks + [
             _block("gather", "gather",
-                   lambda p, s: gather_scores(p, s[:, :, :, 0], valid, size),
+                   lambda p, s: gather_packed(p, s[:, :, :, 0], valid, size, spans, n_len),
                    {"onehot": sel_spec, "scores": scores}, count=L, heads=heads),
             ] + softmax_blocks({"picked": packed, "ok": _spec((1, heads, 1, packed.shape[3]))},
                                lambda ok: ok > 0.5) + [
             _block("scatter", "gather",
-                   lambda p, pr: (scatter_probs(p, pr, size, fold)[:, :, :, None],),
+                   lambda p, pr: (scatter_packed(p, pr, size, fold, spans, n_len,
+                                                 cap)[:, :, :, None],),
                    {"onehot": sel_spec, "probs": packed}, count=L, heads=heads),
             values]
     raise ConfigError(f"cost blocks are built for gather='scores' only; {policy.name} has "

@@ -10,6 +10,7 @@ import pytest
 from eviction import POLICIES, make_policy, policy_from_spec
 from eviction.base import topk_mask
 from eviction.clusters import bounds_of, cluster_candidates, init_bounds, khat, update_bounds
+from eviction.slices import candidates
 from eviction.mpcache import MPCache
 from eviction.quest import quest_bound
 from eviction.sharing import share_source
@@ -231,7 +232,8 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
     sel = lambda pol: np.asarray(pol.select(q, keys, bounds, jnp.asarray(length),
                                             prompt_len=length, cfg=None))
     quest = sel(make_policy("quest", 0.5, page=16))
-    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound", s2=16))
+    # forced clusters (first and current), as Quest's pages
+    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound", s2=16, forced="clusters"))
     np.testing.assert_array_equal(mp, quest)
     assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat", s2=16)), quest)
     mix = MPCache(score1="mix", score2="mix")
@@ -241,7 +243,8 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
         np.testing.assert_allclose(mix.cluster_score(q, bounds, level), parts[0] + parts[1],
                                    rtol=1e-5, atol=1e-5)
     for score1 in ("khat", "bound"):
-        pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound", s2=16)
+        pol = MPCache(budget=0.5, ratio1=0.25, score1=score1, score2="bound", s2=16,
+                      forced="clusters")
         sim1 = np.asarray(pol.cluster_score(q, bounds, 1))
         m = sel(pol).reshape(2, 2, 4, 32).any(-1)                 # level-1 clusters touched
         assert m.sum(-1).max() <= pol.k1(length, 4)
@@ -325,28 +328,41 @@ def test_topk_mask_is_exact_under_ties():
     assert int(m.sum()) == 5 and not bool(m[0, 4])
 
 
+@pytest.mark.parametrize("forced", ["clusters", "slices"])
 @pytest.mark.parametrize("length", [128, 121])
-def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_score(length):
+def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_score(length,
+                                                                                   forced):
     """score2="exact": each level-2 cluster scored by the max over its entries of q . k
-    summed over the KV group's query heads; the top k2 - 2 candidates are chosen (no
-    level-1 pruning), plus the first and current clusters; the same with the step's scores
-    passed in."""
+    summed over the KV group's query heads; the top free_slots candidates are chosen (no
+    level-1 pruning), plus the first and current clusters (forced clusters) or nothing
+    (forced slices: attention adds them; the candidates lie between them); the same with
+    the step's scores passed in."""
     rng = np.random.default_rng(7)
     keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
     bounds = init_bounds(keys, length, 32, 16)
-    pol = MPCache(budget=0.5, score2="exact", s2=16)
+    pol = MPCache(budget=0.5, score2="exact", s2=16, forced=forced)
     mask, size, slots = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None)
     summed = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
     per = summed.reshape(2, 2, 8, 16).max(-1)
-    cand, forced = map(np.asarray, cluster_candidates(jnp.asarray(length), 8, 16))
+    cand, forced_c = map(np.asarray, cluster_candidates(jnp.asarray(length), 8, 16))
+    if forced == "slices":
+        spans = pol.spans(length)
+        assert spans.sink == 16 and spans.width + 16 * pol.free_slots(length) == \
+            pol.n_attend(length)
+        cand = np.asarray(candidates(jnp.asarray(length), 8, 16, spans))
+        # after the sink, wholly before the window
+        assert cand.tolist() == [16 <= 16 * i and 16 * (i + 1) <= length - spans.window
+                                 for i in range(8)]
+        forced_c = np.zeros(8, bool)
     want = np.zeros((2, 2, 8), bool)
     for b in range(2):
         for h in range(2):
             best = np.argsort(-np.where(cand, per[b, h], -np.inf), kind="stable")
-            want[b, h, best[:pol.k2(length) - 2]] = True
-    np.testing.assert_array_equal(np.asarray(mask), want | forced)
-    assert size == 16 and slots == pol.k2(length) and pol.k2(length) - 2 >= 1
+            want[b, h, best[:pol.free_slots(length)]] = True
+    np.testing.assert_array_equal(np.asarray(mask), want | forced_c)
+    assert size == 16 and pol.free_slots(length) >= 1
+    assert slots == (pol.k2(length) if forced == "clusters" else pol.free_slots(length))
     scores = jnp.einsum("bkgd,bkcd->bkgc", q, keys) / np.sqrt(8)
     again = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None, scores)[0]
     np.testing.assert_array_equal(np.asarray(again), np.asarray(mask))
@@ -502,3 +518,23 @@ def test_wide_search_selects_what_lean_selects():
         np.testing.assert_array_equal(np.asarray(wide), lean)
         np.testing.assert_allclose(np.asarray(top)[:, 0],
                                    np.where(np.asarray(allowed), np.asarray(s), -np.inf).max(-1))
+
+
+def test_dense_layers_attend_the_whole_cache(six_layers):
+    """dense_layers=L: every decode layer attends the whole cache (the full cache's tokens);
+    dense_layers=1: the first layer does, the others their budget."""
+    cfg, params = six_layers
+    prompt = list(np.random.default_rng(5).integers(0, cfg.vocab_size, 120))
+    full = greedy_generate(params, cfg, prompt, 4, policy=make_policy("full"))
+    dense = greedy_generate(params, cfg, prompt, 4,
+                            policy=make_policy("mpcache", 0.2, s2=16, dense_layers=cfg.n_layers))
+    assert dense.tokens == full.tokens and dense.attended_fraction == pytest.approx(1.0)
+    one = make_policy("mpcache", 0.2, s2=16, dense_layers=1)
+    assert [one.layer_policy(i, 6) is None for i in range(3)] == [True, False, False]
+    part = greedy_generate(params, cfg, prompt, 4, policy=one)
+    plain = greedy_generate(params, cfg, prompt, 4, policy=make_policy("mpcache", 0.2, s2=16))
+    # one layer in six attends everything, the others about 20%
+    assert part.attended_fraction == pytest.approx(
+        (1.0 + 5 * plain.attended_fraction) / 6, rel=1e-3)
+    with pytest.raises(ConfigError, match="dense_layers"):
+        make_policy("mpcache", 0.1, dense_layers=-1)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from eviction import make_policy, policy_from_spec
-from eviction.clusters import init_bounds
+from eviction.clusters import cluster_candidates, init_bounds
+from eviction.slices import candidates
 from eviction.neighbors import dilate, select, shift, tops
 from mpc_llama.errors import ConfigError
 
@@ -60,17 +61,28 @@ def test_selection_stays_within_the_slots_and_keeps_neighbours(spec, budget):
     mask, size, slots = _select(pol)
     base, _, _ = _select(policy_from_spec("mpcache", budget))
     n = mask.shape[-1]
+    cand, forced = _candidates(pol, 2048, n)
     assert (mask.sum(-1) <= slots).all()
-    assert mask[..., 0].all() and mask[..., n - 1].all()      # sink and current cluster
-    # every chosen cluster (not forced) comes with its right neighbours (up to the current)
-    chosen = mask.copy()
-    chosen[..., [0, n - 1]] = False
+    assert mask[..., forced].all()               # forced clusters (none with forced slices)
+    chosen = mask & ~forced
+    assert not (chosen & ~cand).any()            # nothing chosen overlaps a forced slice
+    # every chosen cluster comes with its right neighbours (those that may be chosen)
     for j in np.argwhere(chosen) if pol.neighbor_tops == 0 else []:
         c = j[-1]
-        if c + 1 < n and not mask[tuple(j[:-1]) + (c - 1,)]:   # the start of a run
-            assert mask[tuple(j[:-1]) + (min(c + 1, n - 1),)]
-    # the best clusters of the plain selection stay selected (the top ones come first)
-    assert mask.sum() >= base.sum() * 0.6
+        if c + 1 < n and cand[c + 1] and not mask[tuple(j[:-1]) + (c - 1,)]:   # a run start
+            assert mask[tuple(j[:-1]) + (c + 1,)]
+    # the best clusters of the plain selection stay selected (the top ones come first); a
+    # free slot too few for a cluster and its neighbours chooses nothing
+    n_top = tops(slots, pol.neighbors, pol.neighbors_left, pol.neighbor_tops)[0]
+    assert mask.sum() >= base.sum() * 0.6 if n_top else not chosen.any()
+
+
+def _candidates(pol, length, n):
+    """(clusters that may be chosen, forced clusters), bool [n] each, for the policy."""
+    spans = pol.spans(length)
+    if spans is None:
+        return map(np.asarray, cluster_candidates(jnp.asarray(length), n, pol.s2, pol.recent))
+    return np.asarray(candidates(jnp.asarray(length), n, pol.s2, spans)), np.zeros(n, bool)
 
 
 def test_neighbors_zero_is_the_plain_selection():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from eviction import make_policy
+from eviction import make_policy, policy_from_spec
 from mpc_llama.config import LlamaConfig
 from mpc_llama.model import init_params, prefill
 from protocols.benchmark import (BlockMeter, Counters, compose_static, compose_step, extrapolate,
@@ -96,10 +96,12 @@ def close(a, b, tol):
     (proto, tol, pol) if (proto, pol) != ("cheetah", "full") else
     pytest.param(proto, tol, pol, marks=pytest.mark.slow)
     for proto, tol in (("semi2k", 0.02), ("aby3", 0.05), ("cheetah", 0.03))
-    for pol in ("full", "mpcache")])
+    for pol in ("full", "mpcache")] + [("semi2k", 0.02, "mpcache:dense_layers=1")])
 def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters):
+    """The composed step (blocks measured apart, counted per layer) costs what the real
+    decode step costs; with dense_layers=1 one of the two layers attends the whole cache."""
     proto = get_protocol(protocol)
-    pol = None if policy == "full" else make_policy(policy, 0.4)
+    pol = None if policy == "full" else policy_from_spec(policy, 0.4)
     assert pol is None or pol.chooses(SEQ)   # a secret selection, not the forced clusters
     direct = direct_step(proto, SMALL, pol, SEQ)
     comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto))
