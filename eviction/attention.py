@@ -45,18 +45,16 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
 
 
 def gather_packed(onehot, scores, valid, size: int, spans=None, length=None):
-    """gather_scores, then the forced slices' scores appended (public slices): picked
-    [b, k, g, slots*size + spans.width], ok [b, k, 1, same] (1.0: a valid attended entry).
-    onehot may have 0 slots (nothing chosen: the slices only)."""
-    parts = [gather_scores(onehot, scores, valid, size)] if onehot.shape[2] else []
-    if spans is not None:
-        b, kh, g, c = scores.shape
-        ok = slices.valid(length, c, spans).astype(scores.dtype)
-        parts.append((slices.take(scores, length, spans),
-                      jnp.broadcast_to(ok, (b, kh, 1, spans.width))))
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(jnp.concatenate(x, axis=-1) for x in zip(*parts))
+    """gather_scores, then the forced slices' scores appended (public slices; with_spans):
+    picked [b, k, g, slots*size + spans.width], ok [b, k, 1, same] (1.0: a valid attended
+    entry). onehot may have 0 slots (nothing chosen: the slices only)."""
+    b, kh, g, _ = scores.shape
+    if onehot.shape[2]:
+        picked, ok = gather_scores(onehot, scores, valid, size)
+    else:
+        picked, ok = (jnp.zeros((b, kh, g, 0), scores.dtype),
+                      jnp.zeros((b, kh, 1, 0), scores.dtype))
+    return with_spans(picked, ok, scores, length, spans)
 
 
 def scatter_packed(onehot, probs, size: int, fold: int = 1, spans=None, length=None,
@@ -64,10 +62,8 @@ def scatter_packed(onehot, probs, size: int, fold: int = 1, spans=None, length=N
     """Inverse of gather_packed for the probabilities: [b, k, g, slots*size (+ spans.width)]
     -> [b, k, g, capacity] in cache order, zero where nothing was attended."""
     n = onehot.shape[2] * size
-    if spans is None:
-        return scatter_probs(onehot, probs, size, fold)
-    back = slices.put(probs[..., n:], length, spans, capacity)
-    return back + scatter_probs(onehot, probs[..., :n], size, fold) if n else back
+    return scatter_spans(lambda p: scatter_probs(onehot, p, size, fold) if n else 0.0,
+                         probs, n, length, spans, capacity)
 
 
 def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: int):
@@ -85,8 +81,8 @@ def gather_scores(onehot: jax.Array, scores: jax.Array, valid: jax.Array, size: 
 
 def scatter_probs(onehot: jax.Array, probs: jax.Array, size: int, fold: int = 1) -> jax.Array:
     """Inverse of gather_scores: probs [b, k, g, slots*size] -> [b, k, g, c], zero elsewhere.
-    fold: KV heads per block-diagonal matmul (eviction.compaction.FOLD_HEADS; the same
-    values, 1/fold of the rounds)."""
+    fold: KV heads per block-diagonal matmul (the policy's `fold_heads`, 1 unless set; the
+    same values, 1/fold of the rounds; eviction.compaction says why no protocol folds)."""
     b, kh, g, _ = probs.shape
     slots, n = onehot.shape[2], onehot.shape[3]
     p = onehot.astype(probs.dtype)
@@ -157,14 +153,18 @@ def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaC
 
 
 def with_spans(picked, ok, scores, length, spans):
-    """The sort kernel's packed scores (picked [b, k, g, m], ok bool [b, k, 1, m]) with the
-    forced slices' appended (as gather_packed)."""
+    """Packed scores (picked [b, k, g, m], ok [b, k, 1, m], bool or 0/1 float) with the
+    forced slices' scores appended, taken from scores [b, k, g, c] (public slices); m may be
+    0. Both compaction kernels (one-hot and sort) pack through here."""
     if spans is None:
         return picked, ok
     b, kh, g, c = scores.shape
-    oks = jnp.broadcast_to(slices.valid(length, c, spans), (b, kh, 1, spans.width))
-    return (jnp.concatenate([picked, slices.take(scores, length, spans)], axis=-1),
-            jnp.concatenate([ok, oks], axis=-1))
+    oks = jnp.broadcast_to(slices.valid(length, c, spans).astype(ok.dtype),
+                           (b, kh, 1, spans.width))
+    extra = slices.take(scores, length, spans)
+    if picked.shape[-1] == 0:
+        return extra, oks
+    return jnp.concatenate([picked, extra], axis=-1), jnp.concatenate([ok, oks], axis=-1)
 
 
 def scatter_spans(scatter, probs, n: int, length, spans, capacity: int):

@@ -5,10 +5,11 @@ by observation-window attention (window, aggregation and max-pooling are fields;
 the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-pooling 7,
 where the published 20%-of-prompt window washed out the question), sink and window forced.
 Dynamic step (each decode step): level-2 clusters of s2=32 consecutive entries (the paper's
-16 for "mpcache_published"), the top k2 of them attended, first and current clusters always
-selected. `score2` picks how clusters are
-ranked: "exact" (default) by the max over each cluster of the step's own q . k summed over
-the KV group's query heads (the scores attention computes anyway, so one matmul serves both;
+16 for "mpcache_published"), the top ones attended next to a sink (the first cluster) and a
+window of the last entries, both public slices (eviction.slices; the paper's form, first and
+current clusters forced in the one-hot, is forced="clusters"). `score2` picks how clusters are
+ranked: "exact" (default) by the max over each cluster of the step's own q . k, maxed over
+the KV group's query heads (`score_heads`; the scores attention computes anyway, so one matmul serves both;
 s2 - 1 comparisons per cluster; no level-1 search); "khat" (the paper's) by the
 comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a top-k1 search over
 level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
@@ -86,9 +87,10 @@ class MPCache(Policy):
     score2: str = "exact"     # level-2 cluster score: exact (max of the step's own q . k, no
                               # level-1 search) | khat (the paper's) | bound | mix (khat + bound)
     score_pool: int = 1       # score2=exact: adjacent entries summed before the cluster max
-    score_heads: str = "sum"  # score2=exact, GQA: the KV group's query heads' scores "sum"-med,
-                              # their "max", or "norm": the max of each head's score less that
-                              # head's max over the cache (log-probability up to its normaliser)
+    score_heads: str = "max"  # score2=exact, GQA: the KV group's query heads' scores: their
+                              # "max" (default: 1.00 vs "sum"'s 0.89 on the tuning seeds,
+                              # results/tune_2k_heads), "sum", or "norm": the max of each
+                              # head's score less that head's max over the cache
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only

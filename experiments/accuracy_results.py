@@ -30,15 +30,27 @@ def load(path):
     return res
 
 
-def merge(results):
+def merge(results, replace=()):
     """One payload from several run_accuracy payloads (records concatenated, rows
-    re-aggregated). Raises ConfigError on mixed models or a sample counted twice."""
+    re-aggregated). replace: policy specs whose records come only from the LAST input that
+    has them (a rerun supersedes an earlier run of that policy). Raises ConfigError on mixed
+    models, a sample counted twice, or a replaced policy that no input has."""
     models = {r["model"] for r in results}
     if len(models) > 1:
         raise ConfigError(f"inputs come from different models: {sorted(models)}")
-    seen, records = set(), []
-    for res in results:
+    owner = {}
+    for i, res in enumerate(results):
         for rec in res["samples"]:
+            if rec["policy"] in replace:
+                owner[rec["policy"]] = i
+    missing = sorted(set(replace) - set(owner))
+    if missing:
+        raise ConfigError(f"no input has policy {missing[0]!r} to replace")
+    seen, records = set(), []
+    for i, res in enumerate(results):
+        for rec in res["samples"]:
+            if owner.get(rec["policy"], i) != i:
+                continue
             key = (rec["task"], rec["length"], rec["question"], rec["policy"], rec["budget"],
                    rec["depth"])
             if key in seen:

@@ -5,7 +5,8 @@ records, so the merged table is exactly what one run over all of them would prin
     python experiments/merge_accuracy.py --out runs/acc runs/acc_passkey runs/acc_niah_single
 
 Inputs must come from the same model; a (task, length, question, policy, budget, depth)
-record present in two inputs is an error (the same sample counted twice).
+record present in two inputs is an error (the same sample counted twice), unless its policy
+is named in --replace: then the last input holding that policy supplies all its records.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("inputs", nargs="+", help="run_accuracy.py output directories or files")
     p.add_argument("--out", required=True, help="directory for the merged outputs")
+    p.add_argument("--replace", default="",
+                   help="comma-separated policy specs taken only from the last input that "
+                        "has them (a rerun of those policies supersedes the earlier records)")
     args = p.parse_args(argv)
-    payload = merge([load(path) for path in args.inputs])
+    replace = tuple(x for x in args.replace.split(",") if x)
+    payload = merge([load(path) for path in args.inputs], replace)
     print_summary(payload["rows"])
     write_outputs(args.out, payload)
     print(f"wrote {args.out}/results.json, results.csv, score.png "

@@ -187,6 +187,19 @@ def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     with pytest.raises(ConfigError, match="more than one input"):  # the same sample twice
         merge_main(["--out", str(tmp_path / "twice"), parts[0], parts[0]])
     assert not (tmp_path / "twice").exists()
+    # a rerun of one policy supersedes its earlier records, the others stay
+    rerun = dict(res, samples=[dict(s, score=0.0) for s in res["samples"]
+                               if s["policy"] == "mpcache"])
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    merge_main(["--out", str(tmp_path / "replaced"), "--replace", "mpcache",
+                str(tmp_path / "merged"), str(tmp_path / "rerun.json")])
+    replaced = json.loads((tmp_path / "replaced" / "results.json").read_text())
+    by = {(r["policy"], r["question"]): r["score"] for r in replaced["rows"]}
+    assert by == {**{("full", q): 1.0 for q in ("inside", "after")},
+                  **{("mpcache", q): 0.0 for q in ("inside", "after")}}
+    assert len(replaced["samples"]) == len(res["samples"])
+    with pytest.raises(ConfigError, match="no input has policy"):
+        merge_main(["--out", str(tmp_path / "none"), "--replace", "quest", parts[0]])
 
 
 def test_max_minutes_stops_early_and_says_so(tmp_path, monkeypatch, smollm2, capsys):

@@ -328,12 +328,15 @@ def test_topk_mask_is_exact_under_ties():
     assert int(m.sum()) == 5 and not bool(m[0, 4])
 
 
+@pytest.mark.parametrize("heads", ["max", "sum", "norm"])
 @pytest.mark.parametrize("forced", ["clusters", "slices"])
 @pytest.mark.parametrize("length", [128, 121])
-def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_score(length,
-                                                                                   forced):
+def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_score(length, forced,
+                                                                             heads):
     """score2="exact": each level-2 cluster scored by the max over its entries of q . k
-    summed over the KV group's query heads; the top free_slots candidates are chosen (no
+    combined over the KV group's query heads (score_heads: their max, their sum, or each
+    head's score less its max over the valid cache, then the max); the top free_slots
+    candidates are chosen (no
     level-1 pruning), plus the first and current clusters (forced clusters) or nothing
     (forced slices: attention adds them; the candidates lie between them); the same with
     the step's scores passed in."""
@@ -341,10 +344,13 @@ def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_summed_sc
     keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
     bounds = init_bounds(keys, length, 32, 16)
-    pol = MPCache(budget=0.5, score2="exact", s2=16, forced=forced)
+    pol = MPCache(budget=0.5, score2="exact", s2=16, forced=forced, score_heads=heads)
     mask, size, slots = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None)
-    summed = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
-    per = summed.reshape(2, 2, 8, 16).max(-1)
+    each = np.einsum("bkgd,bkcd->bkgc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
+    if heads == "norm":
+        each = each - each[..., :length].max(-1, keepdims=True)
+    combined = each.sum(2) if heads == "sum" else each.max(2)
+    per = combined.reshape(2, 2, 8, 16).max(-1)
     cand, forced_c = map(np.asarray, cluster_candidates(jnp.asarray(length), 8, 16))
     if forced == "slices":
         spans = pol.spans(length)
@@ -377,7 +383,7 @@ def test_exact_score_pools_adjacent_entries_before_the_cluster_max(pool):
     rng = np.random.default_rng(8)
     keys = jnp.asarray(rng.normal(size=(1, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(1, 2, 3, 8)), jnp.float32)
-    got = np.asarray(MPCache(score_pool=pool).exact_score(q, keys))
+    got = np.asarray(MPCache(score_pool=pool, score_heads="sum").exact_score(q, keys))
     per = np.einsum("bkgd,bkcd->bkc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
     want = per.reshape(1, 2, 4, 32 // pool, pool).sum(-1).max(-1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
