@@ -166,10 +166,10 @@ class MPCache(Policy):
     @classmethod
     def published(cls, budget: float = 0.1) -> "MPCache":
         """The settings of the paper: static step keeping max(50%, 2 x budget), 20%-of-prompt
-        window, summed, no pooling."""
+        window, summed, no pooling; the first and current clusters forced in the one-hot."""
         return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
                    aggregate="sum", kernel=1, share="pairs", score2="khat", selector="auto",
-                   s2=16)
+                   s2=16, forced="clusters")
 
     @classmethod
     def with_static(cls, budget: float = 0.1) -> "MPCache":

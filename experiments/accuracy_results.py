@@ -61,7 +61,10 @@ def merge(results, replace=()):
     for res in results:
         for n, t in res.get("prefill", {}).items():
             prefill.setdefault(n, []).append(t)
-    return {"command": [r["command"] for r in results], "model": models.pop(),
+    commands = []
+    for r in results:   # a merged input lists its own inputs' commands
+        commands += r["command"] if isinstance(r["command"], list) else [r["command"]]
+    return {"command": commands, "model": models.pop(),
             "rows": aggregate(records), "samples": records, "prefill": prefill,
             "runs": [r.get("runs") for r in results],
             "platform": [r.get("platform") for r in results]}

@@ -31,6 +31,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     replace = tuple(x for x in args.replace.split(",") if x)
     payload = merge([load(path) for path in args.inputs], replace)
+    payload["command"].append("python experiments/merge_accuracy.py "
+                              + " ".join(argv if argv is not None else sys.argv[1:]))
     print_summary(payload["rows"])
     write_outputs(args.out, payload)
     print(f"wrote {args.out}/results.json, results.csv, score.png "

@@ -52,6 +52,12 @@ def spu_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def command_of(res: dict) -> str:
+    """The command(s) behind a results file: merged files list each run's, joined by " ; "."""
+    cmd = res.get("command", "")
+    return " ; ".join(cmd) if isinstance(cmd, list) else cmd
+
+
 def captured(full: float, policy: float, oracle: float):
     """Share of the oracle's saving a policy captures, (full - policy) / (full - oracle), for
     one figure of one run (issue 16's metric); None when the oracle saves nothing."""
@@ -301,9 +307,9 @@ def main(argv=None) -> None:
         where = (f", {'/'.join(map(str, lengths))} tok, n={accuracy['full'][1]}"
                  if "full" in accuracy else "")
         for path, res in zip(args.accuracy, acc_files):
-            print(f"<!-- score from {path}: {res.get('command', '')} -->")
+            print(f"<!-- score from {path}: {command_of(res)} -->")
         for path, res in zip(args.files, results):
-            print(f"<!-- cost from {path}: {res.get('command', '')} -->")
+            print(f"<!-- cost from {path}: {command_of(res)} -->")
             print(headline_table(res, accuracy, where))
             print()
         if args.figure:
@@ -312,7 +318,7 @@ def main(argv=None) -> None:
     if args.pivot:
         renames = rename_policies(args.files, results, args.rename)
         for path, res in zip(args.files, results):
-            print(f"<!-- from {path}: {res.get('command', '')} -->")
+            print(f"<!-- from {path}: {command_of(res)} -->")
         for path, old, new in args.rename:
             print(f"<!-- {path}: policy {old} reported as {new} -->")
         tasks = set(args.tasks.split(",")) if args.tasks else None
@@ -320,7 +326,7 @@ def main(argv=None) -> None:
         return
     for path, res in zip(args.files, results):
         rows = res["rows"]
-        print(f"<!-- from {path}: {res.get('command', '')} -->")
+        print(f"<!-- from {path}: {command_of(res)} -->")
         if "measured_s" in rows[0]:
             print(netval_table(res))
         elif "kv_heads" in rows[0]:

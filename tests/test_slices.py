@@ -107,3 +107,14 @@ def test_slices_attention_equals_masked_attention(gather, length):
     chosen = m & ~forced
     assert (chosen.reshape(1, 2, -1, 16).all(-1) == chosen.reshape(1, 2, -1, 16).any(-1)).all()
     assert (chosen.reshape(1, 2, -1, 16).any(-1).sum(-1) == pol.free_slots(240)).all()
+
+
+def test_the_default_uses_slices_and_the_published_setting_keeps_forced_clusters():
+    """`mpcache` attends sink + window as slices; `mpcache_published` keeps the paper's form
+    (first and current clusters in the one-hot: k2 rows, no spans)."""
+    from eviction import policy_from_spec
+
+    default, paper = policy_from_spec("mpcache", 0.1), policy_from_spec("mpcache_published", 0.1)
+    assert default.slices and default.spans(2048) is not None
+    assert not paper.slices and paper.spans(2048) is None
+    assert paper.free_slots(2048) == paper.k2(2048) - 1 - paper.recent
