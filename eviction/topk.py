@@ -34,7 +34,12 @@ LEAN_WAYS, LEAN_BITS = 4, 8
 # "wide": the same 256 levels as "lean" in 2 rounds of 16 parts (30 comparisons per entry
 # instead of 12, half the rounds): the same final interval, so the same selection
 WIDE_WAYS, WIDE_BITS = 16, 8
-SELECTORS = ("search", "topk", "rank", "auto", "lean", "wide")
+# "near": ONE round of NEAR_WAYS parts over [max - NEAR_SPAN, max] (no min tree, one cut
+# round instead of lean's 4): entries below max - NEAR_SPAN are never chosen (their softmax
+# weight is below e^-NEAR_SPAN of the row max when scores are attention logits), so a row can
+# get FEWER than k; ties within NEAR_SPAN / NEAR_WAYS go to the earliest positions
+NEAR_WAYS, NEAR_SPAN = 16, 16.0
+SELECTORS = ("search", "topk", "rank", "auto", "lean", "wide", "near")
 
 
 def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "search",
@@ -59,6 +64,10 @@ def topk_mask(scores: jax.Array, k: int, allowed: jax.Array, selector: str = "se
     selector "lean": "search" with ways=LEAN_WAYS, bits=LEAN_BITS (fewer comparisons).
     selector "wide": "search" with ways=WIDE_WAYS, bits=WIDE_BITS: lean's 256 levels in half
     its rounds (more comparisons per round; the same cut points, so the same mask).
+    selector "near": at most k (not exactly): the k highest among the entries within
+    NEAR_SPAN of the row max, found in ONE round of NEAR_WAYS parts over [max - NEAR_SPAN,
+    max + 1) plus the final comparison; meant for attention logits (what it drops weighs
+    less than e^-NEAR_SPAN of the row max).
     selector "topk": the k-th largest value from lax.top_k (SPU: a secret shuffle, then a
     quick-select that opens comparison bits of the shuffled array; rounds grow with rows),
     then the same exact-count tie breaking.
@@ -95,6 +104,8 @@ def _topk(scores, k, allowed, selector, ways, bits):
         ways, bits = LEAN_WAYS, LEAN_BITS
     if selector == "wide":
         ways, bits = WIDE_WAYS, WIDE_BITS
+    if selector == "near":
+        return _near(masked, allowed, k)
     # min and max in one reduction (min = -max(-x), exact): one comparison tree, half the
     # message rounds of two
     ends = jnp.max(jnp.stack([masked, jnp.where(allowed, -scores, -BIG)]), axis=-1,
@@ -115,6 +126,21 @@ def _topk(scores, k, allowed, selector, ways, bits):
         lo = lo + passed * step
     # the entries above the final interval and those inside it, from ONE comparison of every
     # entry with both ends (a single message round)
+    ge = masked[..., :, None] >= jnp.concatenate([lo, lo + step], axis=-1)[..., None, :]
+    above = ge[..., 1]
+    return _exact_count(masked, above, jnp.logical_and(ge[..., 0], jnp.logical_not(above)),
+                        allowed, k), top
+
+
+def _near(masked, allowed, k):
+    """The "near" selector: (mask of at most k entries, the row max [..., 1])."""
+    top = jnp.max(masked, axis=-1, keepdims=True)
+    lo = top - NEAR_SPAN
+    step = (NEAR_SPAN + 1.0) / NEAR_WAYS
+    cuts = lo + step * jnp.arange(1, NEAR_WAYS, dtype=masked.dtype)              # [..., w-1]
+    counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)
+    lo = lo + jnp.sum(counts >= k, axis=-1, keepdims=True).astype(masked.dtype) * step
+    # count(>= lo + step) < k; the band [lo, lo + step) fills the rest, earliest first
     ge = masked[..., :, None] >= jnp.concatenate([lo, lo + step], axis=-1)[..., None, :]
     above = ge[..., 1]
     return _exact_count(masked, above, jnp.logical_and(ge[..., 0], jnp.logical_not(above)),

@@ -526,6 +526,38 @@ def test_wide_search_selects_what_lean_selects():
                                    np.where(np.asarray(allowed), np.asarray(s), -np.inf).max(-1))
 
 
+def test_near_selects_the_top_within_its_span():
+    """selector "near" (one round of 16 parts over [max - 16, max + 1)): k entries when at
+    least k allowed entries lie within the span, else all of those; never one below
+    max - span; every chosen entry beats every unchosen one within the span by more than a
+    part's width or is in the same part (ties to the earliest); with_max is the row max."""
+    from eviction.topk import NEAR_SPAN, NEAR_WAYS
+
+    rng = np.random.default_rng(6)
+    step = (NEAR_SPAN + 1.0) / NEAR_WAYS
+    for trial in range(12):
+        s = rng.normal(size=(4, 128)) * rng.uniform(0.5, 12)
+        if trial % 3 == 1:
+            s = np.round(s * 2) / 2                                   # plateaus
+        s = s.astype(np.float32)
+        allowed = rng.random(128) > 0.1
+        k = int(rng.integers(1, 40))
+        mask, top = topk_mask(jnp.asarray(s), k, jnp.asarray(allowed), "near", with_max=True)
+        mask, top = np.asarray(mask), np.asarray(top)[:, 0]
+        best = np.where(allowed, s, -np.inf).max(-1)
+        np.testing.assert_allclose(top, best)
+        for r in range(4):
+            near = allowed & (s[r] >= best[r] - NEAR_SPAN)
+            assert not (mask[r] & ~allowed).any() and not (mask[r] & ~near).any()
+            assert mask[r].sum() == min(k, near.sum())
+            if (near & ~mask[r]).any():
+                assert s[r][mask[r]].min() >= s[r][near & ~mask[r]].max() - step - 1e-5
+    # the exact top k when the scores are farther apart than a part
+    s = jnp.asarray(rng.permutation(np.arange(16, dtype=np.float32))[None] * 1.1)
+    np.testing.assert_array_equal(np.asarray(topk_mask(s, 5, jnp.ones(16, bool), "near")),
+                                  np.asarray(topk_mask(s, 5, jnp.ones(16, bool), "topk")))
+
+
 def test_dense_layers_attend_the_whole_cache(six_layers):
     """dense_layers=L: every decode layer attends the whole cache (the full cache's tokens);
     dense_layers=1: the first layer does, the others their budget."""

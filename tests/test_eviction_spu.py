@@ -27,6 +27,7 @@ BUDGET = 0.25
 # bits of the shuffled array, whose count is public): see docs/privacy.md.
 _BASE = {"spu.prefer_a", "spu.make_cached_var", "spu.drop_cached_var"}
 ALLOWED_CALLS = {"search": _BASE, "rank": _BASE, "auto": _BASE, "lean": _BASE, "wide": _BASE,
+                 "near": _BASE,
                  "topk": _BASE | {"mhlo.topk"}}
 CALL = r"pphlo\.custom_call @([\w.]+)"
 
@@ -64,7 +65,9 @@ CASES = [(name, proto, None) for name in sorted(POLICIES) if name != "full"
                                              ("mpcache_static", "semi2k", None),
                                              ("snapkv", "semi2k", "topk"),
                                              ("mpcache", "aby3", "search"),
-                                             ("mpcache", "semi2k", "wide")]
+                                             ("mpcache", "semi2k", "wide"),
+                                             ("mpcache", "aby3", "near"),
+                                             ("mpcache", "cheetah", "near")]
 
 
 @pytest.mark.parametrize("name,proto,selector", CASES)
