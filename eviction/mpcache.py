@@ -11,8 +11,8 @@ current clusters forced in the one-hot, is forced="clusters"). `score2` picks ho
 ranked: "exact" (default) by the max over each cluster of the step's own q . k, maxed over
 the KV group's query heads (`score_heads`; the scores attention computes anyway, so one
 matmul serves both; s2 - 1 comparisons per cluster; no level-1 search); "khat" (the
-paper's) by the comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a top-k1 search over
-level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
+paper's) by the comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a
+top-k1 search over level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
 form, relu(q) . r_max + min(q, 0) . r_min) or "mix" (khat + bound). Why "exact": on varied
 natural haystacks the khat similarity ranks the needle's clusters too low (the cluster
 holding a code's start is chosen, the next one, holding the rest, is not: docs/accuracy.md);
