@@ -4,22 +4,22 @@ Static step (once, end of prefill): keep round(static_ratio * T) entries per lay
 by observation-window attention (window, aggregation and max-pooling are fields; defaults from
 the SmolLM2 measurements in algorithm.md section 7: a 32-query window with max-pooling 7,
 where the published 20%-of-prompt window washed out the question), sink and window forced.
-Dynamic step (each decode step): level-2 clusters of s2=32 consecutive entries (the paper's
-16 for "mpcache_published"), the top ones attended next to a sink (the first cluster) and a
+Dynamic step (each decode step): level-2 clusters of s2=32 consecutive entries (the paper's 16
+for "mpcache_published"), the top ones attended next to a sink (the first cluster) and a
 window of the last entries, both public slices (eviction.slices; the paper's form, first and
 current clusters forced in the one-hot, is forced="clusters"). `score2` picks how clusters are
-ranked: "exact" (default) by the max over each cluster of the step's own q . k, maxed over
-the KV group's query heads (`score_heads`; the scores attention computes anyway, so one
-matmul serves both; s2 - 1 comparisons per cluster; no level-1 search); "khat" (the
-paper's) by the comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a
-top-k1 search over level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
+ranked: "exact" (default) by the max over each cluster of the step's own q . k, maxed over the
+KV group's query heads (`score_heads`; the scores attention computes anyway, so one matmul
+serves both; s2 - 1 comparisons per cluster; no level-1 search); "khat" (the paper's) by the
+comparison-free similarity q . (alpha r_max + (1-alpha) r_min), after a top-k1 search over
+level-1 clusters (s1=32) scored by `score1`; "bound" (Quest's exact upper bound in its split
 form, relu(q) . r_max + min(q, 0) . r_min) or "mix" (khat + bound). Why "exact": on varied
-natural haystacks the khat similarity ranks the needle's clusters too low (the cluster
-holding a code's start is chosen, the next one, holding the rest, is not: docs/accuracy.md);
-chosen on seeds 1000-1007 (results/tune_2k_exact), reported on held-out seeds; equal
-selection bytes under ABY3 (its max tree replaces the level-1 search), about half the rounds;
-clusters of 32 scored as 16 did on the tuning seeds, with half the search and a quarter of
-the one-hot compaction (results/tune_2k_exact_cheap).
+natural haystacks the khat similarity ranks the needle's clusters too low (the cluster holding
+a code's start is chosen, the next one, holding the rest, is not: docs/accuracy.md); chosen on
+seeds 1000-1007 (results/tune_2k_exact), reported on held-out seeds; equal selection bytes
+under ABY3 (its max tree replaces the level-1 search), about half the rounds; clusters of 32
+scored as 16 did on the tuning seeds, with half the search and a quarter of the one-hot
+compaction (results/tune_2k_exact_cheap).
 Layer-wise index sharing by `share` pattern. `gather` says how attention reaches the
 selection (see eviction.base.check_gather); the default "scores" gathers only score scalars,
 so the softmax runs over k2 * s2 entries and no key/value row is gathered. The budget
