@@ -124,12 +124,16 @@ def _topk(scores, k, allowed, selector, ways, bits):
         counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)     # [..., w-1]
         passed = jnp.sum(counts >= k, axis=-1, keepdims=True).astype(scores.dtype)
         lo = lo + passed * step
-    # the entries above the final interval and those inside it, from ONE comparison of every
-    # entry with both ends (a single message round)
+    return _final_interval(masked, lo, step, allowed, k), top
+
+
+def _final_interval(masked, lo, step, allowed, k):
+    """The entries above [lo, lo + step) and the earliest inside it, k at most, from ONE
+    comparison of every entry with both ends (a single message round)."""
     ge = masked[..., :, None] >= jnp.concatenate([lo, lo + step], axis=-1)[..., None, :]
     above = ge[..., 1]
     return _exact_count(masked, above, jnp.logical_and(ge[..., 0], jnp.logical_not(above)),
-                        allowed, k), top
+                        allowed, k)
 
 
 def _near(masked, allowed, k):
@@ -141,10 +145,7 @@ def _near(masked, allowed, k):
     counts = jnp.sum(masked[..., None, :] >= cuts[..., :, None], axis=-1)
     lo = lo + jnp.sum(counts >= k, axis=-1, keepdims=True).astype(masked.dtype) * step
     # count(>= lo + step) < k; the band [lo, lo + step) fills the rest, earliest first
-    ge = masked[..., :, None] >= jnp.concatenate([lo, lo + step], axis=-1)[..., None, :]
-    above = ge[..., 1]
-    return _exact_count(masked, above, jnp.logical_and(ge[..., 0], jnp.logical_not(above)),
-                        allowed, k), top
+    return _final_interval(masked, lo, step, allowed, k), top
 
 
 def _rank_select(masked, allowed, k):
