@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.cli import Parser, run_main  # noqa: E402
 from mpc_llama.errors import ConfigError  # noqa: E402
+from protocols.blocks import CATEGORIES  # noqa: E402
 
 CATS = ("linear", "attention", "softmax", "selection", "gather", "other")
 
@@ -266,6 +267,33 @@ def headline_figure(costs: list, accuracy: dict, path: str) -> None:
     plt.close(fig)
 
 
+FLOOR_POLICIES = ("full", "oracle")
+
+
+def floor_table(before: dict, after: dict, policies=FLOOR_POLICIES) -> str:
+    """Per category, GB per step of `full` and `oracle` in two run_spu results of the same
+    protocol and length (e.g. before and after a change to what eviction cannot touch), with
+    the ratio before / after."""
+    if (before["protocol"]["name"], before["rows"][0]["seq"]) != \
+            (after["protocol"]["name"], after["rows"][0]["seq"]):
+        raise ConfigError("--floor: the two files are of different protocols or lengths")
+    lines = ["| protocol | policy | category | GB before | GB after | before / after |",
+             "|---|---|---|---|---|---|"]
+    for pol in policies:
+        rows = [next((r for r in res["rows"] if r["policy"] == pol), None)
+                for res in (before, after)]
+        if None in rows:
+            raise ConfigError(f"--floor: both files need policy {pol}")
+        cats = [c for c in CATEGORIES if any(r["bytes_by_category"].get(c) for r in rows)]
+        for cat in cats + ["whole step"]:
+            b, a = (r["bytes"] if cat == "whole step" else r["bytes_by_category"].get(cat, 0.0)
+                    for r in rows)
+            ratio = f"{b / a:.2f}x" if a else "-"
+            lines.append(f"| {before['protocol']['name']} | {pol} | {cat} | {b / 1e9:.3f} | "
+                         f"{a / 1e9:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _load(path: str) -> dict:
     try:
         with open(path) as f:
@@ -293,8 +321,24 @@ def main(argv=None) -> None:
     p.add_argument("--accuracy", nargs="+", default=[], metavar="FILE",
                    help="with --headline: run_accuracy.py results giving the score column")
     p.add_argument("--figure", help="with --headline: write WAN seconds vs accuracy here")
+    p.add_argument("--floor", action="store_true",
+                   help="FILES are pairs of run_spu.py results (before after ...): the "
+                   "full and oracle steps per category, before and after")
+    p.add_argument("--floor-policies", default=",".join(FLOOR_POLICIES),
+                   help="with --floor: the policies shown (comma list)")
     args = p.parse_args(argv)
     results = [_load(path) for path in args.files]
+    if args.floor:
+        if len(results) % 2 or any("bytes" not in res["rows"][0] for res in results):
+            raise ConfigError("--floor: FILES must be pairs of run_spu.py results")
+        for i in range(0, len(results), 2):
+            print(f"<!-- before: {args.files[i]}: {command_of(results[i])} -->")
+            print(f"<!-- after: {args.files[i + 1]}: {command_of(results[i + 1])} -->")
+        pols = [x for x in args.floor_policies.split(",") if x]
+        tables = [floor_table(results[i], results[i + 1], pols).split("\n", 2)
+                  for i in range(0, len(results), 2)]
+        print("\n".join(tables[0][:2] + [t[2] for t in tables]))
+        return
     if args.headline:
         if any("bytes" not in res["rows"][0] for res in results):
             raise ConfigError("--headline: FILES must be run_spu.py results")

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--rtt", type=float, help="custom profile: round-trip time in ms")
     p.add_argument("--no-beaver-cache", action="store_true",
                    help="semi2k: open weights and KV rows at every use (no Beaver cache)")
+    p.add_argument("--exact-mul", action="store_true",
+                   help="cheetah: multiplications without the last-bit error (SPU's default)")
     p.add_argument("--field", help="FM64 or FM128 (default: the protocol's)")
     p.add_argument("--fxp-bits", type=int, help="fixed-point fraction bits")
     p.add_argument("--block-cache", default="runs/block_cache",
@@ -115,6 +117,8 @@ def build_setting(args):
         protocol = protocol.with_numerics(args.field, args.fxp_bits)
     if args.no_beaver_cache:
         protocol = protocol.without_beaver_cache()
+    if args.exact_mul:
+        protocol = protocol.without_mul_lsb_error()
     seqs = _ints(args.seq, "--seq", 64)
     heads = None if args.heads == "auto" else _ints(args.heads, "--heads", 1)
     static_heads = _ints(args.static_heads, "--static-heads", 1)

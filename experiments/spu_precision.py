@@ -28,6 +28,9 @@ def main() -> None:
                    help="fixed-point fraction bits (0: SPU default)")
     p.add_argument("--prompt-ids", default="504,3575,282,4649,314",
                    help="prompt token ids (comma list)")
+    for field in ("silu", "softmax", "rsqrt"):
+        p.add_argument(f"--{field}", help=f"{field} variant (mpc_llama.nonlinear; default: "
+                                          "the model config's)")
     p.add_argument("--json", help="write per-layer errors here")
     args = p.parse_args()
 
@@ -45,7 +48,8 @@ def main() -> None:
     protocol = get_protocol(args.protocol).with_numerics(args.field, args.fxp_bits)
     ids = parse_ids(args.prompt_ids)
     loaded = load_model(args.model, with_tokenizer=False)
-    cfg = spu_config(loaded.cfg)
+    cfg = spu_config(loaded.cfg).replace(**{f: getattr(args, f) for f in
+                                            ("silu", "softmax", "rsqrt") if getattr(args, f)})
 
     def hidden(params, tokens):
         t = tokens.shape[1]
@@ -80,6 +84,8 @@ def main() -> None:
         print(f"{i:>5} {row['max_abs']:>10.1f} {row['max_err']:>10.4f} {row['rel_err']:>10.4f}")
     if args.json:
         write_json_atomic(args.json, {"protocol": protocol.name, "field": protocol.field,
+                                      "silu": cfg.silu, "softmax": cfg.softmax,
+                                      "rsqrt": cfg.rsqrt,
                                       "fxp_fraction_bits": protocol.fxp_fraction_bits,
                                       "prompt_ids": ids, "rows": rows})
 

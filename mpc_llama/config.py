@@ -51,7 +51,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 4096
     softmax: str = "clipped"
-    silu: str = "exact"
+    silu: str = "split"
     rsqrt: str = "exact"
     embedding: str = "gather"
 

@@ -69,7 +69,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, cfg: LlamaConfig) -> jax.Array:
     LLM residual streams carry outliers (SmolLM2: |x| ~ 22,500) whose square overflows the
     FM64 fixed-point product (|a*b| < 2^27 with 18 fraction bits). Same value in plaintext."""
     xs = x * (1.0 / math.sqrt(x.shape[-1]))
-    ms = jnp.sum(xs * xs, axis=-1, keepdims=True)
+    # the sum of squares as a dot product: under MPC one product per row instead of one per
+    # element (ABY3 at d=4096: 0.54 MB instead of 0.79 MB per norm)
+    ms = jnp.einsum("...d,...d->...", xs, xs)[..., None]
     return x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps) * weight
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 SCRIPTS = ["experiments.attention_cost", "experiments.decode_speed", "experiments.generate",
-           "experiments.merge_accuracy", "experiments.results_table",
+           "experiments.merge_accuracy", "experiments.nonlinear_cost", "experiments.results_table",
            "experiments.run_accuracy", "experiments.run_spu", "experiments.spu_precision",
            "experiments.validate_network", "protocols.party", "protocols.delay_proxy"]
 

@@ -47,7 +47,7 @@ def test_logits_match_transformers(case, tmp_path):
     with torch.no_grad():
         expected = ref(torch.tensor(tokens)).logits.numpy()
     cfg, params = load_hf(tmp_path)
-    cfg = cfg.replace(softmax="exact")
+    cfg = cfg.replace(softmax="exact", silu="exact")
     logits, _ = prefill(params, cfg, jnp.asarray(tokens), capacity=40)
     assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -59,7 +59,7 @@ def test_direct_weights_match_transformers():
     torch.manual_seed(3)
     hf_cfg = HFConfig(max_position_embeddings=64, **CASES["gqa_untied_base500"])
     ref = LlamaForCausalLM(hf_cfg).eval()
-    cfg = config_from_hf(hf_cfg.to_dict()).replace(softmax="exact")
+    cfg = config_from_hf(hf_cfg.to_dict()).replace(softmax="exact", silu="exact")
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     names = {"attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
              "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

@@ -45,3 +45,80 @@ def test_bad_shapes_fail():
         preset("tiny").replace(n_kv_heads=3)
     with pytest.raises(ConfigError, match="unknown model preset"):
         preset("gpt-5")
+
+
+def test_silu_split_error_bound_and_outliers():
+    """relu(x) - g(min(|x|, 9)): within 7e-4 of the exact SiLU everywhere, outliers included
+    (SmolLM2's residual stream reaches ~22,500)."""
+    x = jnp.concatenate([jnp.linspace(-60, 60, 120001), jnp.asarray([-2.5e4, 2.5e4])])
+    err = np.abs(np.asarray(nonlinear.silu_split(x) - nonlinear.silu_exact(x)))
+    assert err.max() < 7e-4
+    assert float(nonlinear.silu_split(jnp.asarray(0.0))) == pytest.approx(0.0, abs=7e-4)
+
+
+def test_poly_exp_relative_error_and_poly_softmax():
+    z = jnp.linspace(nonlinear.EXP_CLIP, 0.0, 28001)
+    e = np.asarray(nonlinear.exp_clipped_poly(z))
+    rel = np.abs(e - np.exp(z)) / (np.exp(z) + 1e-5)
+    assert rel.max() < 2e-3
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4, 10)), jnp.float32)
+    mask = jnp.arange(10) < 7
+    p = nonlinear.softmax_poly(x, mask)
+    np.testing.assert_allclose(p, nonlinear.softmax_exact(x, mask), atol=2e-3)
+    assert float(jnp.abs(p[:, 7:]).max()) == 0.0
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["aby3", "semi2k", "cheetah"])
+def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
+    """The variants compiled for SPU (FM64) give the plaintext values within fixed-point
+    error, on activations that cross both of SiLU's comparisons and scores that cross the
+    softmax clip."""
+    from protocols.registry import get_protocol
+    from protocols.session import SpuSession
+
+    rng = np.random.default_rng(1)
+    act = np.concatenate([np.linspace(-12, 12, 49), [-300.0, 0.0, 300.0]]).astype(np.float32)
+    scores = rng.normal(0, 6, (2, 12)).astype(np.float32)
+    mask = np.arange(12) < 10
+    fn = lambda a, s: (nonlinear.silu_split(a), nonlinear.softmax_poly(s, mask))  # noqa: E731
+    session = SpuSession(get_protocol(protocol))
+    prog = session.compile(fn, (act, scores), ("act", "scores"))
+    session.put("act", act, owner=0)
+    session.put("scores", scores, owner=1)
+    outs, _ = session.run(prog, ("silu", "probs"))
+    silu, probs = (np.asarray(session.reveal(o)) for o in outs)
+    np.testing.assert_allclose(silu, np.asarray(nonlinear.silu_split(act)), atol=2e-3)
+    np.testing.assert_allclose(probs, np.asarray(nonlinear.softmax_poly(scores, mask)),
+                               atol=2e-3)
+    assert np.all(probs[:, 10:] == 0.0)
+
+
+def test_nonlinear_cost_script_measures_variants(tmp_path, capsys):
+    """The cost script on the tiny model under ABY3: the split SiLU's gated block sends fewer
+    bytes than the exact one (no reciprocal), rows carry the plaintext error, files land."""
+    import json
+
+    from experiments import nonlinear_cost
+
+    nonlinear_cost.main(["--model", "tiny", "--seq", "128", "--protocols", "aby3",
+                         "--variants", "silu=exact|split,softmax=clipped", "--block-cache", "",
+                         "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {(r["field"], r["variant"]): r for r in rows}
+    assert by[("silu", "split")]["bytes"] < 0.7 * by[("silu", "exact")]["bytes"]
+    assert by[("silu", "split")]["default"] and by[("silu", "split")]["bytes_vs_default"] == 1.0
+    assert by[("silu", "exact")]["plaintext_max_error"] == 0.0
+    assert 0 < by[("silu", "split")]["plaintext_max_error"] < 7e-4
+    assert by[("softmax", "clipped")]["count_per_step"] == preset("tiny").n_layers
+    assert "| aby3 | silu | split (default) |" in capsys.readouterr().out
+    assert by[("silu", "split")]["refill_sends"] == 0  # ABY3 has no silent OT
+
+
+def test_nonlinear_cost_rejects_unknown_variants():
+    from experiments import nonlinear_cost
+
+    with pytest.raises(ConfigError, match="unknown silu 'gelu'"):
+        nonlinear_cost.parse_variants("silu=gelu")
+    with pytest.raises(ConfigError, match="unknown field"):
+        nonlinear_cost.parse_variants("swish=exact")

@@ -133,3 +133,20 @@ def test_selection_parts_add_up_to_the_block(tmp_path):
                                             "one-hot compaction"))
     assert 0.9 * block["bytes"] < total < 1.1 * block["bytes"]
     assert parts["min/max tree"]["sends"] < parts["top-k (lean, tree included)"]["sends"]
+
+
+def test_floor_table_per_category_before_and_after():
+    from experiments.results_table import floor_table
+
+    def res(other, name="aby3"):
+        rows = [{"policy": p, "seq": 8192, "bytes": 1e9 + other,
+                 "bytes_by_category": {"softmax": 1e9, "other": other}}
+                for p in ("full", "oracle")]
+        return {"protocol": {"name": name}, "rows": rows}
+
+    lines = floor_table(res(0.8e9), res(0.4e9)).splitlines()
+    assert lines[3] == "| aby3 | full | other | 0.800 | 0.400 | 2.00x |"
+    assert lines[4] == "| aby3 | full | whole step | 1.800 | 1.400 | 1.29x |"
+    assert lines[2] == "| aby3 | full | softmax | 1.000 | 1.000 | 1.00x |"
+    with pytest.raises(ConfigError, match="different protocols"):
+        floor_table(res(1.0), res(1.0, "semi2k"))
