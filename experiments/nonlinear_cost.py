@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     from mpc_llama.loading import load_config
     from protocols.benchmark import BlockMeter
     from protocols.private_generation import spu_config
+
     p = Parser(description=__doc__)
     p.add_argument("--model", default="llama-2-7b", help="preset, .gguf file or HF directory")
     p.add_argument("--seq", type=int, default=8192, help="cache length of the softmax block")
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
         c = meter.measure(block)
         rows.append({"protocol": _protocol_label(protocol), "field": field, "variant": name,
                      "default": getattr(base, field) == name, "block": block.name,
-                     "count_per_step": block.count, "elements": _elements(block, field),
+                     "count_per_step": block.count, "elements": _elements(block),
                      "bytes": c.total_bytes, "sends": max(c.sends),
                      "refill_sends": max(c.refills),
                      "bytes_per_step": c.total_bytes * block.count,
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}/results.json, results.csv", file=sys.stderr)
 
 
-def _elements(block, field: str) -> int:
+def _elements(block) -> int:
     import math
 
     return math.prod(block.args[0].shape)  # gate, scores or x: the function's input

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.cli import Parser, run_main  # noqa: E402
 from mpc_llama.errors import ConfigError  # noqa: E402
-from protocols.blocks import CATEGORIES  # noqa: E402
 
 CATS = ("linear", "attention", "softmax", "selection", "gather", "other")
 
@@ -284,7 +283,7 @@ def floor_table(before: dict, after: dict, policies=FLOOR_POLICIES) -> str:
                 for res in (before, after)]
         if None in rows:
             raise ConfigError(f"--floor: both files need policy {pol}")
-        cats = [c for c in CATEGORIES if any(r["bytes_by_category"].get(c) for r in rows)]
+        cats = [c for c in CATS if any(r["bytes_by_category"].get(c) for r in rows)]
         for cat in cats + ["whole step"]:
             b, a = (r["bytes"] if cat == "whole step" else r["bytes_by_category"].get(cat, 0.0)
                     for r in rows)
