@@ -465,10 +465,18 @@ class MPCache(Policy):
         out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
         return out, mask.sum(axis=-1)
 
-    def refresh_selection(self, q, cache_k, bounds, length, prompt_len, cfg):
+    def refresh_selection(self, q, cache_k, bounds, length, prompt_len, cfg, key_parts=None):
         """The part of a selection kept across steps: the one-hot matrix [b, k, k2 - 1 -
-        recent, n2] of the chosen (not forced) clusters. q: [b, k, g, d]."""
-        keep2, _, slots = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg)
+        recent, n2] of the chosen (not forced) clusters. q: [b, k, g, d]. key_parts: row
+        segments of cache_k (e.g. the frozen rows and the tail): with score2=exact the scores
+        are one matmul per segment, so that under SEMI2K the frozen rows' Beaver opening is
+        reused (the same scores as one matmul over cache_k)."""
+        scores = None
+        if key_parts is not None and self.score2 == "exact":
+            scores = jnp.concatenate([jnp.einsum("bkgd,bkcd->bkgc", q, part)
+                                      for part in key_parts], axis=-1) / math.sqrt(q.shape[-1])
+        keep2, _, slots = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg,
+                                               scores=scores)
         forced = cluster_candidates(length, keep2.shape[-1], self.s2, self.recent)[1]
         return compaction_matrix(jnp.logical_and(keep2, jnp.logical_not(forced)),
                                  slots - 1 - self.recent,
@@ -491,7 +499,8 @@ class MPCache(Policy):
             compact = tuple(state[nb + 1:nb + 4])
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg)
+                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
+                                              None if segments is None else segments[0])
                 compact = self.compact_kv(kept, ck, cv, length, segments)
             out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg)
             selection = ("scores", self.with_forced(kept, length), self.s2,
@@ -500,7 +509,8 @@ class MPCache(Policy):
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg)
+                kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
+                                              None if segments is None else segments[0])
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len), None)
         out, selection, count = attention.decode_attention(q, ck, cv, state, length, self,

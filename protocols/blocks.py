@@ -400,7 +400,8 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
 
     def select_kept(q, k, *b):   # b: (bounds,) when the policy keeps them, else ()
         qg = q[:, 0].reshape(1, heads, g, d)
-        return (policy.refresh_selection(qg, cat(k), b[0] if b else (), n, seq, c),)
+        parts = k if isinstance(k, tuple) else None   # frozen rows apart (SEMI2K)
+        return (policy.refresh_selection(qg, cat(k), b[0] if b else (), n, seq, c, parts),)
 
     kept = jax.eval_shape(select_kept, q, kv, *bnd.values())[0]
 
@@ -425,8 +426,9 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
 
     mark = dict(frozen_rows=rows)  # compact rows: Beaver-cached between refreshes
     return [
-        _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
-               count=n_sel / r, heads=heads),
+        dataclasses.replace(
+            _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
+                   count=n_sel / r, heads=heads), frozen_rows=frozen),
         dataclasses.replace(
             _block("compact", "gather", compact, {"onehot": kept, "k": kv, "v": kv},
                    count=L / r, heads=heads), frozen_rows=frozen),

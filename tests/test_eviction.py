@@ -507,6 +507,27 @@ def test_refresh_one_selects_what_it_always_did(six_layers):
         MPCache(refresh=MPCache().s2 + 1)
 
 
+def test_refresh_selection_from_key_segments_selects_the_same():
+    """A kept selection scored over row segments of the cache (the frozen rows apart, as
+    SEMI2K's Beaver cache multiplies them) is the one scored over the whole cache, with
+    ties (repeated keys) and a cache not yet full."""
+    cfg = preset("tiny")
+    rng = np.random.default_rng(3)
+    policy = MPCache(budget=0.25, refresh=4, s2=8, s1=16)
+    prompt, length = 256, 200
+    k = rng.normal(size=(1, cfg.n_kv_heads, prompt, cfg.head_dim)).astype(np.float32)
+    k[:, :, 40:56] = k[:, :, 100:116]                                   # tied clusters
+    k = jnp.asarray(k)
+    q = jnp.asarray(rng.normal(size=(1, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)),
+                    jnp.float32)
+    whole = policy.refresh_selection(q, k, (), length, prompt, cfg)
+    for n in (64, 199):
+        parts = (k[:, :, :n], k[:, :, n:])
+        split = policy.refresh_selection(q, k, (), length, prompt, cfg, parts)
+        np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
+    assert float(whole.sum()) > 0
+
+
 def test_wide_search_selects_what_lean_selects():
     """selector "wide" (16 parts, 2 rounds) cuts lean's 256 levels in half its rounds: the
     same final interval, so the same mask, plateaus and disallowed entries included; and
