@@ -67,6 +67,15 @@ FORCED = ("auto", "slices", "clusters")
 HEAD_SCORES = ("sum", "max", "norm")
 
 
+def step_scores(q, cache_k):
+    """The step's scores q . k / sqrt(d) [b, k, g, c]: q [b, k, g, d]; cache_k [b, k, c, d],
+    or a tuple of its row segments (one matmul each: under SEMI2K a frozen segment's Beaver
+    opening is reused)."""
+    if isinstance(cache_k, tuple):
+        return jnp.concatenate([step_scores(q, part) for part in cache_k], axis=-1)
+    return jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
+
+
 @dataclasses.dataclass(frozen=True)
 class MPCache(Policy):
     name = "mpcache"
@@ -270,7 +279,7 @@ class MPCache(Policy):
         valid entries [b, k, r] (r <= 2 rows of s2, maxed by the caller), from the SAME
         reduction (its rows appended to the clusters': no extra comparison round)."""
         if scores is None:
-            scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
+            scores = step_scores(q, cache_k)
         summed = self.head_score(scores)
         b, h, c = summed.shape
         p = self.score_pool
@@ -344,7 +353,7 @@ class MPCache(Policy):
         window_max = None
         if want or (exact and self.score_heads == "norm" and q.shape[2] > 1):
             if scores is None:
-                scores = jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
+                scores = step_scores(q, cache_k)
             # entries beyond the cache scored -BIG (a public mask: local under MPC), so the
             # first (or current) cluster's score is the max over its valid entries; no
             # candidate (a completely filled cluster) changes, so neither does the selection
@@ -473,8 +482,7 @@ class MPCache(Policy):
         reused (the same scores as one matmul over cache_k)."""
         scores = None
         if key_parts is not None and self.score2 == "exact":
-            scores = jnp.concatenate([jnp.einsum("bkgd,bkcd->bkgc", q, part)
-                                      for part in key_parts], axis=-1) / math.sqrt(q.shape[-1])
+            scores = step_scores(q, tuple(key_parts))
         keep2, _, slots = self.select_clusters(q, cache_k, bounds, length, prompt_len, cfg,
                                                scores=scores)
         forced = cluster_candidates(length, keep2.shape[-1], self.s2, self.recent)[1]
