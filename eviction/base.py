@@ -165,9 +165,21 @@ class Policy:
                                                            prompt_len, cfg, selection, segments)
         return out, selection, count, state
 
-    def selects_at(self, step: int) -> bool:
-        """Whether decode step `step` (0 = the first after prefill) selects afresh."""
-        return step % getattr(self, "refresh", 1) == 0
+    def selects_at(self, step: int, last_input: int = 0) -> bool:
+        """Whether decode step `step` (0 = the first after prefill) selects afresh (a public
+        schedule). last_input: the step that reads the last input token (0 when the prefill
+        holds all input; input fed token by token after a compressed context, e.g. a
+        question after it, makes it later). Policies with `refresh` select at the first step,
+        at every step of the `warmup` steps from last_input on, and every `refresh` steps
+        after it (so the step that reads the last input token selects, and the warm-up's
+        last selection is kept `refresh` steps); before last_input, every `refresh` steps
+        counted back from it."""
+        r, warm = getattr(self, "refresh", 1), getattr(self, "warmup", 0)
+        if step == 0 or last_input <= step < last_input + warm:
+            return True
+        if step < last_input:
+            return (last_input - step) % r == 0
+        return (step - last_input - max(warm - 1, 0)) % r == 0
 
     def attended_mask(self, selection, valid, shape):
         """bool [b, k, c]: the entries a layer attended (plaintext diagnostics)."""

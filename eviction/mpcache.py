@@ -101,6 +101,8 @@ class MPCache(Policy):
                               # results/tune_2k_heads), "sum", or "norm": the max of each
                               # head's score less that head's max over the cache
     refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
+    warmup: int = 0           # refresh > 1: decode steps from the last input token that
+                              # select at every step before the every-`refresh` schedule
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
     split_kept: bool = False  # kept="kv": compact and forced rows multiplied apart (SEMI2K, set
@@ -150,6 +152,9 @@ class MPCache(Policy):
                               "the step's own q . k and skips level 1")
         if not 1 <= self.refresh <= self.s2:
             raise ConfigError(f"refresh must be in [1, s2={self.s2}], got {self.refresh}")
+        if self.warmup < 0 or (self.warmup and self.refresh == 1):
+            raise ConfigError(f"warmup must be >= 0 and needs refresh > 1, got warmup="
+                              f"{self.warmup} with refresh={self.refresh}")
         if self.dense_layers < 0:
             raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.forced not in FORCED:

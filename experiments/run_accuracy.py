@@ -360,11 +360,12 @@ class Evaluator:
         """A copy of a cache (`step` updates the cache it is given in place)."""
         return self._jax.tree_util.tree_map(lambda a: a.copy(), cache)
 
-    def step(self, tokens, position, cache, policy, prompt_len):
-        """tokens: [b] ids, one per row, all at `position`; `cache` is consumed (donated)."""
+    def step(self, tokens, position, cache, policy, prompt_len, last_input=0):
+        """tokens: [b] ids, one per row, all at `position`; `cache` is consumed (donated).
+        last_input: the decode step that reads the last question token (policy.selects_at)."""
         import jax.numpy as jnp
 
-        now = policy is None or policy.selects_at(position - prompt_len)
+        now = policy is None or policy.selects_at(position - prompt_len, last_input)
         return self.decode_step(self.layer_params, self.step_cfg, jnp.asarray(tokens, jnp.int32),
                                 jnp.asarray(position, jnp.int32), cache, policy, prompt_len,
                                 diagnostics=True, layer_fn=self._layer, select_now=now)
@@ -409,8 +410,10 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
     for key, policy in policies.items():
         cache = ev.cache(layers, capacity, policy)
         logits, pos = logits0, prompt_len
+        last = max(len(feed[0]) - 1, 0)   # the step that reads the question's last token
         for j in range(len(feed[0])):  # question after compression, teacher-forced
-            logits, cache, _ = ev.step([f[j] for f in feed], pos, cache, policy, prompt_len)
+            logits, cache, _ = ev.step([f[j] for f in feed], pos, cache, policy, prompt_len,
+                                       last)
             pos += 1
         # teacher-forced log-probability of each reference answer (padded to the longest);
         # greedy decoding rides along while every unfinished row's greedy token is its
@@ -441,7 +444,7 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
                     else:  # the steps donate their cache: keep a copy for greedy
                         riding, fork = False, (j, logits, ev.copy_cache(cache), pos)
             t1 = time.perf_counter()
-            logits, cache, diag = ev.step(toks, pos, cache, policy, prompt_len)
+            logits, cache, diag = ev.step(toks, pos, cache, policy, prompt_len, last)
             first_diag = first_diag or diag
             pos += 1
             if shared:
@@ -460,7 +463,7 @@ def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):
                 t1 = time.perf_counter()
                 logits, cache, _ = ev.step([int(t) if not d else pad
                                             for t, d in zip(greedy, done)], pos, cache,
-                                           policy, prompt_len)
+                                           policy, prompt_len, last)
                 logits.block_until_ready()
                 step_times.append(time.perf_counter() - t1)
                 pos += 1

@@ -267,9 +267,14 @@ def make_rows(setting, measured, hs, args):
                 **refill_fields(step),
                 "attention_refill_sends": [round(r) for r in att.refills],
                 "bytes_by_category": cats,
-                "blocks": {n: {"category": b.category, "count": b.count, **c.to_json()}
+                "blocks": {n: {"category": b.category, "count": b.count,
+                               **({"every": b.every} if b.every > 1 else {}), **c.to_json()}
                            for n, (b, c) in blocks.items()},
             }
+            sel = selecting_step(blocks, {n: b.every for n, (b, _) in blocks.items()},
+                                 world, protocol, networks)
+            if sel:
+                row["selecting_step"] = sel
             once = {k: total(compose_step(measured[k], cfg.n_kv_heads), world)
                     for k in (("one-time", "dense"), ("one-time", "decode", seq, name))
                     if k in measured}
@@ -295,6 +300,25 @@ def make_rows(setting, measured, hs, args):
             rows.append(row)
     add_reductions(rows)
     return rows
+
+
+def selecting_step(blocks, every, world, protocol, networks):
+    """A kept selection's decode step that selects afresh, or None: blocks {name: (block,
+    counters per step)}, every {name: the block runs once every that many steps}; those
+    blocks counted in full instead of their per-step share."""
+    from protocols.benchmark import total
+
+    if all(every.get(n, 1) == 1 for n in blocks):
+        return None
+    full = {n: (b, c.scale(every.get(n, 1))) for n, (b, c) in blocks.items()}
+    sel = total(full, world)
+    att = total({n: v for n, v in full.items() if n not in DENSE_BLOCKS}, world)
+    return {"bytes": sel.total_bytes, "sends": round(max(sel.sends)), "compute_s": sel.seconds,
+            "latency_s": latency(sel, protocol, networks),
+            "attention_latency_s": latency(att, protocol, networks),
+            "what": "a decode step that selects afresh (every `refresh` steps, and every step of "
+                    "the `warmup`): the kept-selection blocks counted in full; the row's own "
+                    "figures are the mean step over `refresh` steps"}
 
 
 def add_reductions(rows) -> None:
@@ -342,6 +366,11 @@ def reproject(payload: dict, networks) -> dict:
         new.update(refill_fields(step))
         new["attention_refill_sends"] = [round(r) for r in att.refills]
         new["blocks"] = {n: {**b, **c.to_json()} for n, (b, c) in blocks.items()}
+        sel = selecting_step(blocks, {n: b.get("every", 1) for n, (b, _) in blocks.items()},
+                             world, protocol, networks)
+        new.pop("selecting_step", None)
+        if sel:
+            new["selecting_step"] = sel
         rows.append(new)
     add_reductions(rows)
     return {**payload, "rows": rows, "reprojected_from": payload.get("command"),
@@ -370,6 +399,11 @@ def shortcuts(setting, hs, args):
     kept = sorted({(n, p.refresh) for n, p in setting["policies"].items()
                    if getattr(p, "refresh", 1) > 1})
     for n, r in kept:
+        warm = getattr(setting["policies"][n], "warmup", 0)
+        if warm:
+            out.append(f"{n}: selects at every one of the {warm} decode steps from the last "
+                       f"input token on, then every {r}: its rows are the STEADY step (after "
+                       "the warm-up); the warm-up steps cost what its selecting step costs")
         out.append(f"{n}: selects every {r} decode steps and reuses the kept selection between; "
                    f"its select block is counted 1/{r} per step (AMORTISED: the mean step over "
                    f"{r} steps; a selecting step alone costs more, a reusing one less)"
@@ -435,6 +469,14 @@ def print_report(rows, setup, notes, networks):
             print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['sends']:.0f} sends, {s['compute_s']:.1f} s compute, "
                   + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets) + tag)
+    selecting = [r for r in rows if "selecting_step" in r]
+    if selecting:
+        print("\na step that selects afresh (kept selections; the rows above are the mean step):")
+        for r in selecting:
+            s = r["selecting_step"]
+            print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
+                  f"{s['sends']:.0f} sends, "
+                  + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets))
     opened = [r for r in rows if "one_time_openings" in r]
     if opened:
         print("\none-time openings under SEMI2K's Beaver cache (not in the steady step above):")

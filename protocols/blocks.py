@@ -66,6 +66,9 @@ class Block:
     # attention blocks: rows of their "k"/"v" argument written before this step (fixed from
     # now on; the rest is the growing tail): what SEMI2K's Beaver cache keeps (benchmark)
     frozen_rows: Optional[int] = dataclasses.field(default=None, compare=False)
+    # a block run once every `every` decode steps (a kept selection): count is per step
+    # (amortised, divided by `every`); a step that runs it pays `every` x its share
+    every: int = dataclasses.field(default=1, compare=False)
 
     @property
     def fixed(self) -> Tuple[str, ...]:
@@ -346,9 +349,9 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
 
         kept = jax.eval_shape(select_kept, q, kv, *bnd.values())[0]
         sel_spec = jax.eval_shape(lambda p: policy.with_forced(p, jnp.asarray(length)), kept)
-        out.append(_block("select", "selection", select_kept,
-                          {"q": q, "k": kv, **bnd}, count=n_sel / refresh,
-                          heads=heads))
+        out.append(dataclasses.replace(
+            _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
+                   count=n_sel / refresh, heads=heads), every=refresh))
     else:
         sel_in = {"q": q, "k": kv, **bnd}
         if policy.needs_scores:   # ranks by the scores block's output: no second q . k
@@ -428,10 +431,10 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     return [
         dataclasses.replace(
             _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
-                   count=n_sel / r, heads=heads), frozen_rows=frozen),
+                   count=n_sel / r, heads=heads), frozen_rows=frozen, every=r),
         dataclasses.replace(
             _block("compact", "gather", compact, {"onehot": kept, "k": kv, "v": kv},
-                   count=L / r, heads=heads), frozen_rows=frozen),
+                   count=L / r, heads=heads), frozen_rows=frozen, every=r),
         _block("forced", "gather", forced, {"k": kv, "v": kv}, count=L, heads=heads),
         dataclasses.replace(
             _block("scores", "attention",

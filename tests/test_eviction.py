@@ -472,6 +472,35 @@ def test_refresh_keeps_the_selection_between_refreshes(six_layers):
     assert all(len(h) == policy.k2(T) - 3 for layer in dynamic[0] for h in layer)
 
 
+def test_refresh_schedule_anchored_at_the_last_input_with_a_warmup(six_layers):
+    """The public schedule: the first step, every step of the warm-up from the step that reads
+    the last input token, then every `refresh` steps; a warm-up step gives the logits of a
+    step that selects afresh, and the kept (compact) cache built in the warm-up is reused."""
+    assert [s for s in range(12) if MPCache(refresh=4).selects_at(s, 5)] == [0, 1, 5, 9]
+    pol = MPCache(refresh=4, warmup=3)
+    assert [s for s in range(14) if pol.selects_at(s)] == [0, 1, 2, 6, 10]
+    assert [s for s in range(14) if pol.selects_at(s, 6)] == [0, 2, 6, 7, 8, 12]
+    for bad in (dict(warmup=-1, refresh=4), dict(warmup=2)):
+        with pytest.raises(ConfigError, match="warmup"):
+            MPCache(**bad)
+    cfg, params = six_layers
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (1, T)))
+    policy = make_policy("mpcache", 0.25, refresh=4, warmup=3)
+    plain = make_policy("mpcache", 0.25, refresh=4)
+    caches = [prefill(params, cfg, toks, T + 20, policy=p)[1] for p in (policy, plain)]
+    for step in range(8):
+        now = policy.selects_at(step)
+        outs = []
+        for i, p in enumerate((policy, plain)):  # plain: told to select when the warm-up does
+            logits, caches[i], counts = decode_step(params, cfg, toks[:, step], T + step,
+                                                    caches[i], p, T, return_attended=True,
+                                                    select_now=now)
+            outs.append(np.asarray(logits))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        if step in (3, 4, 5):   # the selection of step 2 reused
+            assert not now
+
+
 def test_refresh_compact_kv_equals_the_kept_onehot(six_layers):
     """refresh=4 with kept="kv" (the chosen clusters' K/V rows gathered once per refresh,
     attention over them and the forced clusters) gives the logits and attended counts of

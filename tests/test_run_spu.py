@@ -68,9 +68,10 @@ def meters(tmp_path_factory):
     return get
 
 
-def composed_step(protocol, cfg, policy, seq, heads, meter=None):
+def composed_step(protocol, cfg, policy, seq, heads, meter=None, parts=False):
     """The step as run_spu composes it, the policy compiled for the protocol as run_spu does
-    (its per-protocol kernels: the direct step's PrivateGenerator resolves them too)."""
+    (its per-protocol kernels: the direct step's PrivateGenerator resolves them too).
+    parts: return the composed {block name: (block, counters)} instead of their total."""
     from eviction.compaction import for_protocol
 
     policy = for_protocol(policy, protocol.kind)
@@ -78,7 +79,8 @@ def composed_step(protocol, cfg, policy, seq, heads, meter=None):
     measured = {None: [(b, meter.measure(b)) for b in dense_blocks(cfg)]}
     for h in heads:
         measured[h] = [(b, meter.measure(b)) for b in attention_blocks(cfg, policy, seq, h)]
-    return total(compose_step(measured, cfg.n_kv_heads), protocol.world_size)
+    composed = compose_step(measured, cfg.n_kv_heads)
+    return composed if parts else total(composed, protocol.world_size)
 
 
 def close(a, b, tol):
@@ -137,11 +139,26 @@ def test_composed_refresh_is_the_mean_of_its_steps(meters):
     proto = get_protocol("aby3")
     pol = make_policy("mpcache", 0.25, refresh=2)
     both = [direct_step(proto, SMALL, pol, SEQ, select_now=s) for s in (True, False)]
-    comp = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto))
+    parts = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto), True)
+    comp = total(parts, proto.world_size)
     mean = sum(d.total_bytes for d in both) / 2
     assert both[0].total_bytes > 1.2 * both[1].total_bytes  # the selection is not free
     assert close(comp.total_bytes, mean, 0.05), (comp.total_bytes, mean)
     assert close(sum(comp.sends), sum(sum(d.sends) for d in both) / 2, 0.03)
+    # the selecting step run_spu reports apart (the warm-up's steps): the direct one
+    every = {n: b.every for n, (b, _) in parts.items()}
+    assert sorted(n for n, e in every.items() if e == 2) == ["compact", "select"]
+    from experiments.run_spu import DENSE_BLOCKS, selecting_step
+    from protocols.network import get_profile
+
+    lan = [get_profile("lan")]
+    sel = selecting_step(parts, every, proto.world_size, proto, lan)
+    # composed 6% above direct at these tiny shapes (blocks' boundary shares); counting the
+    # selection at its per-step share would be 15% below
+    assert close(sel["bytes"], both[0].total_bytes, 0.08), (sel["bytes"], both[0])
+    assert sel["latency_s"]["lan"] > 0
+    dense = {n: v for n, v in parts.items() if n in DENSE_BLOCKS}
+    assert selecting_step(dense, every, proto.world_size, proto, lan) is None
 
 
 def test_head_extrapolation_matches_a_direct_measurement(meters):
