@@ -63,6 +63,9 @@ from mpc_llama.errors import ConfigError
 
 
 SCORES = ("khat", "bound", "mix", "exact")
+# the default schedule: select at each of the first AUTO_WARMUP decode steps from the last
+# input token, then every AUTO_REFRESH steps (tuned on seeds 1000-1007: results/tune_2k_anchor)
+AUTO_REFRESH, AUTO_WARMUP = 16, 8
 FORCED = ("auto", "slices", "clusters")
 HEAD_SCORES = ("sum", "max", "norm")
 
@@ -100,9 +103,12 @@ class MPCache(Policy):
                               # "max" (default: 1.00 vs "sum"'s 0.89 on the tuning seeds,
                               # results/tune_2k_heads), "sum", or "norm": the max of each
                               # head's score less that head's max over the cache
-    refresh: int = 1          # select every `refresh` decode steps, reuse the selection between
-    warmup: int = 0           # refresh > 1: decode steps from the last input token that
-                              # select at every step before the every-`refresh` schedule
+    refresh: Optional[int] = None  # select every `refresh` decode steps, reuse the selection
+                              # between; None: AUTO_REFRESH (min with s2) where the settings
+                              # allow a kept selection (see resolve_schedule), else 1
+    warmup: Optional[int] = None   # refresh > 1: decode steps from the last input token that
+                              # select at every step before the every-`refresh` schedule;
+                              # None: AUTO_WARMUP with the automatic refresh, else 0
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
     split_kept: bool = False  # kept="kv": compact and forced rows multiplied apart (SEMI2K, set
@@ -121,6 +127,7 @@ class MPCache(Policy):
     def __post_init__(self):
         super().__post_init__()
         check_gather(self.gather)
+        self.resolve_schedule()
         if self.static_ratio is not None:
             check_ratio("static_ratio", self.static_ratio)
             if self.static_ratio < self.budget:
@@ -173,6 +180,20 @@ class MPCache(Policy):
             raise ConfigError(f"level-2 cluster size {self.s2} must divide the level-1 size "
                               f"{self.s1}")
 
+    def resolve_schedule(self) -> None:
+        """Fills refresh and warmup left to None (frozen: set once, here): the kept
+        selection's schedule (refresh = min(AUTO_REFRESH, s2), warmup = AUTO_WARMUP) where
+        nothing rules a kept selection out (forced slices, compaction sort, gather other than
+        scores, dense layers, layer sharing), else every step (refresh 1, warmup 0)."""
+        kept_ok = (self.forced != "slices" and self.compaction != "sort"
+                   and self.gather == "scores" and self.dense_layers == 0
+                   and self.share == "none")
+        auto = self.refresh is None
+        if auto:
+            object.__setattr__(self, "refresh", min(AUTO_REFRESH, self.s2) if kept_ok else 1)
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", AUTO_WARMUP if auto and self.refresh > 1 else 0)
+
     @property
     def cluster_sizes(self):
         return (self.s1, self.s2)
@@ -183,20 +204,20 @@ class MPCache(Policy):
         window, summed, no pooling; the first and current clusters forced in the one-hot."""
         return cls(budget=budget, static_ratio=None, window=0, window_fraction=0.2,
                    aggregate="sum", kernel=1, share="pairs", score2="khat", selector="auto",
-                   s2=16, forced="clusters")
+                   s2=16, forced="clusters", refresh=1)
 
     @classmethod
     def with_static(cls, budget: float = 0.1) -> "MPCache":
         """A static step (max(50%, 2 x budget), 32-query window, max-pooling 7) before the
         dynamic one with the paper's layer sharing: the first default,
         "mpcache_static"."""
-        return cls(budget=budget, static_ratio=None, share="pairs")
+        return cls(budget=budget, static_ratio=None, share="pairs", refresh=1)
 
     @classmethod
     def shared(cls, budget: float = 0.1) -> "MPCache":
         """No static step, the paper's layer sharing "pairs": the second default,
         "mpcache_shared" (cheaper per step, lower accuracy)."""
-        return cls(budget=budget, share="pairs")
+        return cls(budget=budget, share="pairs", refresh=1)
 
     # ---- static ----
     def effective_static_ratio(self) -> float:
@@ -455,6 +476,10 @@ class MPCache(Policy):
         row inside the first cluster, or beyond the cache, is invalid, as forced_rows
         zeroes a repeated cluster)."""
         s2, r = self.s2, self.recent
+        if ck.shape[2] < r * s2:   # a cache shorter than the recent clusters: zero rows after
+            pad = [(0, 0)] * ck.ndim
+            pad[2] = (0, r * s2 - ck.shape[2])
+            ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
         current = (length - 1) // s2
         start = jnp.maximum(current - r + 1, 0) * s2
         first = (ck[:, :, :s2], cv[:, :, :s2])
@@ -466,13 +491,24 @@ class MPCache(Policy):
                 jnp.concatenate([first[1], recent[1]], axis=2),
                 jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
 
-    def attend_kept(self, q, compact, forced, cfg):
+    def kept_rows_valid(self, prompt_len: int) -> bool:
+        """Whether every kept row is a valid cache entry at every step after a prompt_len
+        prompt (public): the chosen clusters are complete, and there are always more
+        candidates (at least prompt_len // s2 - 1 - recent complete clusters that are not
+        forced) than the k2 - 1 - recent slots they fill; attention then needs no secret
+        validity mask over them."""
+        return prompt_len // self.s2 >= self.k2(prompt_len)
+
+    def attend_kept(self, q, compact, forced, cfg, all_valid: bool = False):
         """Attention over the compact cache (kept rows) and the forced clusters' rows, like
         `oracle` over its budget. compact: compact_kv's triple; forced: forced_kv's.
+        all_valid (static, public: kept_rows_valid): the kept rows are all valid, so their
+        mask is a public constant instead of compact's secret validity.
         Returns (out [b, 1, n*d], attended counts [b, k])."""
         from mpc_llama.model import attend
 
-        mask = jnp.concatenate([compact[2] > 0.5, forced[2]], axis=-1)
+        ok = jnp.ones(compact[2].shape, bool) if all_valid else compact[2] > 0.5
+        mask = jnp.concatenate([ok, forced[2]], axis=-1)
         keys, values = (compact[0], forced[0]), (compact[1], forced[1])
         if not self.split_kept:   # one matmul each: fewer rounds than two segments
             keys, values = (jnp.concatenate(a, axis=2) for a in (keys, values))
@@ -515,7 +551,8 @@ class MPCache(Policy):
                 kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
                                               None if segments is None else segments[0])
                 compact = self.compact_kv(kept, ck, cv, length, segments)
-            out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg)
+            out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg,
+                                          self.kept_rows_valid(prompt_len))
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len), None)
             return out, selection, count, tuple(state[:nb]) + (kept,) + compact

@@ -237,6 +237,27 @@ def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
     return "\n".join(lines)
 
 
+def selecting_notes(cost: dict) -> str:
+    """One line per kept-selection policy of a run_spu.py results file: its step that selects
+    afresh (the table's row is the mean step), with the captured shares of that step."""
+    rows = cost["rows"]
+    ref = {p: next((x for x in rows if x["policy"] == p), None) for p in ("full", "oracle")}
+    lines = []
+    for r in rows:
+        s = r.get("selecting_step")
+        if s is None:
+            continue
+        got = ("" if None in ref.values() else ", captured " + ", ".join(
+            "-" if v is None else f"{v:.2f}"
+            for v in (captured(f(ref["full"]), f(s), f(ref["oracle"]))
+                      for f in CAPTURED_HEADLINE)))
+        lines.append(f"- `{r['policy']}`, a step that selects afresh (the table's row is the "
+                     f"mean over its refresh period): {s['bytes'] / 1e9:.2f} GB, LAN "
+                     f"{s['latency_s']['lan']:,.0f} s*, WAN {s['latency_s']['wan']:,.0f} s*"
+                     f"{got}")
+    return "\n".join(lines)
+
+
 def headline_figure(costs: list, accuracy: dict, path: str) -> None:
     """One panel per cost file: projected WAN seconds of a decode step (x, log) against the
     accuracy at the budget (y), one point per policy with an accuracy."""
@@ -312,8 +333,9 @@ def main(argv=None) -> None:
                    help="accuracy files: one score table, policies x (task, question)")
     p.add_argument("--rename", nargs=3, action="append", default=[],
                    metavar=("FILE", "OLD", "NEW"),
-                   help="with --pivot: report FILE's policy OLD as NEW (a default that changed "
-                   "since FILE was written; printed with the table)")
+                   help="with --pivot or --headline (on an --accuracy FILE): report FILE's "
+                   "policy OLD as NEW (a default that changed since FILE was written; printed "
+                   "with the table)")
     p.add_argument("--tasks", help="with --pivot: only these tasks (comma list)")
     p.add_argument("--headline", action="store_true",
                    help="FILES are run_spu.py results: one cost-and-accuracy table each")
@@ -341,7 +363,8 @@ def main(argv=None) -> None:
     if args.headline:
         if any("bytes" not in res["rows"][0] for res in results):
             raise ConfigError("--headline: FILES must be run_spu.py results")
-        acc_files = [_load(path) for path in args.accuracy]
+        acc_files = rename_policies(args.accuracy, [_load(path) for path in args.accuracy],
+                                    args.rename)
         budgets = {r["budget"] for res in results for r in res["rows"]} - {None}
         if len(budgets) != 1:
             raise ConfigError(f"--headline: the cost files mix budgets {sorted(budgets)}")
@@ -351,9 +374,13 @@ def main(argv=None) -> None:
                  if "full" in accuracy else "")
         for path, res in zip(args.accuracy, acc_files):
             print(f"<!-- score from {path}: {command_of(res)} -->")
+        for path, old, new in args.rename:
+            print(f"<!-- {path}: policy {old} reported as {new} -->")
         for path, res in zip(args.files, results):
             print(f"<!-- cost from {path}: {command_of(res)} -->")
             print(headline_table(res, accuracy, where))
+            notes = selecting_notes(res)
+            print(("\n" + notes) if notes else "")
             print()
         if args.figure:
             headline_figure(results, accuracy, args.figure)

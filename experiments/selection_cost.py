@@ -8,7 +8,7 @@ prices a change to the selection alone, without the dense blocks a whole decode 
 Every KV head of the model is measured (no extrapolation); the block is one layer's
 selection for one decode step (run_spu counts it once per selecting layer).
 
---parts (MPCache with score2=exact) also measures the block's stages on their own, where
+--parts (MPCache with score2=exact and refresh=1) also measures the block's stages on their own, where
 the message rounds go: the cluster max over the step's scores, the search's min/max tree,
 the whole top-k (tree included), and the one-hot compaction matrix from a cluster mask (its
 input a 0/1 share compared with 0.5: one comparison more than in the block)."""
@@ -89,6 +89,9 @@ def selection_parts(cfg, policy, seq: int):
     if getattr(policy, "score2", None) != "exact":
         raise ConfigError(f"--parts measures MPCache's exact ranking; {policy.name} has "
                           f"score2={getattr(policy, 'score2', None)!r}")
+    if getattr(policy, "refresh", 1) != 1:
+        raise ConfigError("--parts measures the every-step selection: give the policy "
+                          "refresh=1 (e.g. mpcache:refresh=1)")
     heads, g = cfg.n_kv_heads, cfg.group_size
     length, cap = retained(policy, seq)
     n = cap // policy.s2

@@ -69,6 +69,10 @@ class Block:
     # a block run once every `every` decode steps (a kept selection): count is per step
     # (amortised, divided by `every`); a step that runs it pays `every` x its share
     every: int = dataclasses.field(default=1, compare=False)
+    # Beaver cache: its frozen operand is replaced every `reopened_every` steps (a kept
+    # selection's compact rows), so its opening, measured as one-time, recurs: counted
+    # 1/reopened_every per step (0: truly fixed, opened once)
+    reopened_every: int = dataclasses.field(default=0, compare=False)
 
     @property
     def fixed(self) -> Tuple[str, ...]:
@@ -423,11 +427,17 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     softmax = nonlinear.SOFTMAX[c.softmax]
     scores = _spec((1, heads, g, 1, rows + fr))
 
-    def soft(s, ok):
-        mask = jnp.concatenate([ok > 0.5, ok_forced()], axis=-1)
+    def soft(s, ok=None):   # ok: the kept rows' secret validity, where it is not public
+        kept_ok = jnp.ones((1, heads, rows), bool) if ok is None else ok > 0.5
+        mask = jnp.concatenate([kept_ok, ok_forced()], axis=-1)
         return (softmax(s, mask[:, :, None, None, :]),)
 
-    mark = dict(frozen_rows=rows)  # compact rows: Beaver-cached between refreshes
+    soft_in = {"scores": scores}
+    if not policy.kept_rows_valid(seq):
+        soft_in["ok"] = _spec((1, heads, rows))
+
+    # compact rows: Beaver-cached between refreshes, opened anew after each
+    mark = dict(frozen_rows=rows, reopened_every=r)
     return [
         dataclasses.replace(
             _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
@@ -440,8 +450,7 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
             _block("scores", "attention",
                    lambda q, k, f: (attention_scores(q, join(k, f), c),),
                    {"q": q, "kc_frozen": ck, "forced_k": fk}, count=L, heads=heads), **mark),
-        _block("softmax", "softmax", soft,
-               {"scores": scores, "ok": _spec((1, heads, rows))}, count=L, heads=heads),
+        _block("softmax", "softmax", soft, soft_in, count=L, heads=heads),
         dataclasses.replace(
             _block("values", "attention",
                    lambda p, v, f: (attention_values(p, join(v, f), c),),

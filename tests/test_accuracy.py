@@ -294,7 +294,7 @@ class _TableModel:
     def copy_cache(self, cache):
         return cache  # tuples: nothing is updated in place
 
-    def step(self, tokens, position, cache, policy, prompt_len):
+    def step(self, tokens, position, cache, policy, prompt_len, last_input=0):
         import numpy as np
 
         self.steps += 1

@@ -48,7 +48,7 @@ def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len,
     cfg, params = tiny
     policy = None if policy_name is None else make_policy(policy_name, 0.5, s2=16,
                                                           compaction=compaction,
-                                                          score_heads="sum")
+                                                          score_heads="sum", refresh=1)
     if policy is not None:
         assert policy.chooses(prompt_len) == (prompt_len == 100)
     session = SpuSession(get_protocol("semi2k"))

@@ -114,7 +114,8 @@ def _attention(policy, cfg, length):
 @pytest.mark.parametrize("length", [C, C - 5])   # a full last cluster, and a partial one
 def test_sort_kernel_on_spu_equals_onehot_in_plaintext(proto, length):
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16)
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16,
+                      refresh=1)
     spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
                                           compaction="sort", s2=16), get_protocol(proto).kind)
     assert spu_policy.compaction == "sort"
@@ -193,7 +194,8 @@ def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
     forced clusters (it takes the one-hot route); with a real choice, the sort."""
     cap = 128 if length < 128 else C
     cfg = preset("tiny").replace(n_heads=K * G, n_kv_heads=K, head_dim=D)
-    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16)
+    ref = make_policy("mpcache", 0.25, selector="search", compaction="onehot", s2=16,
+                      refresh=1)
     spu_policy = for_protocol(make_policy("mpcache", 0.25, selector="search",
                                           compaction="sort", s2=16), "SEMI2K")
     assert spu_policy.chooses(cap) == chosen

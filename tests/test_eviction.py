@@ -140,8 +140,10 @@ def test_k1_k2_formulas():
     assert p.k1(1000, n1=100) == 8        # ratio1 * ceil(500 / 32) = 0.5 * 16
     assert p.k1(1000, n1=5) == 5          # capped by the clusters that exist
     assert MPCache(budget=0.1).k1(1000, n1=100) == 16   # no static step: 0.5 * ceil(1000 / 32)
-    assert MPCache(budget=0.05, s2=16).k2(1000) == 3
-    assert MPCache(budget=0.05, s2=8).k2(1000) == 6     # floor(50 / 8)
+    assert MPCache(budget=0.05, s2=16, refresh=1).k2(1000) == 3
+    assert MPCache(budget=0.05, s2=8, refresh=1).k2(1000) == 6     # floor(50 / 8)
+    # a kept selection forces three clusters and chooses at least one
+    assert MPCache(budget=0.05, s2=16).k2(1000) == 4 and MPCache(budget=0.05, s2=8).k2(1000) == 6
     assert MPCache().share == "none" and MPCache.shared().share == "pairs"
     assert MPCache(budget=0.4, static_ratio=None).static_keep(1000) == 800
     assert MPCache(budget=0.4).static_keep(1000) == 1000   # default: no static step
@@ -233,9 +235,11 @@ def test_mpcache_bound_score_without_level1_pruning_selects_quests_pages(length)
                                             prompt_len=length, cfg=None))
     quest = sel(make_policy("quest", 0.5, page=16))
     # forced clusters (first and current), as Quest's pages
-    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound", s2=16, forced="clusters"))
+    mp = sel(MPCache(budget=0.5, ratio1=1.0, score2="bound", s2=16, forced="clusters",
+                     refresh=1))
     np.testing.assert_array_equal(mp, quest)
-    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat", s2=16)), quest)
+    assert not np.array_equal(sel(MPCache(budget=0.5, ratio1=1.0, score2="khat", s2=16,
+                                          refresh=1)), quest)
     mix = MPCache(score1="mix", score2="mix")
     for level in (1, 2):                                          # mix = khat sim + bound
         parts = [MPCache(score1=f, score2=f).cluster_score(q, bounds, level)
@@ -344,7 +348,8 @@ def test_mpcache_exact_score_picks_the_clusters_with_the_highest_group_score(len
     keys = jnp.asarray(rng.normal(size=(2, 2, 128, 8)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32)
     bounds = init_bounds(keys, length, 32, 16)
-    pol = MPCache(budget=0.5, score2="exact", s2=16, forced=forced, score_heads=heads)
+    pol = MPCache(budget=0.5, score2="exact", s2=16, forced=forced, score_heads=heads,
+                  refresh=1)
     mask, size, slots = pol.select_clusters(q, keys, bounds, jnp.asarray(length), length, None)
     each = np.einsum("bkgd,bkcd->bkgc", np.asarray(q), np.asarray(keys)) / np.sqrt(8)
     if heads == "norm":
@@ -405,7 +410,8 @@ def test_gathered_attention_equals_masked_attention(six_layers, name):
     outs = []
     for gather, compaction in (("scores", "onehot"), ("scores", "sort"), ("kv", "onehot"),
                                ("mask", "onehot")):
-        policy = policy_from_spec(name, 0.5 if name.startswith("mpcache") else 0.25)
+        policy = policy_from_spec(name + (":refresh=1" if name == "mpcache" else ""),
+                                  0.5 if name.startswith("mpcache") else 0.25)
         policy = dataclasses.replace(policy, gather=gather, compaction=compaction)
         assert policy.chooses(T)
         _, cache = prefill(params, cfg, toks, T + 12, policy=policy)
@@ -480,7 +486,7 @@ def test_refresh_schedule_anchored_at_the_last_input_with_a_warmup(six_layers):
     pol = MPCache(refresh=4, warmup=3)
     assert [s for s in range(14) if pol.selects_at(s)] == [0, 1, 2, 6, 10]
     assert [s for s in range(14) if pol.selects_at(s, 6)] == [0, 2, 6, 7, 8, 12]
-    for bad in (dict(warmup=-1, refresh=4), dict(warmup=2)):
+    for bad in (dict(warmup=-1, refresh=4), dict(warmup=2, refresh=1)):
         with pytest.raises(ConfigError, match="warmup"):
             MPCache(**bad)
     cfg, params = six_layers
@@ -528,8 +534,16 @@ def test_refresh_compact_kv_equals_the_kept_onehot(six_layers):
 
 
 def test_refresh_one_selects_what_it_always_did(six_layers):
-    """refresh=1 (the default) keeps one recent cluster forced and the same selections."""
-    assert MPCache().recent == 1 and MPCache(refresh=2).recent == 2
+    """refresh=1 keeps one recent cluster forced and the same selections; the default
+    schedule (refresh, warmup left to None) is a kept selection wherever the settings allow
+    one, and every step where they do not."""
+    assert MPCache(refresh=1).recent == 1 and MPCache(refresh=2).recent == 2
+    assert (MPCache().refresh, MPCache().warmup, MPCache().recent) == (16, 8, 2)
+    assert (MPCache(s2=8).refresh, MPCache(refresh=4).warmup) == (8, 0)
+    for every_step in (dict(forced="slices"), dict(compaction="sort"), dict(gather="kv"),
+                       dict(dense_layers=1), dict(share="pairs")):
+        assert (MPCache(**every_step).refresh, MPCache(**every_step).warmup) == (1, 0)
+    assert MPCache.published().refresh == MPCache.with_static().refresh == 1
     with pytest.raises(ConfigError):
         MPCache(refresh=2, compaction="sort")
     with pytest.raises(ConfigError):
@@ -555,6 +569,34 @@ def test_refresh_selection_from_key_segments_selects_the_same():
         split = policy.refresh_selection(q, k, (), length, prompt, cfg, parts)
         np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
     assert float(whole.sum()) > 0
+
+
+def test_kept_rows_are_all_valid_where_the_policy_says_so():
+    """kept_rows_valid (public, from the prompt length): every row of the compact cache is a
+    valid entry at every later length, with random, tied and constant keys (a plateau the
+    search must still fill with exactly the slots' count); where it says no (a prompt of
+    two clusters, both forced), a kept row is indeed invalid, so attention keeps its secret
+    mask (the test is conservative: it also says no to some prompts whose rows are valid)."""
+    cfg = preset("tiny")
+    rng = np.random.default_rng(7)
+    policy = MPCache(budget=0.25, refresh=4, s2=8, s1=16)
+    q = jnp.asarray(rng.normal(size=(1, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)),
+                    jnp.float32)
+    shape = (1, cfg.n_kv_heads, 304, cfg.head_dim)
+    tied = rng.normal(size=shape).astype(np.float32)
+    tied[:, :, 40:120] = tied[:, :, 8:16].repeat(10, axis=2)
+    for keys in (rng.normal(size=shape).astype(np.float32), tied, np.ones(shape, np.float32)):
+        k = jnp.asarray(keys)
+        for prompt in (40, 200):
+            assert policy.kept_rows_valid(prompt)
+            for length in (prompt + 1, prompt + 8, prompt + 17):
+                kept = policy.refresh_selection(q, k, (), length, prompt, cfg)
+                ok = np.asarray(policy.compact_kv(kept, k, k, length)[2])
+                assert ok.shape[-1] == (policy.k2(prompt) - 3) * 8 and (ok == 1).all()
+    short = 2 * 8
+    assert not policy.kept_rows_valid(short)
+    kept = policy.refresh_selection(q, k, (), short + 1, short, cfg)
+    assert (np.asarray(policy.compact_kv(kept, k, k, short + 1)[2]) == 0).any()
 
 
 def test_wide_search_selects_what_lean_selects():
@@ -616,11 +658,13 @@ def test_dense_layers_attend_the_whole_cache(six_layers):
     full = greedy_generate(params, cfg, prompt, 4, policy=make_policy("full"))
     dense = greedy_generate(params, cfg, prompt, 4,
                             policy=make_policy("mpcache", 0.2, s2=16, dense_layers=cfg.n_layers))
+    # (dense layers select every step: cost blocks for them are built for refresh=1)
     assert dense.tokens == full.tokens and dense.attended_fraction == pytest.approx(1.0)
     one = make_policy("mpcache", 0.2, s2=16, dense_layers=1)
     assert [one.layer_policy(i, 6) is None for i in range(3)] == [True, False, False]
     part = greedy_generate(params, cfg, prompt, 4, policy=one)
-    plain = greedy_generate(params, cfg, prompt, 4, policy=make_policy("mpcache", 0.2, s2=16))
+    plain = greedy_generate(params, cfg, prompt, 4,
+                            policy=make_policy("mpcache", 0.2, s2=16, refresh=1))
     # one layer in six attends everything, the others about 20%
     assert part.attended_fraction == pytest.approx(
         (1.0 + 5 * plain.attended_fraction) / 6, rel=1e-3)

@@ -262,7 +262,7 @@ def test_softmax_max_from_the_selection_on_spu_equals_plaintext(proto):
     cfg = preset("tiny").replace(n_heads=K, n_kv_heads=K, head_dim=D)
     kind = get_protocol(proto).kind
     fold = 2 if kind == "ABY3" else 0    # the folded scatter (a setting) under ABY3
-    policy = for_protocol(make_policy("mpcache", 0.4, fold_heads=fold), kind)
+    policy = for_protocol(make_policy("mpcache", 0.4, fold_heads=fold, refresh=1), kind)
     assert policy.fold_heads == (2 if kind == "ABY3" else 1)
     length = T - 5
     assert policy.gives_max(1, T) and policy.chooses(T)

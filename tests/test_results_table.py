@@ -90,6 +90,20 @@ def _cost(policy, gb, wan, attn_lan, static=None):
             "static_prefill": static}
 
 
+def test_selecting_notes_price_the_step_that_selects():
+    from experiments.results_table import selecting_notes
+
+    res = {"rows": [dict(_cost("full", 9.0, 100.0, 40.0), latency_s={"lan": 50.0, "wan": 100.0}),
+                    _cost("oracle", 1.0, 60.0, 10.0), _cost("mpcache:refresh=1", 5.0, 110.0, 25.0),
+                    dict(_cost("mpcache", 2.0, 70.0, 15.0), selecting_step={
+                        "bytes": 7e9, "latency_s": {"lan": 90.0, "wan": 120.0},
+                        "attention_latency_s": {"lan": 55.0}})]}
+    assert selecting_notes(res) == (
+        "- `mpcache`, a step that selects afresh (the table's row is the mean over its refresh "
+        "period): 7.00 GB, LAN 90 s*, WAN 120 s*, captured 0.25, -0.50, -0.50")
+    assert selecting_notes({"rows": res["rows"][:3]}) == ""
+
+
 def test_captured_table_shares_and_static_steps():
     from experiments.results_table import captured, captured_table
 
@@ -123,7 +137,7 @@ def test_selection_parts_add_up_to_the_block(tmp_path):
 
     out = tmp_path / "sel"
     selection_cost.main(["--model", "tiny", "--protocol", "semi2k", "--seq", "512",
-                         "--policies", "mpcache:s2=16", "--parts", "--block-cache", "",
+                         "--policies", "mpcache:s2=16:refresh=1", "--parts", "--block-cache", "",
                          "--out", str(out)])
     rows = json.loads((out / "results.json").read_text())["rows"]
     block, parts = rows[0], {r["part"]: r for r in rows[1:]}

@@ -98,7 +98,7 @@ def close(a, b, tol):
     (proto, tol, pol) if (proto, pol) != ("cheetah", "full") else
     pytest.param(proto, tol, pol, marks=pytest.mark.slow)
     for proto, tol in (("semi2k", 0.02), ("aby3", 0.05), ("cheetah", 0.03))
-    for pol in ("full", "mpcache")] + [("semi2k", 0.02, "mpcache:dense_layers=1")])
+    for pol in ("full", "mpcache:refresh=1")] + [("semi2k", 0.02, "mpcache:dense_layers=1")])
 def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters):
     """The composed step (blocks measured apart, counted per layer) costs what the real
     decode step costs; with dense_layers=1 one of the two layers attends the whole cache."""
@@ -123,7 +123,7 @@ def test_composed_equals_direct_with_the_selections_row_max(protocol, tol_bytes,
     softmax block; composed, that is the direct step's cost."""
     cfg = SMALL.replace(n_heads=SMALL.n_kv_heads)
     proto = get_protocol(protocol)
-    pol = make_policy("mpcache", 0.4)
+    pol = make_policy("mpcache", 0.4, refresh=1)
     assert pol.gives_max(cfg.group_size, SEQ)
     direct = direct_step(proto, cfg, pol, SEQ)
     comp = composed_step(proto, cfg, pol, SEQ, [cfg.n_kv_heads], meters(proto))

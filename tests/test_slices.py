@@ -58,13 +58,13 @@ def test_slices_fill_the_budget_exactly(prompt, s2):
     window between s2 and 2 s2 of them (short prompts: what the sink leaves), as many
     clusters chosen as with forced clusters (whose current cluster holds 1 entry after a
     prompt of whole clusters)."""
-    pol = MPCache(budget=0.1, s2=s2)
+    pol = MPCache(budget=0.1, s2=s2, refresh=1)
     spans, m = pol.spans(prompt), pol.free_slots(prompt)
     assert pol.slices and spans.sink == s2
     assert spans.sink + spans.window + m * s2 == pol.n_attend(prompt)
     if pol.n_attend(prompt) >= 2 * s2:
         assert s2 <= spans.window < 2 * s2
-        old = MPCache(budget=0.1, s2=s2, forced="clusters")
+        old = MPCache(budget=0.1, s2=s2, forced="clusters", refresh=1)
         assert old.spans(prompt) is None and old.free_slots(prompt) == m
     else:
         assert m == 0 and spans.window == pol.n_attend(prompt) - s2
@@ -93,7 +93,7 @@ def test_slices_attention_equals_masked_attention(gather, length):
     cap = 256
     q = jnp.asarray(rng.normal(size=(1, 1, 4, 8)), jnp.float32)
     ck, cv = (jnp.asarray(rng.normal(size=(1, 2, cap, 8)), jnp.float32) for _ in range(2))
-    pol = make_policy("mpcache", 0.2, s2=16, gather=gather)
+    pol = make_policy("mpcache", 0.2, s2=16, gather=gather, refresh=1)
     n = jnp.asarray(length)
     out, selection, count = decode_attention(q, ck, cv, (), n, pol, 240, cfg)
     mask = attended_mask(selection, jnp.arange(cap) < n, ck.shape[:3])
@@ -109,12 +109,15 @@ def test_slices_attention_equals_masked_attention(gather, length):
     assert (chosen.reshape(1, 2, -1, 16).any(-1).sum(-1) == pol.free_slots(240)).all()
 
 
-def test_the_default_uses_slices_and_the_published_setting_keeps_forced_clusters():
-    """`mpcache` attends sink + window as slices; `mpcache_published` keeps the paper's form
-    (first and current clusters in the one-hot: k2 rows, no spans)."""
+def test_every_step_selection_uses_slices_and_the_published_setting_keeps_forced_clusters():
+    """`mpcache:refresh=1` attends sink + window as slices; `mpcache_published` keeps the
+    paper's form (first and current clusters in the one-hot: k2 rows, no spans); the default
+    (a kept selection) forces first, previous and current clusters."""
     from eviction import policy_from_spec
 
-    default, paper = policy_from_spec("mpcache", 0.1), policy_from_spec("mpcache_published", 0.1)
-    assert default.slices and default.spans(2048) is not None
+    every, paper = (policy_from_spec(s, 0.1) for s in ("mpcache:refresh=1", "mpcache_published"))
+    assert every.slices and every.spans(2048) is not None
     assert not paper.slices and paper.spans(2048) is None
     assert paper.free_slots(2048) == paper.k2(2048) - 1 - paper.recent
+    default = policy_from_spec("mpcache", 0.1)
+    assert not default.slices and default.spans(2048) is None and default.recent == 2
