@@ -406,6 +406,10 @@ def main(argv=None) -> None:
             if "bytes" in rows[0] and {"full", "oracle"} <= {r["policy"] for r in rows}:
                 print()
                 print(captured_table(res))
+            notes = selecting_notes(res) if "bytes" in rows[0] else ""
+            if notes:
+                print()
+                print(notes)
         print()
 
 

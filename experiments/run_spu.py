@@ -284,11 +284,18 @@ def make_rows(setting, measured, hs, args):
                                   for n, (b, c) in reopened.items()})
             if sel:
                 row["selecting_step"] = sel
+            if reopened:
+                kept_open = total(reopened, world)
+                row["kept_rows_opening"] = {
+                    "bytes": kept_open.total_bytes, "sends": round(max(kept_open.sends)),
+                    "what": "SEMI2K: the compact rows' Beaver opening (all layers), made once "
+                            "per refresh and counted 1/refresh in the mean step; private "
+                            "generation does not mark these rows yet and pays it every step"}
             once = {k: total(compose_step(measured[k], cfg.n_kv_heads), world)
                     for k in (("one-time", "dense"),) if k in measured}
-            if once_attn:
-                once[once_key] = total({n: v for n, v in once_attn.items()
-                                        if n not in reopened}, world)
+            if once_attn:   # a block run every r steps still opens every layer's rows once
+                once[once_key] = total({n: (b, c.scale(b.every)) for n, (b, c)
+                                        in once_attn.items() if n not in reopened}, world)
             if once:  # SEMI2K's Beaver cache: fixed operands' openings, not in the step
                 row["one_time_openings"] = {
                     "weights_bytes": once[("one-time", "dense")].total_bytes
