@@ -249,10 +249,11 @@ def make_rows(setting, measured, hs, args):
             once_key = ("one-time", "decode", seq, name)
             once_attn = compose_step(measured[once_key], cfg.n_kv_heads) \
                 if once_key in measured else {}
-            # compact rows re-opened at each refresh: their openings are per step, not once
+            # compact rows re-opened after each refresh: twice per refresh (the selecting step
+            # multiplies the new rows, the next step marks them), per step, not once
             reopened = {n: (b, c) for n, (b, c) in once_attn.items() if b.reopened_every}
             for n, (b, c) in reopened.items():
-                attn[n] = (attn[n][0], attn[n][1] + c.scale(1.0 / b.reopened_every))
+                attn[n] = (attn[n][0], attn[n][1] + c.scale(2.0 / b.reopened_every))
             blocks = {**dense, **attn}
             step, att = total(blocks, world), total(attn, world)
             cats = {}
@@ -280,7 +281,7 @@ def make_rows(setting, measured, hs, args):
             }
             sel = selecting_step(blocks, {n: b.every for n, (b, _) in blocks.items()},
                                  world, protocol, networks,
-                                 {n: c.scale(1.0 - 1.0 / b.reopened_every)
+                                 {n: c.scale(1.0 - 2.0 / b.reopened_every)
                                   for n, (b, c) in reopened.items()})
             if sel:
                 row["selecting_step"] = sel
@@ -288,9 +289,10 @@ def make_rows(setting, measured, hs, args):
                 kept_open = total(reopened, world)
                 row["kept_rows_opening"] = {
                     "bytes": kept_open.total_bytes, "sends": round(max(kept_open.sends)),
-                    "what": "SEMI2K: the compact rows' Beaver opening (all layers), made once "
-                            "per refresh and counted 1/refresh in the mean step; private "
-                            "generation does not mark these rows yet and pays it every step"}
+                    "what": "SEMI2K: the compact rows' Beaver opening (all layers), made twice "
+                            "per refresh (the selecting step multiplies the new rows, the next "
+                            "step marks them for the cache) and counted 2/refresh in the mean "
+                            "step"}
             once = {k: total(compose_step(measured[k], cfg.n_kv_heads), world)
                     for k in (("one-time", "dense"),) if k in measured}
             if once_attn:   # a block run every r steps still opens every layer's rows once
@@ -441,8 +443,9 @@ def shortcuts(setting, hs, args):
                    "opened once and kept (spu make_cached_var); blocks are measured steady, "
                    "on a second run with the same buffers, and the first run's extra bytes "
                    "are reported apart as one-time openings; a kept selection's compact rows "
-                   "are opened anew after each refresh: their opening is counted 1/refresh "
-                   "per step (in full in the selecting step), not as one-time")
+                   "are opened anew after each refresh, twice (the selecting step, the next "
+                   "one): counted 2/refresh per step (once in the selecting step), not as "
+                   "one-time")
     if any(s > args.static_max_seq for s in setting["seqs"]):
         out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
                    "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's)")

@@ -45,13 +45,39 @@ def _secret_part(cache: KVCache):
     return (cache.k, cache.v, cache.pos, cache.bounds)
 
 
-def _split(cache: KVCache, n: int):
-    """(frozen, rest): per layer, the first n entries of k and v, as their own arrays (one
-    buffer each, so a Beaver-cached opening stays valid); and the cache with k, v after them."""
+def kept_parts(policy) -> tuple:
+    """Indices, in a layer's policy state (cache.bounds), of the kept selection's compact K
+    and V rows (MPCache with refresh > 1, kept="kv"): fixed between refreshes, so under the
+    Beaver cache they travel as their own variables ("kept") and are opened once per
+    refresh. () for other policies."""
+    if getattr(policy, "refresh", 1) > 1 and getattr(policy, "kept", None) == "kv":
+        return (policy.n_bounds + 1, policy.n_bounds + 2)
+    return ()
+
+
+def _split(cache: KVCache, n: int, kept: tuple = ()):
+    """(frozen, rest) or, with `kept` (kept_parts), (frozen, kept rows, rest): per layer,
+    the first n entries of k and v, as their own arrays (one buffer each, so a Beaver-cached
+    opening stays valid); per kept part, its per-layer arrays likewise; and the cache with
+    k, v after them (and, with `kept`, its bounds without those parts)."""
     layers = range(cache.k.shape[0])
     frozen = (tuple(cache.k[i, :, :, :n] for i in layers),
               tuple(cache.v[i, :, :, :n] for i in layers))
-    return frozen, (cache.k[:, :, :, n:], cache.v[:, :, :, n:], cache.pos, cache.bounds)
+    rest = (cache.k[:, :, :, n:], cache.v[:, :, :, n:], cache.pos, cache.bounds)
+    if not kept:
+        return frozen, rest
+    rows = tuple(tuple(cache.bounds[j][i] for i in layers) for j in kept)
+    bounds = tuple(b for j, b in enumerate(cache.bounds) if j not in kept)
+    return frozen, rows, rest[:3] + (bounds,)
+
+
+def _with_rows(bounds: tuple, rows: tuple, kept: tuple) -> tuple:
+    """The bounds tuple with the kept parts (per-layer tuples, as _split gives them) back in
+    their places."""
+    out, it = list(bounds), iter(rows)
+    for j in kept:
+        out.insert(j, next(it))
+    return tuple(out)
 
 
 def _greedy(logits):
@@ -64,7 +90,7 @@ def _prefill_fn(cfg: LlamaConfig, capacity: int, policy, frozen: int = None, hea
         token = head(logits)
         if frozen is None:
             return token, _secret_part(cache)
-        return (token,) + _split(cache, frozen)
+        return (token,) + _split(cache, frozen, kept_parts(policy))
     return fn
 
 
@@ -77,6 +103,19 @@ def _decode_fn(cfg: LlamaConfig, policy, prompt_len: int, split: bool = False, h
                                     frozen=frozen, select_now=select_now)
         return head(logits), _secret_part(cache)
 
+    kept = kept_parts(policy) if split else ()
+    if kept:   # the kept rows apart: written by a selecting step, read (cached) by the others
+        def kept_step(params, token, position, length, frozen, rows, cache):
+            k, v, pos, bounds = cache
+            logits, new = decode_step(params, cfg, token, position,
+                                      KVCache(k, v, pos, length, _with_rows(bounds, rows, kept)),
+                                      policy, prompt_len, frozen=frozen, select_now=select_now)
+            layers = range(new.k.shape[0])
+            out = tuple(tuple(new.bounds[j][i] for i in layers) for j in kept)
+            rest = tuple(b for j, b in enumerate(new.bounds) if j not in kept)
+            cache = (new.k, new.v, new.pos, rest)
+            return (head(logits), out, cache) if select_now else (head(logits), cache)
+        return kept_step
     if split:
         return lambda params, token, position, length, frozen, cache: step(
             params, token, position, length, cache, frozen)
@@ -129,7 +168,7 @@ class PrivateGenerator:
     def _program(self, key, fn, args, names, vis):
         if key not in self._programs:
             self._programs[key] = self.session.compile(fn, args, names, vis,
-                                                       cached=("params", "frozen"))
+                                                       cached=("params", "frozen", "kept"))
         return self._programs[key]
 
     def prefill_program(self, prompt_len: int, capacity: int):
@@ -151,7 +190,13 @@ class PrivateGenerator:
         head = (self.params, np.zeros((1,), np.int32), np.int32(0), np.int32(0))
         names = ("params", "token", "position", "length")
         vis = (SECRET, SECRET, PUBLIC, PUBLIC)
-        if self.split:
+        kept = kept_parts(self.policy) if self.split else ()
+        if kept:
+            frozen, rows, rest = jax.eval_shape(
+                lambda c: _split(c, self._cache_length(prompt_len), kept), specs)
+            args, names, vis = head + (frozen, rows, rest), \
+                names + ("frozen", "kept", "cache"), vis + (SECRET,) * 3
+        elif self.split:
             frozen, rest = jax.eval_shape(
                 lambda c: _split(c, self._cache_length(prompt_len)), specs)
             args, names, vis = head + (frozen, rest), names + ("frozen", "cache"), \
@@ -173,7 +218,9 @@ class PrivateGenerator:
         check_lengths(self.cfg, len(prompt), max_new_tokens)
         s, capacity = self.session, len(prompt) + max_new_tokens
         s.put("tokens", np.asarray([prompt], np.int32), owner=self.data_owner)
-        outs = ("next", "frozen", "cache") if self.split else ("next", "cache")
+        kept = bool(kept_parts(self.policy)) and self.split
+        outs = ("next", "frozen") + (("kept",) if kept else ()) + ("cache",) \
+            if self.split else ("next", "cache")
         refs, prefill_cost = s.run(self.prefill_program(len(prompt), capacity), outs)
         tok_ref = refs[0]
         programs = {}
@@ -197,7 +244,11 @@ class PrivateGenerator:
             now = self.policy is None or self.policy.selects_at(step)
             if now not in programs:
                 programs[now] = self.decode_program(len(prompt), capacity, now)
-            (tok_ref, _), cost = s.run(programs[now], ("next", "cache"))  # frozen: unchanged
+            # frozen: unchanged; kept rows: rewritten by a selecting step only (the old ones'
+            # Beaver openings released as the new ones replace them)
+            outs = ("next", "kept", "cache") if kept and now else ("next", "cache")
+            refs, cost = s.run(programs[now], outs)
+            tok_ref = refs[0]
             costs.append(cost)
         return PrivateResult(tokens, prefill_cost, costs, logits if logits else None)
 

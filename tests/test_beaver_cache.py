@@ -29,14 +29,15 @@ def _plain_logits(params, cfg, prompt, generated, policy):
     out = [np.asarray(logits[0])]
     for step, token in enumerate(generated[:-1]):
         logits, cache = decode_step(params, cfg, jnp.asarray([token], jnp.int32),
-                                    len(prompt) + step, cache, policy, len(prompt))
+                                    len(prompt) + step, cache, policy, len(prompt),
+                                    select_now=policy is None or policy.selects_at(step))
         out.append(np.asarray(logits[0]))
     return out
 
 
 # the sort kernel (no protocol's default: compaction.SORT_PROTOCOLS) runs under make test-slow
 @pytest.mark.parametrize("policy_name,prompt_len,compaction",
-                         [(None, 7, None), ("mpcache", 48, "auto"),
+                         [(None, 7, None), ("mpcache", 48, "auto"), ("kept", 100, "auto"),
                           pytest.param("mpcache", 100, "sort", marks=pytest.mark.slow)])
 def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len, compaction):
     """At 48 tokens MPCache (clusters of 16) attends its forced entries only; at 100 it also
@@ -46,9 +47,12 @@ def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len,
     0.12 off, the same with both kernels: the selection, not the compaction); this test checks the Beaver cache over many steps, the
     selections' SPU-vs-plaintext equality is tests/test_eviction_spu.py's."""
     cfg, params = tiny
-    policy = None if policy_name is None else make_policy(policy_name, 0.5, s2=16,
+    # "kept": the default's kept selection (compact K/V rows as their own cached variables),
+    # with a short schedule: selections at steps 0, 1, 5, 9 of the 10
+    fields = dict(refresh=4, warmup=2) if policy_name == "kept" else dict(refresh=1)
+    policy = None if policy_name is None else make_policy("mpcache", 0.5, s2=16,
                                                           compaction=compaction,
-                                                          score_heads="sum", refresh=1)
+                                                          score_heads="sum", **fields)
     if policy is not None:
         assert policy.chooses(prompt_len) == (prompt_len == 100)
     session = SpuSession(get_protocol("semi2k"))
@@ -97,6 +101,29 @@ def test_fixed_operands_are_opened_once(tiny):
     assert sent(plain[1].decode_costs[-1]) - steady >= 8 * (weights + frozen)
     assert sent(cached[1].decode_costs[0]) - steady >= 8 * frozen
     assert sent(cached[0].prefill_cost) - sent(cached[1].prefill_cost) >= 8 * weights
+
+
+def test_kept_rows_are_opened_once_per_refresh(tiny):
+    """The kept selection's compact K/V rows travel as their own Beaver-cached variables:
+    the step after a selection opens them (8 bytes per element per party), the next reusing
+    steps do not; without the cache every reusing step pays them."""
+    from protocols.private_generation import kept_parts
+
+    cfg, params = tiny
+    policy = make_policy("mpcache", 0.5, s2=16, refresh=4, score_heads="sum")
+    assert kept_parts(policy) and [policy.selects_at(s) for s in range(4)] == [True] + [False] * 3
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 100)]
+    sent = {}
+    for name, protocol in (("cached", get_protocol("semi2k")),
+                           ("plain", get_protocol("semi2k").without_beaver_cache())):
+        gen = PrivateGenerator(SpuSession(protocol), cfg, params, policy=policy)
+        sent[name] = [c.bytes_sent[0] for c in gen.generate(prompt, 5).decode_costs]
+    rows = (policy.k2(len(prompt)) - 1 - policy.recent) * policy.s2
+    compact = 2 * cfg.n_layers * cfg.n_kv_heads * rows * cfg.head_dim   # K and V rows
+    cached, plain = sent["cached"], sent["plain"]
+    assert cached[1] - cached[2] >= 8 * compact and cached[2] == cached[3]
+    assert plain[2] - cached[2] >= 8 * compact
+    assert abs(plain[1] - plain[2]) < 0.01 * plain[1]
 
 
 def test_marked_variables_are_released_before_reuse(tiny):

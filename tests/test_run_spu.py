@@ -16,7 +16,8 @@ from mpc_llama.model import init_params, prefill
 from protocols.benchmark import (BlockMeter, Counters, compose_static, compose_step, extrapolate,
                                  extrapolate_seq, total)
 from protocols.blocks import attention_blocks, dense_blocks, retained, static_blocks
-from protocols.private_generation import PrivateGenerator, _secret_part, _split, spu_config
+from protocols.private_generation import (PrivateGenerator, _secret_part, _split, kept_parts,
+                                          spu_config)
 from protocols.registry import get_protocol
 from protocols.session import SpuSession
 
@@ -40,18 +41,22 @@ def direct_step(protocol, cfg, policy, seq, select_now=True):
     rng = np.random.default_rng(0)
     fill = lambda a: (rng.normal(size=a.shape).astype(np.float32)  # noqa: E731
                       if a.dtype == np.float32 else np.zeros(a.shape, a.dtype))
+    kept = kept_parts(gen.policy) if gen.split else ()
     if gen.split:
-        frozen, rest = jax.eval_shape(lambda c: _split(c, retained(policy, seq)[0] - 1), spec)
-        s.put("frozen", jax.tree_util.tree_map(fill, frozen))
-        s.put("cache", jax.tree_util.tree_map(fill, rest))
+        parts = jax.eval_shape(lambda c: _split(c, retained(policy, seq)[0] - 1, kept), spec)
+        s.put("frozen", jax.tree_util.tree_map(fill, parts[0]))
+        if kept:
+            s.put("kept", jax.tree_util.tree_map(fill, parts[1]))
+        s.put("cache", jax.tree_util.tree_map(fill, parts[-1]))
     else:
         s.put("cache", jax.tree_util.tree_map(fill, _secret_part(spec)))
     s.put("token", np.zeros((1,), np.int32), owner=1)
     s.put("position", np.int32(seq), public=True)
     s.put("length", np.int32(retained(policy, seq)[0] - 1), public=True)
+    outs = ("next", "kept", "cache") if kept and select_now else ("next", "cache")
     if gen.split:
-        s.run(prog, ("next", "cache"))  # opens the weights and the frozen rows
-    return Counters.of(s.run(prog, ("next", "cache"))[1])
+        s.run(prog, outs)  # opens the weights and the frozen (and kept) rows
+    return Counters.of(s.run(prog, outs)[1])
 
 
 @pytest.fixture(scope="module")
