@@ -270,12 +270,13 @@ def headline_figure(costs: list, accuracy: dict, path: str) -> None:
         r["policy"] for cost in costs for r in cost["rows"]))}
     fig, axes = plt.subplots(1, len(costs), figsize=(4.2 * len(costs), 3.6), squeeze=False)
     for ax, cost in zip(axes[0], costs):
-        for r in cost["rows"]:
-            if r["policy"] in accuracy:
-                x, y = r["latency_s"]["wan"], accuracy[r["policy"]][0]
-                ax.scatter([x], [y], color=colour[r["policy"]])
-                ax.annotate(r["policy"], (x, y), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")
+        shown = sorted((r for r in cost["rows"] if r["policy"] in accuracy),
+                       key=lambda r: r["latency_s"]["wan"])
+        for i, r in enumerate(shown):   # labels staggered: nearby points share a score
+            x, y = r["latency_s"]["wan"], accuracy[r["policy"]][0]
+            ax.scatter([x], [y], color=colour[r["policy"]])
+            ax.annotate(r["policy"], (x, y), fontsize=7, xytext=(4, 4 - 11 * (i % 3)),
+                        textcoords="offset points")
         rows = cost["rows"]
         ax.set_xlim(0, 1.15 * max(r["latency_s"]["wan"] for r in rows))
         ax.set_ylim(-0.05, 1.1)

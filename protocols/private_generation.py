@@ -12,7 +12,9 @@ entries left by prefill (and its static eviction step), which never change while
 generates, are kept apart from the growing tail as their own variables ("frozen"): each layer's
 frozen rows are opened once, at the first decode step, and every later step only opens its
 query, its probabilities and the tail (at most max_new_tokens rows). The frozen rows are
-released (their openings dropped) when the next prompt's prefill replaces them.
+released (their openings dropped) when the next prompt's prefill replaces them. A kept
+selection's compact K/V rows (MPCache's default) are likewise their own variables ("kept"),
+written by the selecting steps and read, marked, by the steps between.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def _secret_part(cache: KVCache):
 def kept_parts(policy) -> tuple:
     """Indices, in a layer's policy state (cache.bounds), of the kept selection's compact K
     and V rows (MPCache with refresh > 1, kept="kv"): fixed between refreshes, so under the
-    Beaver cache they travel as their own variables ("kept") and are opened once per
-    refresh. () for other policies."""
+    Beaver cache they travel as their own variables ("kept"): the first step that reuses
+    them opens them, the later ones reuse that opening until the next selection replaces
+    them (and releases it). () for other policies."""
     if getattr(policy, "refresh", 1) > 1 and getattr(policy, "kept", None) == "kv":
         return (policy.n_bounds + 1, policy.n_bounds + 2)
     return ()
