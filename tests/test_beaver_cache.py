@@ -35,9 +35,12 @@ def _plain_logits(params, cfg, prompt, generated, policy):
     return out
 
 
-# the sort kernel (no protocol's default: compaction.SORT_PROTOCOLS) runs under make test-slow
+# the every-step selection (mpcache:refresh=1 here) and its sort kernel (no protocol's
+# default: compaction.SORT_PROTOCOLS) run under make test-slow; the default's kept selection
+# ("kept") in the fast suite
 @pytest.mark.parametrize("policy_name,prompt_len,compaction",
-                         [(None, 7, None), ("mpcache", 48, "auto"), ("kept", 100, "auto"),
+                         [(None, 7, None), ("kept", 100, "auto"),
+                          pytest.param("mpcache", 48, "auto", marks=pytest.mark.slow),
                           pytest.param("mpcache", 100, "sort", marks=pytest.mark.slow)])
 def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len, compaction):
     """At 48 tokens MPCache (clusters of 16) attends its forced entries only; at 100 it also
@@ -103,6 +106,7 @@ def test_fixed_operands_are_opened_once(tiny):
     assert sent(cached[0].prefill_cost) - sent(cached[1].prefill_cost) >= 8 * weights
 
 
+@pytest.mark.slow  # ~15 s: two sessions, five decode steps each
 def test_kept_rows_are_opened_once_per_refresh(tiny):
     """The kept selection's compact K/V rows travel as their own Beaver-cached variables:
     the step after a selection opens them (8 bytes per element per party), the next reusing
