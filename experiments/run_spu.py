@@ -327,7 +327,7 @@ def selecting_step(blocks, every, world, protocol, networks, extra=None):
     counters per step)}, every {name: the block runs once every that many steps}; those
     blocks counted in full instead of their per-step share. extra {name: counters}: what the
     selecting step adds to a block beyond its per-step figure (SEMI2K: the new compact rows'
-    opening, counted 1/refresh in the mean step)."""
+    opening, of which the mean step counts 2/refresh)."""
     from protocols.benchmark import total
 
     if all(every.get(n, 1) == 1 for n in blocks):
@@ -389,11 +389,12 @@ def reproject(payload: dict, networks) -> dict:
         new.update(refill_fields(step))
         new["attention_refill_sends"] = [round(r) for r in att.refills]
         new["blocks"] = {n: {**b, **c.to_json()} for n, (b, c) in blocks.items()}
-        sel = selecting_step(blocks, {n: b.get("every", 1) for n, (b, _) in blocks.items()},
-                             world, protocol, networks)
-        new.pop("selecting_step", None)
-        if sel:
-            new["selecting_step"] = sel
+        if "kept_rows_opening" not in row:   # (its per-block share is not stored: kept as is)
+            sel = selecting_step(blocks, {n: b.get("every", 1) for n, (b, _) in blocks.items()},
+                                 world, protocol, networks)
+            new.pop("selecting_step", None)
+            if sel:
+                new["selecting_step"] = sel
         rows.append(new)
     add_reductions(rows)
     return {**payload, "rows": rows, "reprojected_from": payload.get("command"),
@@ -486,23 +487,22 @@ def print_report(rows, setup, notes, networks):
     for r in rows:
         print(f"{r['policy']:<18}{r['seq']:>6}"
               + "".join(f"{r['bytes_by_category'].get(c, 0) / 1e6:>11.1f}" for c in cats))
-    statics = [r for r in rows if "static_prefill" in r]
-    if statics:
-        print("\none-time static step at prefill (not in the decode step above):")
-        for r in statics:
-            s = r["static_prefill"]
-            tag = f"  [{s['extrapolated']}]" if s["extrapolated"] else ""
+
+    def step_lines(field, title):   # one line per row holding `field` (a step's figures)
+        got = [r for r in rows if r.get(field)]
+        if got:
+            print(title)
+        for r in got:
+            s = r[field]
+            tag = f"  [{s['extrapolated']}]" if s.get("extrapolated") else ""
             print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['sends']:.0f} sends, {s['compute_s']:.1f} s compute, "
                   + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets) + tag)
-    selecting = [r for r in rows if "selecting_step" in r]
-    if selecting:
-        print("\na step that selects afresh (kept selections; the rows above are the mean step):")
-        for r in selecting:
-            s = r["selecting_step"]
-            print(f"  {r['policy']:<16}{r['seq']:>6}  {s['bytes'] / 1e9:.3f} GB, "
-                  f"{s['sends']:.0f} sends, "
-                  + ", ".join(f"{n} {s['latency_s'][n]:.1f} s*" for n in nets))
+
+    step_lines("static_prefill",
+               "\none-time static step at prefill (not in the decode step above):")
+    step_lines("selecting_step",
+               "\na step that selects afresh (kept selections; the rows above are the mean step):")
     opened = [r for r in rows if "one_time_openings" in r]
     if opened:
         print("\none-time openings under SEMI2K's Beaver cache (not in the steady step above):")

@@ -70,8 +70,9 @@ class Block:
     # (amortised, divided by `every`); a step that runs it pays `every` x its share
     every: int = dataclasses.field(default=1, compare=False)
     # Beaver cache: its frozen operand is replaced every `reopened_every` steps (a kept
-    # selection's compact rows), so its opening, measured as one-time, recurs: counted
-    # 1/reopened_every per step (0: truly fixed, opened once)
+    # selection's compact rows), so its opening, measured as one-time, recurs: twice per
+    # replacement (the selecting step, the next), counted 2/reopened_every per step (0: truly
+    # fixed, opened once)
     reopened_every: int = dataclasses.field(default=0, compare=False)
 
     @property
