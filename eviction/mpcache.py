@@ -64,8 +64,10 @@ from mpc_llama.errors import ConfigError
 
 SCORES = ("khat", "bound", "mix", "exact")
 # the default schedule: select at each of the first AUTO_WARMUP decode steps from the last
-# input token, then every AUTO_REFRESH steps (tuned on seeds 1000-1007: results/tune_2k_anchor)
-AUTO_REFRESH, AUTO_WARMUP = 16, 8
+# input token, then every AUTO_REFRESH steps (tuned on seeds 1000-1007: results/tune_2k_anchor
+# for the warm-up, results/tune_2k_refresh32: refresh 32 scored what 16 did, cell by cell, at
+# half the amortised selection cost)
+AUTO_REFRESH, AUTO_WARMUP = 32, 8
 FORCED = ("auto", "slices", "clusters")
 HEAD_SCORES = ("sum", "max", "norm")
 
