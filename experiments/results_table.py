@@ -343,6 +343,8 @@ def main(argv=None) -> None:
     p.add_argument("--accuracy", nargs="+", default=[], metavar="FILE",
                    help="with --headline: run_accuracy.py results giving the score column")
     p.add_argument("--figure", help="with --headline: write WAN seconds vs accuracy here")
+    p.add_argument("--only", help="with --headline: only these policies of the cost files "
+                                  "(comma list; full and oracle are always kept)")
     p.add_argument("--floor", action="store_true",
                    help="FILES are pairs of run_spu.py results (before after ...): the "
                    "full and oracle steps per category, before and after")
@@ -364,6 +366,10 @@ def main(argv=None) -> None:
     if args.headline:
         if any("bytes" not in res["rows"][0] for res in results):
             raise ConfigError("--headline: FILES must be run_spu.py results")
+        if args.only:
+            keep = set(args.only.split(",")) | {"full", "oracle"}
+            results = [dict(res, rows=[r for r in res["rows"] if r["policy"] in keep])
+                       for res in results]
         acc_files = rename_policies(args.accuracy, [_load(path) for path in args.accuracy],
                                     args.rename)
         budgets = {r["budget"] for res in results for r in res["rows"]} - {None}

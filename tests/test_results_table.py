@@ -164,3 +164,20 @@ def test_floor_table_per_category_before_and_after():
     assert lines[2] == "| aby3 | full | softmax | 1.000 | 1.000 | 1.00x |"
     with pytest.raises(ConfigError, match="different protocols"):
         floor_table(res(1.0), res(1.0, "semi2k"))
+
+
+def test_headline_only_keeps_the_named_policies_and_the_references(capsys):
+    from experiments import results_table
+
+    results_table.main(["--headline", "results/aby3_8192_refresh32/results.json",
+                        "--only", "mpcache"])
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| policy")]
+    assert rows == ["| full", "| mpcache", "| oracle"]
+
+
+def test_results_table_refuses_files_it_cannot_read():
+    from experiments import results_table
+
+    with pytest.raises(ConfigError):
+        results_table.main(["results/nonlinear_cost_8192/results.json"])
