@@ -408,10 +408,13 @@ def main(argv=None) -> None:
             print(netval_table(res))
         elif "kv_heads" in rows[0]:
             print(selection_table(res))
+        elif "macs" in rows[0]:
+            from experiments.gather_shapes import markdown as gather_table
+            print(gather_table(rows))
         elif "bytes" in rows[0] and "reduction_vs_full" not in rows[0]:
             raise ConfigError(f"{path} is not a results file of run_spu.py, run_accuracy.py, "
-                              "selection_cost.py or validate_network.py (nonlinear_cost.py "
-                              "prints its own table)")
+                              "selection_cost.py, gather_shapes.py or validate_network.py "
+                              "(nonlinear_cost.py prints its own table)")
         else:
             print(spu_table(res) if "bytes" in rows[0] else accuracy_table(res))
             if "bytes" in rows[0] and {"full", "oracle"} <= {r["policy"] for r in rows}:
