@@ -17,14 +17,15 @@ c cache entries or clusters, d head dim.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import ClassVar, Optional
+import functools
+from typing import Callable, ClassVar, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eviction import attention, compaction as compact, slices, static_step
+from eviction.static_scores import aggregate_rows, group_probs, window_attention  # noqa: F401
 from eviction.clusters import expand, init_bounds, update_bounds
 from eviction.topk import BIG, SELECTORS, topk_mask  # noqa: F401 (re-exported)
 from mpc_llama.errors import ConfigError
@@ -49,16 +50,6 @@ def check_gather(mode: str) -> None:
         raise ConfigError(f"gather must be one of {GATHER_MODES}, got {mode!r}")
 
 
-def group_probs(q: jax.Array, k: jax.Array, mask: jax.Array, softmax) -> jax.Array:
-    """Attention probabilities summed over the query heads of each KV group.
-
-    q: [b, t, k, g, d]; k: [b, k, s, d]; mask broadcastable to [b, k, g, t, s].
-    Returns [b, k, t, s].
-    """
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) / math.sqrt(q.shape[-1])
-    return softmax(scores, mask).sum(axis=2)
-
-
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Base policy: the full cache. `budget` is the fraction of the prompt attended per KV
@@ -69,6 +60,8 @@ class Policy:
     selector: str = "search"        # decode-step top-k: "search" (batched, opens nothing)
     static_selector: str = "topk"   # prefill top-k (once per prompt): exact lax.top_k
     compaction: str = "auto"        # auto | onehot | sort (eviction.compaction; auto: per protocol)
+    static_compaction: str = "auto"  # the static step's kernel when compaction is "auto":
+                                     # auto | onehot | sort (per protocol: compaction.STATIC_SORT)
     backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
     fold_heads: int = 0             # KV heads per one-hot scatter matmul (block-diagonal;
                                     # 0: per protocol, compaction.for_protocol; 1: one per head)
@@ -80,6 +73,9 @@ class Policy:
         if self.compaction not in compact.KERNELS:
             raise ConfigError(f"compaction must be one of {compact.KERNELS}, "
                               f"got {self.compaction!r}")
+        if self.static_compaction not in compact.KERNELS:
+            raise ConfigError(f"static_compaction must be one of {compact.KERNELS}, "
+                              f"got {self.static_compaction!r}")
         if self.onehot_form not in compact.ONEHOT_FORMS:
             raise ConfigError(f"onehot_form must be one of {compact.ONEHOT_FORMS}, got "
                               f"{self.onehot_form!r}")
@@ -103,9 +99,42 @@ class Policy:
     def static_forced(self, prompt_len: int) -> np.ndarray:
         return np.zeros(prompt_len, bool)
 
-    def static_scores(self, q: jax.Array, k: jax.Array, cfg) -> jax.Array:
-        """q: [b, t, k, g, d] all prompt queries; k: [b, k, t, d]. Returns [b, k, t]."""
-        raise TypeError(f"{self.name} has no static step")
+    def prompt_attention(self, prompt_len: int) -> Optional[Tuple[int, str]]:
+        """What the static step reads of the prefill's attention: (rows, aggregate), the
+        causal probabilities of the last `rows` prompt queries, summed over each KV group's
+        query heads and aggregated over the rows ("sum" | "max"); None: no attention read."""
+        return None
+
+    def static_rank(self, attn: jax.Array, cfg) -> jax.Array:
+        """Static-step scores [b, k, t] (higher = keep) from `prompt_attention`'s aggregate
+        attn [b, k, t]."""
+        return attn
+
+    def static_attention(self, q: jax.Array, k: jax.Array, cfg) -> jax.Array:
+        """`prompt_attention`'s aggregate [b, k, t] recomputed from q [b, t, k, g, d] (all
+        prompt queries) and k [b, k, t, d]: the plaintext path, same values as the tap."""
+        rows, aggregate = self.prompt_attention(k.shape[2])
+        return window_attention(q, k, rows, aggregate, cfg)
+
+    def static_scores(self, q: Optional[jax.Array], k: jax.Array, cfg,
+                      attn: Optional[jax.Array] = None) -> jax.Array:
+        """q: [b, t, k, g, d] all prompt queries; k: [b, k, t, d]; attn: the aggregate
+        [b, k, t] taken from the prefill's own probabilities (`prefill_tap`; q unused), or
+        None to recompute it from q and k. Returns [b, k, t]."""
+        if self.static_keep(k.shape[2]) is None or self.prompt_attention(k.shape[2]) is None:
+            raise TypeError(f"{self.name} has no static step ranked by attention")
+        return self.static_rank(self.static_attention(q, k, cfg) if attn is None else attn,
+                                cfg)
+
+    def prefill_tap(self, prompt_len: int) -> Optional[Callable]:
+        """For the model's prefill: a function of a layer's attention probabilities
+        [b, k, g, t, s] returning the aggregate [b, k, s] the static step ranks by (so the
+        window attention is the prefill's own, not computed twice), or None."""
+        keep = self.static_keep(prompt_len)
+        spec = None if keep is None or keep >= prompt_len else self.prompt_attention(prompt_len)
+        if spec is None:
+            return None
+        return functools.partial(aggregate_rows, rows=spec[0], aggregate=spec[1])
 
     def share_source(self, layer: int, n_layers: int) -> int:
         """The layer whose selection this layer reuses (itself: no sharing)."""
@@ -116,24 +145,30 @@ class Policy:
         return self
 
     # ---- what the model calls (by duck typing: mpc_llama never imports eviction) ----
-    def static_move(self, q, k, cfg, compaction: str = "policy"):
+    @property
+    def static_sorts(self) -> bool:
+        """Whether the static step compacts by the 1-bit sort (`compaction` "sort", or
+        `static_compaction` resolved to it per protocol) instead of the one-hot matrix."""
+        return "sort" in (self.compaction, self.static_compaction)
+
+    def static_move(self, q, k, cfg, compaction: str = "policy", attn=None):
         """The static step's move for one sharing source: q [b, t, k, g, d] (all prompt
-        queries), k [b, k, t, d]. compaction "policy" (what SPU runs): the policy's kernel's
-        move, the float one-hot matrix [b, k, keep, t] ("onehot", "auto" in plaintext) or
-        the bool keep mask [b, k, t] ("sort"); "index": int positions [b, k, keep] (the same
-        entries; a plaintext shortcut)."""
+        queries), k [b, k, t, d], attn: the prefill's tapped aggregate (`prefill_tap`) or
+        None. compaction "policy" (what SPU runs): the policy's kernel's move, the float
+        one-hot matrix [b, k, keep, t] or the bool keep mask [b, k, t] (`static_sorts`);
+        "index": int positions [b, k, keep] (the same entries; a plaintext shortcut)."""
         if compaction == "index":
-            return static_step.kept_indices(self, q, k, cfg)
-        if self.compaction == "sort":
-            return static_step.static_mask(self, q, k, cfg)
-        return static_step.static_selection(self, q, k, cfg)
+            return static_step.kept_indices(self, q, k, cfg, attn)
+        if self.static_sorts:
+            return static_step.static_mask(self, q, k, cfg, attn)
+        return static_step.static_selection(self, q, k, cfg, attn)
 
     def apply_static_move(self, move, compaction: str, k, v, pos):
         """k, v [b, k, t, d] and positions [b, k, t] compacted by `static_move`'s result."""
         if compaction == "index":
             k, v = (jnp.take_along_axis(a, move[..., None], axis=2) for a in (k, v))
             return k, v, jnp.take_along_axis(pos, move, axis=2)
-        if self.compaction == "sort":
+        if self.static_sorts:
             t = k.shape[2]
             ranked = self.static_keep(t) - int(self.static_forced(t).sum())
             return static_step.partition_rows(move, self.static_keep(t), k, v, pos,

@@ -36,6 +36,11 @@ BACKENDS = ("plain", "spu")
 # 6.6 MB vs one-hot 5.9 MB (its matmuls cost only their output); SEMI2K with the Beaver cache
 # (its default) not yet measured with sort. "sort" stays selectable (compaction="sort").
 SORT_PROTOCOLS = ()
+# The static step's kernel under "auto" (`Policy.static_compaction`): keep x T entries once per
+# prompt, where the one-hot matrix costs keep x T equalities (819 x 8192 per head-layer at 8k,
+# 10%) and one radix pass moves 2d + 1 columns of T entries: "sort" under these protocol kinds
+# (measured at 8k, 7B shapes: docs/benchmark.md, "The static step"); CHEETAH one-hot.
+STATIC_SORT_PROTOCOLS = ("SEMI2K", "ABY3")
 
 
 # KV heads folded into one block-diagonal matmul by the one-hot scatter of the attention
@@ -85,6 +90,10 @@ def for_protocol(policy, protocol_kind: Optional[str]):
     if policy is None or not hasattr(policy, "compaction"):
         return policy
     kernel = kernel_for(policy.compaction, protocol_kind)
+    static = getattr(policy, "static_compaction", "onehot")
+    if static == "auto":
+        static = kernel if policy.compaction != "auto" else (
+            "sort" if protocol_kind in STATIC_SORT_PROTOCOLS else "onehot")
     if getattr(policy, "refresh", 1) > 1 and policy.compaction == "auto":
         kernel = "onehot"   # a selection kept across steps is a one-hot matrix
     extra = {"split_kept": protocol_kind == "SEMI2K"} if hasattr(policy, "split_kept") else {}
@@ -92,6 +101,8 @@ def for_protocol(policy, protocol_kind: Optional[str]):
         extra["fold_heads"] = FOLD_HEADS.get(protocol_kind, 1)
     if getattr(policy, "onehot_form", "eq") == "auto":
         extra["onehot_form"] = ONEHOT_FORM.get(protocol_kind, "eq")
+    if hasattr(policy, "static_compaction"):
+        extra["static_compaction"] = static
     return dataclasses.replace(policy, compaction=kernel,
                                backend="plain" if protocol_kind is None else "spu", **extra)
 

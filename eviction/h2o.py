@@ -32,7 +32,10 @@ class H2O(Policy):
         recent = int(self.recent_fraction * self.static_keep(prompt_len))
         return np.arange(prompt_len) >= prompt_len - recent
 
-    def static_scores(self, q, k, cfg):
+    def prompt_attention(self, prompt_len):
+        return prompt_len, "sum"   # every prompt query's attention, accumulated
+
+    def static_attention(self, q, k, cfg):
         """Attention accumulated over all prompt queries, in query chunks of QUERY_CHUNK: a
         chunk ending at query e reads keys 0..e-1 only (the rest are causally masked, their
         probabilities exactly 0), so no t x t probability matrix is formed and half the

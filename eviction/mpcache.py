@@ -58,7 +58,7 @@ from eviction.clusters import cluster_candidates, expand, forced_rows
 from eviction.compaction import compaction_matrix, onehot_form
 from eviction.quest import quest_bound
 from eviction.sharing import PATTERNS, share_source
-from eviction.static_scores import max_pool, window_attention
+from eviction.static_scores import max_pool
 from mpc_llama.errors import ConfigError
 
 
@@ -238,9 +238,11 @@ class MPCache(Policy):
         w = min(self.window_len(prompt_len), self.static_keep(prompt_len) - self.s2)
         return (pos < self.s2) | (pos >= prompt_len - max(w, 0))
 
-    def static_scores(self, q, k, cfg):
-        scores = window_attention(q, k, self.window_len(q.shape[1]), self.aggregate, cfg)
-        return max_pool(scores, self.kernel)
+    def prompt_attention(self, prompt_len):
+        return self.window_len(prompt_len), self.aggregate
+
+    def static_rank(self, attn, cfg):
+        return max_pool(attn, self.kernel)
 
     def share_source(self, layer, n_layers):
         return share_source(self.share, layer, n_layers)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from eviction.base import Policy
-from eviction.static_scores import max_pool, window_attention
+from eviction.static_scores import max_pool
 from mpc_llama.errors import ConfigError
 
 
@@ -30,5 +30,8 @@ class SnapKV(Policy):
         w = min(self.window, self.static_keep(prompt_len))
         return np.arange(prompt_len) >= prompt_len - w
 
-    def static_scores(self, q, k, cfg):
-        return max_pool(window_attention(q, k, self.window, "sum", cfg), self.kernel)
+    def prompt_attention(self, prompt_len):
+        return self.window, "sum"
+
+    def static_rank(self, attn, cfg):
+        return max_pool(attn, self.kernel)

@@ -10,35 +10,36 @@ from eviction.compaction import compaction_matrix, onehot_form, partition
 from eviction.topk import topk_mask
 
 
-def static_mask(policy, q, k, cfg) -> jax.Array:
+def static_mask(policy, q, k, cfg, attn=None) -> jax.Array:
     """bool [b, k, t]: the entries this layer keeps (forced ones plus top-scored).
 
-    q: [b, t, k, g, d]; k: [b, k, t, d].
+    q: [b, t, k, g, d]; k: [b, k, t, d]; attn: the prefill's tapped attention aggregate
+    [b, k, t] (`Policy.prefill_tap`; then q is not read), or None (recomputed from q, k).
     """
     t = k.shape[2]
     forced = policy.static_forced(t)  # public
     keep = policy.static_keep(t) - int(forced.sum())
     # once per prompt, so rounds matter less than exact ranking: by default SPU's top-k (with
     # "search", a finer search than the per-step one); forced entries stay out of the ranking
-    chosen = topk_mask(policy.static_scores(q, k, cfg), keep, jnp.asarray(~forced),
+    chosen = topk_mask(policy.static_scores(q, k, cfg, attn), keep, jnp.asarray(~forced),
                        policy.static_selector, ways=16, bits=24)
     return jnp.logical_or(chosen, jnp.asarray(forced))
 
 
-def static_selection(policy, q, k, cfg) -> jax.Array:
+def static_selection(policy, q, k, cfg, attn=None) -> jax.Array:
     """The static step's result as the float one-hot matrix [b, k, keep, t] that compacts a
     layer (computed once per source layer; layers sharing its selection reuse the matrix).
     Float, not bool: under MPC a boolean share would be converted at every use."""
-    mask = static_mask(policy, q, k, cfg)
+    mask = static_mask(policy, q, k, cfg, attn)
     return compaction_matrix(mask, policy.static_keep(k.shape[2]),
                              onehot_form(policy)).astype(k.dtype)
 
 
-def kept_indices(policy, q, k, cfg) -> jax.Array:
+def kept_indices(policy, q, k, cfg, attn=None) -> jax.Array:
     """Plaintext twin of `static_selection`: int [b, k, keep], the kept positions in order
     (an index gather with them moves exactly the entries the one-hot matrix moves). Not for
     SPU: it forms secret indices."""
-    mask = static_mask(policy, q, k, cfg)
+    mask = static_mask(policy, q, k, cfg, attn)
     order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True)
     return order[..., :policy.static_keep(k.shape[2])]
 

@@ -31,5 +31,5 @@ class StreamingLLM(Policy):
         pos = np.arange(prompt_len)
         return (pos < sink) | (pos >= prompt_len - (keep - sink))
 
-    def static_scores(self, q, k, cfg):
+    def static_scores(self, q, k, cfg, attn=None):
         return jnp.zeros(k.shape[:3], k.dtype)  # everything kept is forced

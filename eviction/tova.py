@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 from eviction.base import Policy
-from eviction.static_scores import window_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,5 +18,5 @@ class TOVA(Policy):
     def static_keep(self, prompt_len):
         return self.n_attend(prompt_len)
 
-    def static_scores(self, q, k, cfg):
-        return window_attention(q, k, 1, "sum", cfg)
+    def prompt_attention(self, prompt_len):
+        return 1, "sum"

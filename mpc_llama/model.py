@@ -4,6 +4,7 @@ Parameters are a dict pytree with layers stacked on a leading axis:
     embed [V, d]; final_norm [d]; lm_head [d, V] (only when embeddings are untied)
     layers: attn_norm [L, d], wq [L, d, N*D], wk [L, d, K*D], wv [L, d, K*D], wo [L, N*D, d],
             mlp_norm [L, d], w_gate [L, d, F], w_up [L, d, F], w_down [L, F, d]
+    (the norm weights absent once folded into the matrices after them: `fold_norm_weights`)
 Axis letters: b batch, t/s query/key positions, n query heads, k KV heads, g query heads per KV
 head, d head dim.
 """
@@ -11,7 +12,7 @@ head, d head dim.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,15 +65,48 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: LlamaConfig) -> jax.Arra
     return x * jnp.cos(angles) + rotated * jnp.sin(angles)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, cfg: LlamaConfig) -> jax.Array:
+def rms_norm(x: jax.Array, weight: Optional[jax.Array], cfg: LlamaConfig) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) * weight, with x scaled by 1/sqrt(d) BEFORE squaring:
     LLM residual streams carry outliers (SmolLM2: |x| ~ 22,500) whose square overflows the
-    FM64 fixed-point product (|a*b| < 2^27 with 18 fraction bits). Same value in plaintext."""
+    FM64 fixed-point product (|a*b| < 2^27 with 18 fraction bits). Same value in plaintext.
+    weight [d], or None where the model owner folded it into the matrices that read the
+    output (`fold_norm_weights`)."""
     xs = x * (1.0 / math.sqrt(x.shape[-1]))
     # the sum of squares as a dot product: under MPC one product per row instead of one per
     # element (ABY3 at d=4096: 0.54 MB instead of 0.79 MB per norm)
     ms = jnp.einsum("...d,...d->...", xs, xs)[..., None]
-    return x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps) * weight
+    out = x * nonlinear.RSQRT[cfg.rsqrt](ms + cfg.norm_eps)
+    return out if weight is None else out * weight
+
+
+# RMSNorm weight -> the matrices (per layer, [L, d, *]) that read the normed activations
+NORM_FOLDS = {"attn_norm": ("wq", "wk", "wv"), "mlp_norm": ("w_gate", "w_up")}
+
+
+def fold_norm_weights(params: dict) -> dict:
+    """The model owner's offline step before sharing the weights for MPC: an RMSNorm weight g
+    scales the rows of the matrices that read the normed x, (x * g) @ W = x @ (g[:, None] * W),
+    so under MPC a norm costs one secret x secret vector product fewer. attn_norm goes into
+    wq, wk, wv; mlp_norm into w_gate, w_up; final_norm into lm_head where the head is untied
+    (a tied head is the embedding, which the input side reads unscaled: that norm keeps its
+    weight). Folded weights leave the tree (`rms_norm` then applies none). Leaves may be
+    jax.ShapeDtypeStructs (the other parties' placeholders): only the tree changes then.
+    Already folded params are returned as they are."""
+    layers = dict(params["layers"])
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for norm, mats in NORM_FOLDS.items():
+        g = layers.pop(norm, None)
+        if g is None:
+            continue
+        for m in mats:
+            if not isinstance(layers[m], jax.ShapeDtypeStruct):
+                layers[m] = layers[m] * g[:, :, None]
+    if "lm_head" in out and "final_norm" in out:
+        g = out.pop("final_norm")
+        if not isinstance(out["lm_head"], jax.ShapeDtypeStruct):
+            out["lm_head"] = out["lm_head"] * g[:, None]
+    out["layers"] = layers
+    return out
 
 
 ONEHOT_CHUNK = 1 << 20  # one-hot elements per piece of a long prompt's embedding
@@ -93,7 +127,7 @@ def embed(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
 
 
 def lm_head(params: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    x = rms_norm(x, params["final_norm"], cfg)
+    x = rms_norm(x, params.get("final_norm"), cfg)
     if cfg.tie_embeddings:
         return x @ params["embed"].T
     return x @ params["lm_head"]
@@ -230,15 +264,21 @@ def attend_chunked(q: jax.Array, k: jax.Array, v: jax.Array, cfg: LlamaConfig,
 
 
 def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0,
-               band: int = 512):
+               band: int = 512, tap: Optional[Callable] = None):
     """The prompt through every layer with causal attention.
 
     tokens: [b, t] int32 at positions 0..t-1; chunk > 0 computes attention `chunk` queries at
     a time (plaintext speed; 0 = one masked T x T matrix, as compiled for SPU).
+    tap (chunk = 0 only): a function of each layer's attention probabilities [b, k, g, t, t]
+    (e.g. a static eviction step's window aggregate, `Policy.prefill_tap`), so a step that
+    ranks by them reads the prefill's own probabilities instead of computing them again.
     Returns the final hidden states [b, t, d] and, per layer, (q [b, t, n, d] rotated,
-    k [b, k, t, d] rotated, v [b, k, t, d]): everything a static eviction step reads, so one
-    prompt pass can feed every policy (`build_cache`).
+    k [b, k, t, d] rotated, v [b, k, t, d]), plus tap(probs) as a fourth element when tapped:
+    everything a static eviction step reads, so one prompt pass can feed every policy
+    (`build_cache`).
     """
+    if tap is not None and chunk:
+        raise ValueError("a tap reads the probabilities of the unchunked prefill (chunk=0)")
     t = tokens.shape[1]
     positions = jnp.arange(t, dtype=jnp.int32)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool)) if not chunk else None
@@ -246,11 +286,16 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
     layers = []
     for i in range(cfg.n_layers):
         lp = _layer_params(params, i)
-        q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
-        att = attend_chunked(q, k, v, cfg, chunk, band) if chunk else attend(q, k, v, causal, cfg)
+        q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
+        if tap is not None:
+            probs = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal)
+            att, extra = attention_values(probs, v, cfg), (tap(probs),)
+        else:
+            att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
+                          else attend(q, k, v, causal, cfg)), ()
         x = x + att @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
-        layers.append((q, k, v))
+        x = x + mlp(lp, rms_norm(x, lp.get("mlp_norm"), cfg), cfg)
+        layers.append((q, k, v) + extra)
     return x, layers
 
 
@@ -277,14 +322,16 @@ def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,
     positions = jnp.arange(t, dtype=jnp.int32)
     empty = init_cache(cfg, b, new_cap)
     ks, vs, ps, bounds, moves = [], [], [], [], {}
-    for i, (q, k, v) in enumerate(layers):
+    for i, (q, k, v, *_) in enumerate(layers):
         pos = jnp.broadcast_to(positions, k.shape[:3])
         if n_keep < t:
             src = policy.share_source(i, cfg.n_layers)
             if src not in moves:  # a sharing layer reuses its source's compaction matrix
                 qs = layers[src][0]
                 qg = qs.reshape(b, t, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
-                moves[src] = policy.static_move(qg, layers[src][1], cfg, compaction)
+                tapped = layers[src][3] if len(layers[src]) > 3 else None
+                moves[src] = policy.static_move(qg, layers[src][1], cfg, compaction,
+                                                attn=tapped)
             k, v, pos = policy.apply_static_move(moves[src], compaction, k, v, pos)
         ck, cv, cp = write_layer(empty.k[i], empty.v[i], empty.pos[i], 0, k, v, pos)
         ks.append(ck), vs.append(cv), ps.append(cp)
@@ -307,7 +354,9 @@ def prefill(params: dict, cfg: LlamaConfig, tokens: jax.Array, capacity: int,
     if capacity < tokens.shape[1]:
         raise ValueError(f"cache capacity {capacity} is smaller than the prompt "
                          f"({tokens.shape[1]})")
-    x, layers = run_prompt(params, cfg, tokens, chunk)
+    # the static step ranks by the prefill's own attention probabilities where it can
+    tap = None if chunk or policy is None else policy.prefill_tap(tokens.shape[1])
+    x, layers = run_prompt(params, cfg, tokens, chunk, tap=tap)
     cache = build_cache(cfg, layers, capacity, policy)
     if last_only:
         x = x[:, -1]
@@ -333,7 +382,7 @@ def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, posit
     if frozen is not None:
         ck, cv = (jnp.concatenate([f, c], axis=2) for f, c in zip(frozen, (ck, cv)))
     length = cache_length + 1  # entries valid after writing the current one
-    q, k, v = _qkv(lp, rms_norm(x, lp["attn_norm"], cfg), positions, cfg)
+    q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
     ck, cv, cp = write_layer(ck, cv, cp, cache_length, k, v, positions)
     segments = None
     if frozen is not None:
@@ -354,7 +403,7 @@ def decode_layer(lp: dict, x: jax.Array, layer_cache: tuple, cache_length, posit
     if diagnostics:
         diag = {"attn_out": out[:, 0], "attended_pos": jnp.where(attended, cp, -1)}
     x = x + out @ lp["wo"]
-    x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg), cfg)
+    x = x + mlp(lp, rms_norm(x, lp.get("mlp_norm"), cfg), cfg)
     if frozen is not None:
         ck, cv = ck[:, :, frozen[0].shape[2]:], cv[:, :, frozen[1].shape[2]:]
     return x, (ck, cv, cp, layer_bounds), selection, count, diag

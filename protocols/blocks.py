@@ -120,7 +120,9 @@ def _weights(cfg: LlamaConfig, names):
 @_recorded("dense")
 def dense_blocks(cfg: LlamaConfig) -> List[Block]:
     """Blocks outside attention, at the model's real dimensions (cfg as compiled for SPU);
-    they do not depend on the cache length (the token position is a public input)."""
+    they do not depend on the cache length (the token position is a public input). The
+    norms are those of the weights as shared (`mpc_llama.model.fold_norm_weights`): no
+    weight product, but for the final norm of a tied head."""
     from mpc_llama.model import _qkv, embed, gated, rms_norm
 
     L, d = cfg.n_layers, cfg.d_model
@@ -136,8 +138,7 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
         _block("embed", "linear", lambda t, e: (embed({"embed": e}, t, cfg),),
                {"token": _spec((1, 1), jnp.int32), "embed": w["embed"]},
                {"token": USER, **m}),
-        _block("attn_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
-               {"x": x, "norm": w["norm"]}, m, L),
+        _block("attn_norm", "other", lambda x: (rms_norm(x, None, cfg),), {"x": x}, m, L),
         _block("qkv", "linear",
                lambda h, p, wq, wk, wv: _qkv({"wq": wq, "wk": wk, "wv": wv}, h,
                                              jnp.reshape(p, (1,)), cfg),
@@ -145,15 +146,16 @@ def dense_blocks(cfg: LlamaConfig) -> List[Block]:
                 "wv": w["wv"]}, m, L),
         _block("o_proj", "linear", lambda x, o, wo: (x + o @ wo,),
                {"x": x, "out": h_out, "wo": w["wo"]}, m, L),
-        _block("mlp_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
-               {"x": x, "norm": w["norm"]}, m, L),
+        _block("mlp_norm", "other", lambda x: (rms_norm(x, None, cfg),), {"x": x}, m, L),
         _block("gate_up", "linear", lambda h, wg, wu: (h @ wg, h @ wu),
                {"h": x, "w_gate": w["w_gate"], "w_up": w["w_up"]}, m, L),
         _block("gated", "other", lambda a, b: (gated(a, b, cfg),), {"gate": g, "up": g}, m, L),
         _block("down", "linear", lambda x, a, wd: (x + a @ wd,),
                {"x": x, "act": g, "w_down": w["w_down"]}, m, L),
         _block("final_norm", "other", lambda x, n: (rms_norm(x, n, cfg),),
-               {"x": _spec((1, d)), "norm": w["norm"]}, m),
+               {"x": _spec((1, d)), "norm": w["norm"]}, m) if cfg.tie_embeddings else
+        _block("final_norm", "other", lambda x: (rms_norm(x, None, cfg),), {"x": _spec((1, d))},
+               m),
         _block("lm_head", "linear",
                (lambda h, e: (h @ e.T,)) if cfg.tie_embeddings else (lambda h, e: (h @ e,)),
                {"h": _spec((1, d)), head_w: _spec(_head_slice(w[head_w].shape, slices,
@@ -478,22 +480,28 @@ def _probe_select_args(cfg, policy, seq, length, cap):
 @_recorded("static")
 def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]:
     """The one-time static step at the end of prefill, for `heads` KV heads: what `prefill`
-    adds to a plain prefill (the prefill itself is the same for every policy and not here)."""
+    adds to a plain prefill (the prefill itself is the same for every policy and not here).
+    A step ranked by attention reads the prefill's own probabilities (`Policy.prefill_tap`):
+    its "sum" over the window's rows and a group's heads is additions of shares (local, no
+    message), so the block starts from that aggregate; a "max" aggregate starts from the
+    window's probabilities and pays its comparisons here."""
     from eviction.compaction import gather_rows
     from eviction.static_step import static_selection
 
     if policy is None or policy.static_keep(seq) is None:
         return []
     c = sampled(cfg, heads)
-    L, d, g = cfg.n_layers, cfg.head_dim, cfg.group_size
+    L, d = cfg.n_layers, cfg.head_dim
     keep = policy.static_keep(seq)
     kv = _spec((1, heads, seq, d))
-    if keep < seq and getattr(policy, "compaction", "onehot") == "sort":
+    attn_args, attn_of = _static_attention(policy, c, seq, heads)
+    if keep < seq and policy.static_sorts:
         out = _static_sort_blocks(policy, c, seq, heads, keep)
     else:
         out = [] if keep >= seq else [  # keeping everything: no selection, no compaction
             _block("static_select", "selection",
-                   lambda q, k: (static_selection(policy, q, k, c),), {"q": _spec((1, seq, heads, g, d)), "k": kv},
+                   lambda a, k: (static_selection(policy, None, k, c, attn_of(a)),),
+                   {**attn_args, "k": kv},
                    count=n_selecting(policy, L), heads=heads, phase="static"),
             _block("compact", "gather",
                    lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
@@ -508,6 +516,25 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     return out
 
 
+def _static_attention(policy, c, seq: int, heads: int):
+    """The static select block's first input and how it becomes the aggregate [b, k, t] the
+    step ranks by: ({name: spec}, fn). From the prefill's probabilities (`prefill_tap`): the
+    aggregate itself for "sum" (local additions); the window's rows [1, k, g, rows, t] for
+    "max" (its comparisons are the step's). Without a tap (a ranking by something else than
+    attention): all prompt queries q [1, t, k, g, d], scored inside the block."""
+    from eviction.static_scores import aggregate_rows
+
+    spec = policy.prompt_attention(seq)
+    if spec is None:
+        return {"q": _spec((1, seq, heads, c.group_size, c.head_dim))}, lambda q: None
+    rows, aggregate = spec
+    if aggregate == "sum":
+        return {"attn": _spec((1, heads, seq))}, lambda a: a
+    rows = min(rows, seq)
+    return ({"probs": _spec((1, heads, c.group_size, rows, seq))},
+            lambda p: aggregate_rows(p, rows, aggregate))
+
+
 def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Block]:
     """The static step with the "sort" kernel: a source layer selects its keep mask and
     compacts K, V and positions by one stable 1-bit sort (static_step.partition_rows) in one
@@ -515,15 +542,18 @@ def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Bloc
     gets the mask as 0/1, compares it again and sorts."""
     from eviction.static_step import partition_rows, static_mask
 
-    L, d, g = c.n_layers, c.head_dim, c.group_size
+    L, d = c.n_layers, c.head_dim
     kv, pos = _spec((1, heads, seq, d)), _spec((1, heads, seq), jnp.int32)
 
-    def select(q, k, v, p):
-        return partition_rows(static_mask(policy, q, k, c), keep, k, v, p, policy.backend)
+    attn_args, attn_of = _static_attention(policy, c, seq, heads)
+
+    def select(a, k, v, p):
+        return partition_rows(static_mask(policy, None, k, c, attn_of(a)), keep, k, v, p,
+                              policy.backend)
 
     n_sel = n_selecting(policy, L)
     out = [_block("static_select", "selection", select,
-                  {"q": _spec((1, seq, heads, g, d)), "k": kv, "v": kv, "pos": pos},
+                  {**attn_args, "k": kv, "v": kv, "pos": pos},
                   count=n_sel, heads=heads, phase="static")]
     if n_sel < L:
         out.append(_block("compact", "gather",

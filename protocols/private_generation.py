@@ -29,7 +29,7 @@ import numpy as np
 from mpc_llama.cache import KVCache
 from mpc_llama.config import LlamaConfig
 from mpc_llama.generation import check_lengths
-from mpc_llama.model import decode_step, prefill
+from mpc_llama.model import decode_step, fold_norm_weights, prefill
 from protocols.cost import Cost
 from protocols.session import PUBLIC, SECRET, SpuSession
 
@@ -156,10 +156,12 @@ class PrivateGenerator:
         self.policy = for_protocol(policy, session.protocol.kind)
         self.head = _greedy if reveal == "token" else (lambda z: z[0])
         self.data_owner = data_owner
-        # parties other than the model owner pass ShapeDtypeStructs (placeholder_params)
-        self.params = jax.tree_util.tree_map(
+        # parties other than the model owner pass ShapeDtypeStructs (placeholder_params); the
+        # owner folds the norm weights into the next matrices before sharing (a norm is then
+        # one secret product fewer), the others fold their placeholders' tree alike
+        self.params = fold_norm_weights(jax.tree_util.tree_map(
             lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a, np.float32),
-            params)
+            params))
         session.put("params", self.params, owner=model_owner)
         self._programs = {}
 

@@ -126,3 +126,33 @@ def test_onehot_embedding_in_pieces_equals_the_table_rows(tiny, monkeypatch):
     monkeypatch.setattr(model, "ONEHOT_CHUNK", cfg.vocab_size * 2 * 7)  # pieces of 7 tokens
     np.testing.assert_array_equal(np.asarray(model.embed(params, tokens, cfg)),
                                   np.asarray(params["embed"])[np.asarray(tokens)])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_folded_norm_weights_give_the_same_model(tiny, tied):
+    """The model owner's offline fold (norm weights into the next matrices) leaves prefill and
+    decode logits as they were; a tied head keeps its final norm's weight; the other parties'
+    placeholders fold to the same tree and shapes; folding twice changes nothing."""
+    from mpc_llama.model import fold_norm_weights, init_params
+    from protocols.private_generation import placeholder_params
+
+    cfg, _ = tiny
+    cfg = cfg.replace(tie_embeddings=tied)
+    params = init_params(cfg, jax.random.PRNGKey(3), scale=0.3)
+    params["final_norm"] = 1.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(4),
+                                                          params["final_norm"].shape)
+    folded = fold_norm_weights(params)
+    assert "attn_norm" not in folded["layers"] and "mlp_norm" not in folded["layers"]
+    assert ("final_norm" in folded) == tied
+    assert not np.allclose(folded["layers"]["wq"], params["layers"]["wq"])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)))
+    want, cache = prefill(params, cfg, tokens, 14, last_only=True)
+    got, fcache = prefill(folded, cfg, tokens, 14, last_only=True)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    token = jnp.argmax(want, -1).astype(jnp.int32)
+    want, _ = decode_step(params, cfg, token, 12, cache)
+    got, _ = decode_step(folded, cfg, token, 12, fcache)
+    assert_close(got, want, rtol=1e-4, atol=1e-4)
+    shapes = lambda p: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), p)  # noqa: E731
+    assert shapes(fold_norm_weights(placeholder_params(cfg))) == shapes(folded)
+    assert shapes(fold_norm_weights(folded)) == shapes(folded)

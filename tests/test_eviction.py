@@ -670,3 +670,37 @@ def test_dense_layers_attend_the_whole_cache(six_layers):
         (1.0 + 5 * plain.attended_fraction) / 6, rel=1e-3)
     with pytest.raises(ConfigError, match="dense_layers"):
         make_policy("mpcache", 0.1, dense_layers=-1)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "tova", "mpcache_static:s2=16",
+                                  "mpcache_static:s2=16:aggregate=max"])
+def test_static_step_from_the_prefills_probabilities(six_layers, name):
+    """A static step ranked by attention reads the prefill's own probabilities (the tap that
+    `prefill` hands to run_prompt) and keeps exactly the entries that recomputing the window
+    attention from q and k keeps, with a different aggregate per policy; a chunked prefill
+    (no probabilities) cannot be tapped."""
+    from mpc_llama.model import build_cache, run_prompt
+
+    cfg, params = six_layers
+    policy = policy_from_spec(name, 0.2)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, T)))
+    tap = policy.prefill_tap(T)
+    assert tap is not None and policy.static_keep(T) < T
+    x_tap, tapped = run_prompt(params, cfg, tokens, tap=tap)
+    x, layers = run_prompt(params, cfg, tokens)
+    np.testing.assert_allclose(x_tap, x, rtol=1e-6, atol=1e-6)
+    rows, aggregate = policy.prompt_attention(T)
+    for (q, k, _), (_, _, _, attn) in zip(layers, tapped):
+        qg = q.reshape(2, T, cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
+        np.testing.assert_allclose(attn, policy.static_attention(qg, k, cfg), rtol=1e-5,
+                                   atol=1e-6)
+    assert aggregate == ("max" if "max" in name else "sum")
+    kept_tap = build_cache(cfg, tapped, T + 1, policy).pos
+    kept = build_cache(cfg, layers, T + 1, policy).pos
+    np.testing.assert_array_equal(kept_tap, kept)
+    np.testing.assert_array_equal(prefill(params, cfg, tokens, T + 1, policy=policy)[1].pos,
+                                  kept)
+    with pytest.raises(ValueError, match="unchunked"):
+        run_prompt(params, cfg, tokens, chunk=16, tap=tap)
+    assert make_policy("streaming_llm", 0.2).prefill_tap(T) is None
+    assert make_policy("mpcache", 0.2).prefill_tap(T) is None     # no static step

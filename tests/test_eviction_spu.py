@@ -203,20 +203,24 @@ def _plain_logits(params, cfg, tokens, policy, prompt_len):
 def check_programs_reveal_nothing(gen, prompt_len, capacity):
     """The prefill and decode programs of `gen` (with a `refresh` policy, both decode
     programs), each checked against its own selector: no reveal, no custom call but those
-    ALLOWED_CALLS lists for it, and a sort only where the policy's compaction is "sort" (SPU's
+    ALLOWED_CALLS lists for it, and a sort only where the policy's kernel for that program is
+    "sort" (`compaction` for decoding, `static_sorts` for the prefill's static step; SPU's
     radix sort opens only a shuffled permutation: the one reveal of the threat model besides
     mhlo.topk's)."""
     policy = gen.policy   # as compiled for the protocol
     keep = policy.static_keep(prompt_len)
+    static = keep is not None and keep < prompt_len
     programs = [(gen.prefill_program(prompt_len, capacity).text, policy.static_selector,
-                 keep is not None and policy.static_forced(prompt_len).sum() < keep < prompt_len),
-                (gen.decode_program(prompt_len, capacity).text, policy.selector, policy.dynamic)]
+                 static and policy.static_forced(prompt_len).sum() < keep,
+                 static and policy.static_sorts),
+                (gen.decode_program(prompt_len, capacity).text, policy.selector, policy.dynamic,
+                 policy.compaction == "sort")]
     if getattr(policy, "refresh", 1) > 1:
         programs.append((gen.decode_program(prompt_len, capacity, select_now=False).text,
-                         policy.selector, False))
-    for text, sel, selects in programs:
+                         policy.selector, False, policy.compaction == "sort"))
+    for text, sel, selects, may_sort in programs:
         sorts = re.findall(r"pphlo\.(?:simple_)?sort", text)
-        assert not sorts or policy.compaction == "sort", sorts
+        assert not sorts or may_sort, sorts
         assert "!pphlo.secret" in text and "reveal" not in text
         calls = set(re.findall(CALL, text))
         assert calls <= ALLOWED_CALLS[sel], calls

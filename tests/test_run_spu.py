@@ -181,6 +181,36 @@ def test_head_extrapolation_matches_a_direct_measurement(meters):
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
+@pytest.mark.parametrize("name", ["snapkv:window=8", "mpcache_static:s2=16:aggregate=max"])
+def test_static_blocks_are_what_the_private_prefill_adds(meters, name):
+    """The static step's blocks (from the prefill's tapped attention: a window "sum" enters as
+    its aggregate, a "max" as the window's rows) cost what a private prefill with the policy
+    costs beyond one without it, ABY3, 128 tokens, the static kernel per protocol (the 1-bit
+    sort under ABY3): the window attention is the prefill's own, not computed twice."""
+    from eviction.compaction import for_protocol
+
+    proto, seq = get_protocol("aby3"), 128
+    pol = for_protocol(policy_from_spec(name, 0.25), proto.kind)
+    assert pol.static_sorts and pol.static_forced(seq).sum() < pol.static_keep(seq) < seq
+    session = SpuSession(proto)
+    params = init_params(SMALL, jax.random.PRNGKey(0))
+
+    def prefill_bytes(policy):
+        gen = PrivateGenerator(session, SMALL, params, policy=policy)
+        session.put("tokens", np.zeros((1, seq), np.int32), owner=1)
+        refs, cost = session.run(gen.prefill_program(seq, seq + 1), ("next", "cache"))
+        return Counters.of(cost).total_bytes
+
+    added = prefill_bytes(pol) - prefill_bytes(None)
+    blocks = static_blocks(SMALL, pol, seq, 2)
+    assert blocks[0].arg_names[0] == ("attn" if "max" not in name else "probs")
+    meter = meters(proto)
+    composed = total(compose_static({(seq, 2): [(b, meter.measure(b)) for b in blocks]},
+                                    seq, 2), proto.world_size)
+    assert composed.total_bytes > 0
+    assert close(composed.total_bytes, added, 0.05), (composed.total_bytes, added)
+
+
 @pytest.mark.slow  # ~25 s: the static step's blocks measured at four lengths
 def test_static_step_length_extrapolation(meters):
     """The static step at 512 tokens from 128, 256 and 384, against 512 measured (SEMI2K)."""
@@ -248,7 +278,7 @@ def test_cli_bad_input(tmp_path, args, needle, cli):
 def test_cli_end_to_end(tmp_path, cli):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", "tiny", "--protocol", "semi2k", "--seq", "64,96",
-            "--policies", "full,mpcache,snapkv", "--heads", "1,2", "--bandwidth", "50",
+            "--policies", "full,mpcache,snapkv:window=2", "--heads", "1,2", "--bandwidth", "50",
             "--rtt", "30", "--static-max-seq", "256", "--block-cache", str(cache)]
     r = run_cli(*args, "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -257,7 +287,7 @@ def test_cli_end_to_end(tmp_path, cli):
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert {(r["policy"], r["seq"]) for r in rows} == {
-        (p, s) for p in ("full", "mpcache", "snapkv", "oracle") for s in (64, 96)}
+        (p, s) for p in ("full", "mpcache", "snapkv:window=2", "oracle") for s in (64, 96)}
     for row in rows:
         for key in ("policy", "protocol", "seq", "bytes", "sends", "compute_s",
                     "attention_bytes", "latency_s", "reduction_vs_full"):
@@ -269,8 +299,8 @@ def test_cli_end_to_end(tmp_path, cli):
         assert row["attention_bytes"] < row["bytes"]
         if row["policy"] == "full":
             assert row["reduction_vs_full"]["bytes"] == 1.0
-        if row["policy"] == "snapkv":
-            assert row["static_prefill"]["bytes"] > 0
+        if row["policy"] == "snapkv:window=2":   # ranks keep - 2 entries (a window of 32
+            assert row["static_prefill"]["bytes"] > 0  # would force all it keeps: public)
         if row["policy"] == "mpcache":   # no static step, and its exact ranking no bounds
             assert "static_prefill" not in row
     assert len((out / "results.csv").read_text().strip().splitlines()) == len(rows) + 1
