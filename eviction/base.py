@@ -65,8 +65,9 @@ class Policy:
     backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
     fold_heads: int = 0             # KV heads per one-hot scatter matmul (block-diagonal;
                                     # 0: per protocol, compaction.for_protocol; 1: one per head)
-    onehot_form: str = "auto"       # one-hot compaction from equalities ("eq") or threshold
-                                    # comparisons ("ge"); auto: per protocol (compaction)
+    onehot_form: str = "auto"       # one-hot compaction from equalities ("eq"), threshold
+                                    # comparisons ("ge") or binary digits ("digits");
+                                    # auto: per protocol (compaction.ONEHOT_FORM)
 
     def __post_init__(self):
         check_ratio("budget", self.budget)

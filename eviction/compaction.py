@@ -161,11 +161,22 @@ def scatter_by_digits(hi: jax.Array, lo: jax.Array, values: jax.Array, n: int) -
 
 # How the one-hot compaction matrix compares each entry's destination with the public slot
 # numbers (`onehot_form`), per protocol kind: "eq", n equalities per entry; "ge", n + 1
-# threshold comparisons (slot i: dest >= i and not dest >= i + 1). SEMI2K's equalities cost
-# about twice its comparisons, ABY3's are cheap (one 8k layer, 7B shapes, measured by
-# `experiments/selection_cost.py --parts`: results/select_parts_8192_{semi2k,aby3}).
-ONEHOT_FORMS = ("auto", "eq", "ge")
-ONEHOT_FORM = {"SEMI2K": "ge"}
+# threshold comparisons (slot i: dest >= i and not dest >= i + 1); "digits", the destination's
+# high and low binary digits (a shift and a mask of the secret integer) compared with
+# ceil(n / B) and B values, then one AND per (slot, entry) of the two boolean one-hots.
+# SEMI2K's equalities cost about twice its comparisons, ABY3's are cheap (one 8k layer, 7B
+# shapes, measured by `experiments/selection_cost.py --parts`:
+# results/select_parts_8192_{semi2k,aby3}); CHEETAH's equalities are dear and its ANDs cheap
+# (a one-hot of 128 slots over 1,024 entries: 67.2 MB by equalities, 14.5 MB by digits;
+# with the gather of 128-wide rows 74.7 vs 22.5 MB: docs/benchmark.md).
+ONEHOT_FORMS = ("auto", "eq", "ge", "digits")
+ONEHOT_FORM = {"SEMI2K": "ge", "CHEETAH": "digits"}
+
+
+def low_digit_base(n: int) -> int:
+    """B for the "digits" one-hot of n slots: the power of two nearest above sqrt(n) (B + n/B
+    comparisons per entry)."""
+    return 1 << max(1, math.ceil(math.log2(max(n, 2)) / 2))
 
 
 def onehot_form(policy) -> str:
@@ -179,9 +190,19 @@ def compaction_matrix(mask: jax.Array, n: int, form: str = "eq") -> jax.Array:
     """One-hot matrix P [b, k, n, t] moving the kept entries of `mask` [b, k, t] to the front
     in position order: P[i, j] = mask[j] and (rank of j among kept == i). Built from a prefix
     sum (local under MPC) and comparisons with public slot numbers: no secret index is formed.
-    Rows beyond the number kept are zero. form: "eq" (equalities with the slot numbers) or
-    "ge" (threshold comparisons, see ONEHOT_FORM); the same matrix."""
+    Rows beyond the number kept are zero. form: "eq" (equalities with the slot numbers), "ge"
+    (threshold comparisons) or "digits" (see ONEHOT_FORM); the same matrix."""
     dest = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1                    # [b, k, t]
+    if form == "digits":
+        base = low_digit_base(n)
+        a = -(-n // base)
+        hi = jnp.right_shift(dest, base.bit_length() - 1)[:, :, None, :]       # [b, k, 1, t]
+        lo = jnp.bitwise_and(dest, base - 1)[:, :, None, :]
+        e_hi = jnp.logical_and(hi == jnp.arange(a)[:, None], mask[:, :, None, :])  # [b,k,A,t]
+        e_lo = lo == jnp.arange(base)[:, None]                                  # [b, k, B, t]
+        hit = jnp.logical_and(e_hi[:, :, :, None, :], e_lo[:, :, None, :, :])
+        b, k, t = mask.shape
+        return hit.reshape(b, k, a * base, t)[:, :, :n]                         # [b, k, n, t]
     if form == "ge":
         ge = dest[:, :, None, :] >= jnp.arange(n + 1)[:, None]                  # [b, k, n+1, t]
         hit = jnp.logical_and(ge[:, :, :-1], jnp.logical_not(ge[:, :, 1:]))

@@ -65,16 +65,21 @@ def test_folded_scatter_equals_one_matmul_per_head(heads, group, fold):
     assert for_protocol(make_policy("mpcache", 0.1, fold_heads=1), "ABY3").fold_heads == 1
 
 
-@pytest.mark.parametrize("proto", [None, "semi2k"])
-def test_threshold_onehot_equals_the_equality_onehot(proto):
-    """onehot_form "ge" (SEMI2K's: threshold comparisons) builds the equality one-hot's
-    matrix, with more kept entries than slots, fewer, and none; in plaintext and under SPU."""
-    from eviction.compaction import ONEHOT_FORM, compaction_matrix
+@pytest.mark.parametrize("form,proto,slots", [("ge", None, 6), ("ge", "semi2k", 6),
+                                               ("digits", None, 6), ("digits", None, 17),
+                                               ("digits", None, 1), ("digits", "cheetah", 6)])
+def test_threshold_and_digit_onehots_equal_the_equality_onehot(form, proto, slots):
+    """onehot_form "ge" (SEMI2K's: threshold comparisons) and "digits" (CHEETAH's: the
+    destination's binary digits) build the equality one-hot's matrix, with more kept entries
+    than slots, fewer, and none, slot counts that are and are not a multiple of the low
+    digit's base; in plaintext and under SPU."""
+    from eviction.compaction import ONEHOT_FORM, compaction_matrix, low_digit_base
 
     rng = np.random.default_rng(7)
     mask = rng.random((1, 4, 40)) < np.array([0.05, 0.2, 0.5, 0.0])[None, :, None]
-    want = np.asarray(compaction_matrix(jnp.asarray(mask), 6, "eq"))
-    fn = lambda m: (compaction_matrix(m > 0.5, 6, "ge"),)  # noqa: E731
+    want = np.asarray(compaction_matrix(jnp.asarray(mask), slots, "eq"))
+    assert [low_digit_base(n) for n in (1, 6, 17, 819)] == [2, 4, 8, 32]
+    fn = lambda m: (compaction_matrix(m > 0.5, slots, form),)  # noqa: E731
     if proto is None:
         got = np.asarray(fn(mask.astype(np.float32))[0])
     else:
@@ -84,8 +89,9 @@ def test_threshold_onehot_equals_the_equality_onehot(proto):
         (ref,), _ = session.run(prog, ("p",))
         got = np.asarray(session.reveal(ref)).astype(bool)
     np.testing.assert_array_equal(got, want)
-    assert want[0, 2].sum() == 6 and not want[0, 3].any()
-    assert ONEHOT_FORM.get("SEMI2K") == "ge"
+    assert want[0, 2].sum() == slots and not want[0, 3].any()
+    assert ONEHOT_FORM.get("SEMI2K") == "ge" and ONEHOT_FORM.get("CHEETAH") == "digits"
+    assert for_protocol(make_policy("mpcache", 0.1), "CHEETAH").onehot_form == "digits"
     assert for_protocol(make_policy("mpcache", 0.1), "SEMI2K").onehot_form == "ge"
     assert for_protocol(make_policy("mpcache", 0.1), "ABY3").onehot_form == "eq"
 
