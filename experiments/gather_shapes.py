@@ -1,8 +1,11 @@
-"""What one secret x secret matmul costs under a protocol, over a grid of shapes.
+"""What one secret x secret matmul costs under a protocol, over a grid of shapes; or, with
+--onehot, what building a compaction one-hot and gathering with it costs, per one-hot form.
 
     python experiments/gather_shapes.py --protocol cheetah \
         --shapes 22x257x4096,8x257x4096,44x257x4096,22x64x4096,22x1024x4096,22x257x1024 \
         --out results/gather_shapes_cheetah
+    python experiments/gather_shapes.py --protocol cheetah --onehot eq,digits \
+        --shapes 128x1024x128,22x257x128 --out results/onehot_forms_cheetah
 
 A shape MxNxZ is the one-hot gather of a kept selection for one KV head: (M slots x N
 clusters) times (N clusters x Z = cluster size x head dim), both operands secret shares that
@@ -10,6 +13,11 @@ no party owns (as in a decode step). Each shape runs `--repeats` times on one pe
 session; the row keeps the fastest run's seconds (the least loaded) and its counters.
 Under CHEETAH this is a homomorphic matmul: how its cost grows with M, N and Z says which
 reshaping of the compact gather can pay (docs/benchmark.md).
+With --onehot FORMS, a shape MxNxZ is a secret selection mask over N entries with M of them
+set (random), compacted to M slots: the one-hot [M, N] built by each form
+(`eviction.compaction.compaction_matrix`: eq, ge, digits) and the gather of N x Z secret rows
+with it, each measured alone ("onehot") and together ("gather"), checked against the
+equality one-hot in plaintext.
 """
 
 from __future__ import annotations
@@ -64,6 +72,55 @@ def measure(session, shape, repeats: int) -> dict:
             "sends": max(best.sends), "seconds": best.seconds, "max_abs_error": err}
 
 
+def measure_onehot(session, shape, form: str, repeats: int) -> list:
+    """Two rows for one form: the one-hot alone and the one-hot with its gather (fastest of
+    `repeats` runs each), each checked against the plaintext equality one-hot."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eviction.compaction import compaction_matrix
+
+    m, n, z = shape
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 1, n), np.float32)
+    mask[0, 0, rng.choice(n, min(m, n), replace=False)] = 1.0
+    k = rng.normal(size=(1, 1, n, z)).astype(np.float32)
+    onehot = np.asarray(compaction_matrix(jnp.asarray(mask > 0.5), m, "eq"), np.float32)
+    wants = {"onehot": onehot, "gather": np.einsum("bknt,bktd->bknd", onehot, k)}
+    fns = {"onehot": lambda a, b: (compaction_matrix(a > 0.5, m, form).astype(jnp.float32),),
+           "gather": lambda a, b: (jnp.einsum("bknt,bktd->bknd", compaction_matrix(
+               a > 0.5, m, form).astype(jnp.float32), b),)}
+    rows = []
+    for what, fn in fns.items():
+        prog = session.compile(fn, [mask, k], ["mask", "k"])
+        refs = [session.put("mask", mask), session.put("k", k)]
+        best, got = None, None
+        for _ in range(repeats):
+            outs, cost = session.run(prog, ["o"])
+            got = np.asarray(session.reveal(outs[0]))
+            for o in outs:
+                session.delete(o)
+            best = cost if best is None or cost.seconds < best.seconds else best
+        for r in refs:
+            session.delete(r)
+        rows.append({"form": form, "what": what, "m": m, "n": n, "z": z,
+                     "bytes": sum(best.bytes_sent), "sends": max(best.sends),
+                     "seconds": best.seconds,
+                     "max_abs_error": float(np.abs(got - wants[what]).max())})
+    return rows
+
+
+def onehot_markdown(rows) -> str:
+    lines = ["| M x N x Z | form | measured | MB (all parties) | sends (busiest) | seconds | "
+             "max abs error vs plaintext |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        what = "one-hot" if r["what"] == "onehot" else "one-hot + gather"
+        lines.append(f"| {r['m']} x {r['n']} x {r['z']} | {r['form']} | {what} | "
+                     f"{r['bytes'] / 1e6:.2f} | {r['sends']} | {r['seconds']:.2f} | "
+                     f"{r['max_abs_error']:.1e} |")
+    return "\n".join(lines)
+
+
 def markdown(rows) -> str:
     lines = ["| M x N x Z | MACs (M) | MB (all parties) | sends (busiest) | seconds | "
              "max abs error vs plaintext |", "|---|---|---|---|---|---|"]
@@ -84,22 +141,36 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default="22x257x4096,8x257x4096,44x257x4096,22x64x4096,"
                                        "22x1024x4096,22x257x1024")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--onehot", default="", help="one-hot forms (comma list of eq, ge, "
+                   "digits): measure compaction one-hots of M slots over N entries and their "
+                   "gather of N x Z rows instead of a plain matmul")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from protocols.registry import get_protocol
     from protocols.session import SpuSession
 
+    from eviction.compaction import ONEHOT_FORMS
+
     shapes = parse_shapes(args.shapes)
     if args.repeats < 1:
         raise ConfigError("--repeats must be >= 1")
+    forms = [f for f in (x.strip() for x in args.onehot.split(",")) if f]
+    bad = [f for f in forms if f not in ONEHOT_FORMS or f == "auto"]
+    if bad:
+        raise ConfigError(f"--onehot: unknown form {bad[0]!r}; choose from eq, ge, digits")
     protocol = get_protocol(args.protocol)
     session = SpuSession(protocol)
     session.warm_up()  # CHEETAH's one-time setup stays out of the rows
-    rows = [measure(session, s, args.repeats)
-            for s in tqdm(shapes, desc="shapes", unit="shape", file=sys.stderr)]
+    if forms:
+        jobs = [(s, f) for s in shapes for f in forms]
+        rows = [r for s, f in tqdm(jobs, desc="one-hots", unit="form", file=sys.stderr)
+                for r in measure_onehot(session, s, f, args.repeats)]
+    else:
+        rows = [measure(session, s, args.repeats)
+                for s in tqdm(shapes, desc="shapes", unit="shape", file=sys.stderr)]
     for r in rows:
         r["protocol"] = protocol.name
-    print(markdown(rows))
+    print(onehot_markdown(rows) if forms else markdown(rows))
     if args.out:
         command = "python experiments/gather_shapes.py " + " ".join(sys.argv[1:] if argv is None
                                                                      else argv)

@@ -23,3 +23,16 @@ def test_gather_shapes_measures_each_shape_and_matches_plaintext(tmp_path):
 def test_gather_shapes_rejects_bad_shapes(bad):
     with pytest.raises(ConfigError):
         gather_shapes.parse_shapes(bad)
+
+
+def test_onehot_forms_measure_each_form_and_match_plaintext(tmp_path):
+    """--onehot: per form, the one-hot alone and with its gather, both equal to plaintext."""
+    gather_shapes.main(["--protocol", "semi2k", "--shapes", "3x12x4", "--repeats", "1",
+                        "--onehot", "eq,digits", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["form"], r["what"]) for r in rows] == [
+        ("eq", "onehot"), ("eq", "gather"), ("digits", "onehot"), ("digits", "gather")]
+    for r in rows:
+        assert r["bytes"] > 0 and r["max_abs_error"] < 1e-3
+    with pytest.raises(ConfigError, match="unknown form"):
+        gather_shapes.main(["--onehot", "eq,nope", "--shapes", "3x12x4"])
