@@ -166,11 +166,12 @@ def scatter_by_digits(hi: jax.Array, lo: jax.Array, values: jax.Array, n: int) -
 # ceil(n / B) and B values, then one AND per (slot, entry) of the two boolean one-hots.
 # SEMI2K's equalities cost about twice its comparisons, ABY3's are cheap (one 8k layer, 7B
 # shapes, measured by `experiments/selection_cost.py --parts`:
-# results/select_parts_8192_{semi2k,aby3}); CHEETAH's equalities are dear and its ANDs cheap
-# (a one-hot of 128 slots over 1,024 entries: 67.2 MB by equalities, 14.5 MB by digits;
-# with the gather of 128-wide rows 74.7 vs 22.5 MB: docs/benchmark.md).
+# results/select_parts_8192_{semi2k,aby3}). "digits" is a setting: under CHEETAH it took a
+# third less time than the equalities but 30-40% more bytes (a one-hot of 128 slots over
+# 1,024 entries: 11.0 vs 7.9 MB; of 256 over 2,048: 35.0 vs 27.0 MB;
+# results/onehot_forms_cheetah), so CHEETAH keeps "eq".
 ONEHOT_FORMS = ("auto", "eq", "ge", "digits")
-ONEHOT_FORM = {"SEMI2K": "ge", "CHEETAH": "digits"}
+ONEHOT_FORM = {"SEMI2K": "ge"}
 
 
 def low_digit_base(n: int) -> int:

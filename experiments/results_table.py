@@ -411,6 +411,9 @@ def main(argv=None) -> None:
         elif "macs" in rows[0]:
             from experiments.gather_shapes import markdown as gather_table
             print(gather_table(rows))
+        elif "form" in rows[0] and "what" in rows[0]:
+            from experiments.gather_shapes import onehot_markdown
+            print(onehot_markdown(rows))
         elif "bytes" in rows[0] and "reduction_vs_full" not in rows[0]:
             raise ConfigError(f"{path} is not a results file of run_spu.py, run_accuracy.py, "
                               "selection_cost.py, gather_shapes.py or validate_network.py "

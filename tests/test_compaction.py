@@ -69,7 +69,7 @@ def test_folded_scatter_equals_one_matmul_per_head(heads, group, fold):
                                                ("digits", None, 6), ("digits", None, 17),
                                                ("digits", None, 1), ("digits", "cheetah", 6)])
 def test_threshold_and_digit_onehots_equal_the_equality_onehot(form, proto, slots):
-    """onehot_form "ge" (SEMI2K's: threshold comparisons) and "digits" (CHEETAH's: the
+    """onehot_form "ge" (SEMI2K's: threshold comparisons) and "digits" (a setting: the
     destination's binary digits) build the equality one-hot's matrix, with more kept entries
     than slots, fewer, and none, slot counts that are and are not a multiple of the low
     digit's base; in plaintext and under SPU."""
@@ -90,8 +90,8 @@ def test_threshold_and_digit_onehots_equal_the_equality_onehot(form, proto, slot
         got = np.asarray(session.reveal(ref)).astype(bool)
     np.testing.assert_array_equal(got, want)
     assert want[0, 2].sum() == slots and not want[0, 3].any()
-    assert ONEHOT_FORM.get("SEMI2K") == "ge" and ONEHOT_FORM.get("CHEETAH") == "digits"
-    assert for_protocol(make_policy("mpcache", 0.1), "CHEETAH").onehot_form == "digits"
+    assert ONEHOT_FORM.get("SEMI2K") == "ge" and "CHEETAH" not in ONEHOT_FORM
+    assert for_protocol(make_policy("mpcache", 0.1), "CHEETAH").onehot_form == "eq"
     assert for_protocol(make_policy("mpcache", 0.1), "SEMI2K").onehot_form == "ge"
     assert for_protocol(make_policy("mpcache", 0.1), "ABY3").onehot_form == "eq"
 

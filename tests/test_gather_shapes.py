@@ -25,8 +25,11 @@ def test_gather_shapes_rejects_bad_shapes(bad):
         gather_shapes.parse_shapes(bad)
 
 
-def test_onehot_forms_measure_each_form_and_match_plaintext(tmp_path):
-    """--onehot: per form, the one-hot alone and with its gather, both equal to plaintext."""
+def test_onehot_forms_measure_each_form_and_match_plaintext(tmp_path, capsys):
+    """--onehot: per form, the one-hot alone and with its gather, both equal to plaintext;
+    results_table prints the file's table."""
+    from experiments import results_table
+
     gather_shapes.main(["--protocol", "semi2k", "--shapes", "3x12x4", "--repeats", "1",
                         "--onehot", "eq,digits", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -34,5 +37,9 @@ def test_onehot_forms_measure_each_form_and_match_plaintext(tmp_path):
         ("eq", "onehot"), ("eq", "gather"), ("digits", "onehot"), ("digits", "gather")]
     for r in rows:
         assert r["bytes"] > 0 and r["max_abs_error"] < 1e-3
+    capsys.readouterr()
+    results_table.main([str(tmp_path / "results.json")])
+    table = capsys.readouterr().out
+    assert "| 3 x 12 x 4 | digits | one-hot + gather |" in table
     with pytest.raises(ConfigError, match="unknown form"):
         gather_shapes.main(["--onehot", "eq,nope", "--shapes", "3x12x4"])
