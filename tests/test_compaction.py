@@ -225,3 +225,42 @@ def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
     refs, _ = session.run(prog, ("out", "count"))
     np.testing.assert_array_equal(np.asarray(session.reveal(refs[1])), want_count)
     assert_close(session.reveal(refs[0]), want_out, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("proto", ["aby3", "semi2k", "cheetah"])
+def test_static_compaction_on_spu_equals_plaintext(proto):
+    """The static step's default kernel per protocol (the 1-bit radix sort under ABY3 and
+    SEMI2K, the one-hot under CHEETAH), from a tapped window aggregate full of ties
+    (plateaus at the top-k threshold), keeps the entries plaintext keeps, in position order,
+    with their K and V rows."""
+    from eviction import policy_from_spec
+    from eviction.static_step import kept_indices
+
+    kind = get_protocol(proto).kind
+    spec, t = policy_from_spec("snapkv:window=4", 0.25), 48
+    policy, plain = for_protocol(spec, kind), for_protocol(spec, None)
+    assert policy.static_sorts == (proto != "cheetah") and not plain.static_sorts
+    cfg = preset("tiny")
+    rng = np.random.default_rng(11)
+    attn = rng.integers(0, 5, (1, K, t)).astype(np.float32)         # many equal values
+    k = rng.normal(size=(1, K, t, D)).astype(np.float32)
+    v = rng.normal(size=(1, K, t, D)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (1, K, t)).copy()
+    idx = np.asarray(kept_indices(plain, None, jnp.asarray(k), cfg, jnp.asarray(attn)))
+    assert (np.diff(idx, axis=-1) > 0).all() and idx.shape[-1] == plain.static_keep(t)
+
+    def fn(a, keys, values, p):
+        move = policy.static_move(None, keys, cfg, attn=a)
+        return policy.apply_static_move(move, "policy", keys, values, p)
+
+    session = SpuSession(get_protocol(proto))
+    if proto == "cheetah":
+        session.warm_up()
+    prog = session.compile(fn, (attn, k, v, pos), ("attn", "k", "v", "pos"))
+    for name, x in zip(("attn", "k", "v", "pos"), (attn, k, v, pos)):
+        session.put(name, x)
+    refs, _ = session.run(prog, ("k2", "v2", "pos2"))
+    got_k, got_v, got_pos = (np.asarray(session.reveal(r)) for r in refs)
+    np.testing.assert_array_equal(got_pos, idx)
+    assert_close(got_k, np.take_along_axis(k, idx[..., None], 2), rtol=1e-3, atol=1e-3)
+    assert_close(got_v, np.take_along_axis(v, idx[..., None], 2), rtol=1e-3, atol=1e-3)
