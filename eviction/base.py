@@ -61,7 +61,7 @@ class Policy:
     static_selector: str = "topk"   # prefill top-k (once per prompt): exact lax.top_k
     compaction: str = "auto"        # auto | onehot | sort (eviction.compaction; auto: per protocol)
     static_compaction: str = "auto"  # the static step's kernel when compaction is "auto":
-                                     # auto | onehot | sort (per protocol: compaction.STATIC_SORT)
+                                     # auto | onehot | sort (per protocol: STATIC_SORT_PROTOCOLS)
     backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
     fold_heads: int = 0             # KV heads per one-hot scatter matmul (block-diagonal;
                                     # 0: per protocol, compaction.for_protocol; 1: one per head)
