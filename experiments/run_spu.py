@@ -444,8 +444,9 @@ def shortcuts(setting, hs, args):
                     if p is not None and (p.static_keep(longest) or longest) < longest)
     if static:
         pols = setting["policies"]
-        out.append("static step: from the prefill's own attention probabilities (a window "
-                   "sum is local additions), then top-k and compaction by " + ", ".join(
+        out.append("static step: a ranking by attention reads the prefill's own "
+                   "probabilities (a window sum is local additions), then top-k and "
+                   "compaction by " + ", ".join(
                        f"{n} {'sort' if pols[n].static_sorts else 'onehot'}" for n in static))
     if setting["protocol"].beaver_cache:
         out.append("SEMI2K Beaver cache: weights and the KV rows written before the step are "
