@@ -181,7 +181,8 @@ def test_head_extrapolation_matches_a_direct_measurement(meters):
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
-@pytest.mark.parametrize("name", ["snapkv:window=8", "mpcache_static:s2=16:aggregate=max"])
+@pytest.mark.parametrize("name", ["snapkv:window=8", pytest.param(
+    "mpcache_static:s2=16:aggregate=max", marks=pytest.mark.slow)])   # ~17 s each
 def test_static_blocks_are_what_the_private_prefill_adds(meters, name):
     """The static step's blocks (from the prefill's tapped attention: a window "sum" enters as
     its aggregate, a "max" as the window's rows) cost what a private prefill with the policy
