@@ -171,9 +171,14 @@ class Policy:
             return k, v, jnp.take_along_axis(pos, move, axis=2)
         if self.static_sorts:
             t = k.shape[2]
-            ranked = self.static_keep(t) - int(self.static_forced(t).sum())
+            forced = self.static_forced(t)
+            if self.static_keep(t) <= int(forced.sum()):
+                # nothing ranked: the first static_keep forced entries, a public selection,
+                # taken by a public slice (SPU sorts a public key unstably)
+                idx = np.nonzero(forced)[0][:self.static_keep(t)]
+                return k[:, :, idx], v[:, :, idx], pos[:, :, idx]
             return static_step.partition_rows(move, self.static_keep(t), k, v, pos,
-                                              self.backend, public=ranked <= 0)
+                                              self.backend)
         k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
         return k, v, jnp.round(pos).astype(jnp.int32)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eviction.compaction import compaction_matrix, onehot_form, partition
 from eviction.topk import topk_mask
@@ -19,6 +20,11 @@ def static_mask(policy, q, k, cfg, attn=None) -> jax.Array:
     t = k.shape[2]
     forced = policy.static_forced(t)  # public
     keep = policy.static_keep(t) - int(forced.sum())
+    if keep <= 0:
+        # nothing ranked: the first static_keep forced entries, a PUBLIC mask (a mask that
+        # passed through the top-k would be a secret one, which SPU sorts in another order)
+        first = forced & (np.cumsum(forced) <= policy.static_keep(t))
+        return jnp.broadcast_to(jnp.asarray(first), k.shape[:3])
     # once per prompt, so rounds matter less than exact ranking: by default SPU's top-k (with
     # "search", a finer search than the per-step one); forced entries stay out of the ranking
     chosen = topk_mask(policy.static_scores(q, k, cfg, attn), keep, jnp.asarray(~forced),

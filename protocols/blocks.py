@@ -540,7 +540,7 @@ def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Bloc
     compacts K, V and positions by one stable 1-bit sort (static_step.partition_rows) in one
     block (the mask is a one-bit key only inside the program computing it); a sharing layer
     gets the mask as 0/1, compares it again and sorts."""
-    from eviction.static_step import partition_rows, static_mask
+    from eviction.static_step import static_mask
 
     L, d = c.n_layers, c.head_dim
     kv, pos = _spec((1, heads, seq, d)), _spec((1, heads, seq), jnp.int32)
@@ -548,8 +548,8 @@ def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Bloc
     attn_args, attn_of = _static_attention(policy, c, seq, heads)
 
     def select(a, k, v, p):
-        return partition_rows(static_mask(policy, None, k, c, attn_of(a)), keep, k, v, p,
-                              policy.backend)
+        return policy.apply_static_move(static_mask(policy, None, k, c, attn_of(a)), "policy",
+                                        k, v, p)
 
     n_sel = n_selecting(policy, L)
     out = [_block("static_select", "selection", select,
@@ -557,8 +557,8 @@ def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Bloc
                   count=n_sel, heads=heads, phase="static")]
     if n_sel < L:
         out.append(_block("compact", "gather",
-                          lambda m, k, v, p: partition_rows(m > 0.5, keep, k, v, p,
-                                                            policy.backend),
+                          lambda m, k, v, p: policy.apply_static_move(m > 0.5, "policy",
+                                                                      k, v, p),
                           {"mask": _spec((1, heads, seq)), "k": kv, "v": kv, "pos": pos},
                           count=L - n_sel, heads=heads, phase="static"))
     return out

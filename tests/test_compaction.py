@@ -227,17 +227,20 @@ def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
     assert_close(session.reveal(refs[0]), want_out, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("proto", ["aby3", "semi2k", "cheetah"])
-def test_static_compaction_on_spu_equals_plaintext(proto):
+@pytest.mark.parametrize("proto,name", [("aby3", "snapkv:window=4"), ("semi2k", "snapkv:window=4"),
+                                        ("cheetah", "snapkv:window=4"),
+                                        ("semi2k", "mpcache:static_ratio=0.3:window=8")])
+def test_static_compaction_on_spu_equals_plaintext(proto, name):
     """The static step's default kernel per protocol (the 1-bit radix sort under ABY3 and
     SEMI2K, the one-hot under CHEETAH), from a tapped window aggregate full of ties
     (plateaus at the top-k threshold), keeps the entries plaintext keeps, in position order,
-    with their K and V rows."""
+    with their K and V rows; also where the forced entries fill the whole keep (MPCache's
+    first cluster of 32 against 14 kept: nothing ranked, a public mask)."""
     from eviction import policy_from_spec
     from eviction.static_step import kept_indices
 
     kind = get_protocol(proto).kind
-    spec, t = policy_from_spec("snapkv:window=4", 0.25), 48
+    spec, t = policy_from_spec(name, 0.25), 48
     policy, plain = for_protocol(spec, kind), for_protocol(spec, None)
     assert policy.static_sorts == (proto != "cheetah") and not plain.static_sorts
     cfg = preset("tiny")

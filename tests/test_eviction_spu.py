@@ -147,13 +147,16 @@ def two_layers(small_model):
     return cfg.replace(n_layers=2), {**params, "layers": layers}
 
 
-# The default suite decodes under SPU with mpcache (dynamic selection) and snapkv (the static
-# eviction h2o, tova and streaming_llm share, with other scores); `make test-slow` (and
-# .ci/run) the other policies and mpcache's kept selection (refresh=2) too. Every policy's selection
+# The default suite decodes under SPU with mpcache (dynamic selection); the static step's
+# private path (the prefill's tapped window, SEMI2K's sort compaction) runs there through
+# tests/test_generate_cli.py (mpcache with a static step) and
+# tests/test_compaction.py::test_static_compaction_on_spu_equals_plaintext; `make test-slow`
+# (and .ci/run) decodes the other policies (snapkv among them) and mpcache's kept selection
+# (refresh=2) too. Every policy's selection
 # under SPU is compared in the default suite by test_selection_on_spu_equals_plaintext, its
 # programs' privacy by the ABY3 cases of test_compiled_programs_reveal_nothing, and full
 # decoding by tests/test_spu.py.
-_DEFAULT = {"mpcache", "snapkv"}
+_DEFAULT = {"mpcache"}
 
 
 @pytest.mark.parametrize("name", [n if n in _DEFAULT else pytest.param(n, marks=pytest.mark.slow)

@@ -98,9 +98,9 @@ def close(a, b, tol):
 # bytes 2.5% apart for mpcache, 1.70 vs 1.74 MB, the direct step identical in every run;
 # sends 0.5%). CHEETAH's silent-OT buffers are refilled by whichever run drains them, which
 # moves up to ~2% of bytes between runs.
-# CHEETAH's full cache (~15 s; its mpcache case stays in the fast suite) under make test-slow
+# CHEETAH's cases (~15-18 s each) under make test-slow (the fast suite's time)
 @pytest.mark.parametrize("protocol,tol_bytes,policy", [
-    (proto, tol, pol) if (proto, pol) != ("cheetah", "full") else
+    (proto, tol, pol) if proto != "cheetah" else
     pytest.param(proto, tol, pol, marks=pytest.mark.slow)
     for proto, tol in (("semi2k", 0.02), ("aby3", 0.05), ("cheetah", 0.03))
     for pol in ("full", "mpcache:refresh=1")] + [("semi2k", 0.02, "mpcache:dense_layers=1")])
@@ -122,7 +122,8 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters)
             assert close(a, b, tol_bytes)
 
 
-@pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05)])
+@pytest.mark.parametrize("protocol,tol_bytes", [
+    ("semi2k", 0.02), pytest.param("aby3", 0.05, marks=pytest.mark.slow)])   # ~11 s each
 def test_composed_equals_direct_with_the_selections_row_max(protocol, tol_bytes, meters):
     """One query head per KV head (7B's shape): the select block hands its row max to the
     softmax block; composed, that is the direct step's cost."""
@@ -166,6 +167,7 @@ def test_composed_refresh_is_the_mean_of_its_steps(meters):
     assert selecting_step(dense, every, proto.world_size, proto, lan) is None
 
 
+@pytest.mark.slow  # ~11 s
 def test_head_extrapolation_matches_a_direct_measurement(meters):
     """Attention blocks measured on 1 and 2 KV heads, extrapolated to 4, against 4 measured."""
     proto = get_protocol("semi2k")
