@@ -174,9 +174,9 @@ class Policy:
             forced = self.static_forced(t)
             if self.static_keep(t) <= int(forced.sum()):
                 # nothing ranked: the first static_keep forced entries, a public selection,
-                # taken by a public slice (SPU sorts a public key unstably)
+                # taken by public slices (SPU sorts a public key unstably)
                 idx = np.nonzero(forced)[0][:self.static_keep(t)]
-                return k[:, :, idx], v[:, :, idx], pos[:, :, idx]
+                return tuple(static_step.take_public(a, idx) for a in (k, v, pos))
             return static_step.partition_rows(move, self.static_keep(t), k, v, pos,
                                               self.backend)
         k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))

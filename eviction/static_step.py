@@ -50,6 +50,15 @@ def kept_indices(policy, q, k, cfg, attn=None) -> jax.Array:
     return order[..., :policy.static_keep(k.shape[2])]
 
 
+def take_public(a: jax.Array, idx: np.ndarray) -> jax.Array:
+    """a[:, :, idx] for PUBLIC increasing indices idx, as static slices of its contiguous runs
+    (no gather op: under SPU a slice of a secret is local). a: [b, k, t, ...]."""
+    breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, breaks)]
+    parts = [a[:, :, s:e] for s, e in runs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+
+
 def partition_rows(mask: jax.Array, keep: int, k: jax.Array, v: jax.Array, pos: jax.Array,
                    backend: str, public: bool = False):
     """The "sort" kernel's static compaction: the `keep` entries of `mask` [b, k, t] (exactly

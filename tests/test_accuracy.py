@@ -202,6 +202,7 @@ def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
         merge_main(["--out", str(tmp_path / "none"), "--replace", "quest", parts[0]])
 
 
+@pytest.mark.slow  # ~9 s (the fast suite's time)
 def test_max_minutes_stops_early_and_says_so(tmp_path, monkeypatch, smollm2, capsys):
     """The first batch always starts; no new one after the limit (the same settings as
     test_results_written_after_each_batch: its compiled layers are reused)."""

@@ -400,7 +400,7 @@ def test_exact_score_pools_adjacent_entries_before_the_cluster_max(pool):
         MPCache(score_pool=3)
 
 
-@pytest.mark.parametrize("name", ["mpcache", "quest"])
+@pytest.mark.parametrize("name", ["mpcache", pytest.param("quest", marks=pytest.mark.slow)])
 def test_gathered_attention_equals_masked_attention(six_layers, name):
     """Gathering the selected clusters (attention over k2 * s2 entries, by the one-hot matrix
     or by the stable 1-bit sort) gives the same logits and counts as attending the whole
@@ -650,6 +650,7 @@ def test_near_selects_the_top_within_its_span():
                                   np.asarray(topk_mask(s, 5, jnp.ones(16, bool), "topk")))
 
 
+@pytest.mark.slow  # ~10 s (the fast suite's time)
 def test_dense_layers_attend_the_whole_cache(six_layers):
     """dense_layers=L: every decode layer attends the whole cache (the full cache's tokens);
     dense_layers=1: the first layer does, the others their budget."""
