@@ -118,21 +118,21 @@ def pad_to(mask: jax.Array, slots: int) -> jax.Array:
 
 
 def partition(mask: jax.Array, slots: int, columns: Sequence[jax.Array],
-              backend: str = "plain", public: bool = False) -> list:
+              backend: str = "plain") -> list:
     """The entries selected by `mask` [..., n] (exactly `slots` True per row, see `pad_to`),
     of each column [..., n] (any dtype), in position order: [..., slots] per column.
 
     One stable sort of all rows flattened, keyed by the mask (one bit: a single radix pass in
-    SPU), then a public slice. `backend` gives the key's order (module docstring) for a
-    SECRET mask; `public`: the mask is a public value under SPU (made of public lengths and
-    constants only, e.g. the forced clusters when nothing is chosen), which SPU sorts in
-    XLA's order whatever the backend. slots == n: the partition is the identity (pad_to
-    keeps every entry) and no sort runs."""
+    SPU), then a public slice. `backend` gives the key's order (module docstring); the mask
+    must be SECRET under SPU: SPU sorts a public key unstably, so a public selection is taken
+    by static slices instead (`static_step.take_public`, or the one-hot route when nothing is
+    chosen). slots == n: the partition is the identity (pad_to keeps every entry) and no sort
+    runs."""
     if slots >= mask.shape[-1]:
         return [jnp.broadcast_to(c, mask.shape) for c in columns]
     lead = mask.shape[:-1]
     rows = math.prod(lead)
-    key = mask if backend == "spu" and not public else jnp.logical_not(mask)
+    key = mask if backend == "spu" else jnp.logical_not(mask)
     flat = [key.reshape(-1)] + [jnp.broadcast_to(c, mask.shape).reshape(-1) for c in columns]
     out = jax.lax.sort(flat, dimension=0, is_stable=True, num_keys=1)[1:]
     return [o[:rows * slots].reshape(*lead, slots) for o in out]

@@ -60,13 +60,13 @@ def take_public(a: jax.Array, idx: np.ndarray) -> jax.Array:
 
 
 def partition_rows(mask: jax.Array, keep: int, k: jax.Array, v: jax.Array, pos: jax.Array,
-                   backend: str, public: bool = False):
-    """The "sort" kernel's static compaction: the `keep` entries of `mask` [b, k, t] (exactly
-    `keep` per row, as static_mask returns) of k, v [b, k, t, d] and pos [b, k, t], in
-    position order, by one stable 1-bit sort over all heads (eviction.compaction.partition):
-    one radix pass moving 2d + 1 columns, instead of keep x t equalities. public: the mask
-    holds the forced entries only (nothing ranked: a public value, see partition)."""
+                   backend: str):
+    """The "sort" kernel's static compaction: the `keep` entries of a SECRET `mask` [b, k, t]
+    (exactly `keep` per row, as static_mask returns when it ranks) of k, v [b, k, t, d] and
+    pos [b, k, t], in position order, by one stable 1-bit sort over all heads
+    (eviction.compaction.partition): one radix pass moving 2d + 1 columns, instead of keep x t
+    equalities. A public mask (nothing ranked) is taken by `take_public` instead."""
     d = k.shape[-1]
     cols = [k[..., i] for i in range(d)] + [v[..., i] for i in range(d)] + [pos]
-    out = partition(mask, keep, cols, backend, public)
+    out = partition(mask, keep, cols, backend)
     return jnp.stack(out[:d], -1), jnp.stack(out[d:2 * d], -1), out[2 * d]
