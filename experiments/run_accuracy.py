@@ -59,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--policies", default="all", help="comma list or 'all'; a policy's settings "
                    "as name:field=value[:field=value], e.g. mpcache:static_ratio=1.0")
     p.add_argument("--budgets", default="0.05,0.1,0.2", help="attended fractions (comma list)")
+    p.add_argument("--extra-budgets", default="", help="more budgets (comma list) for the "
+                   "policies named in --extra-policies only (on the same prompt passes)")
+    p.add_argument("--extra-policies", default="", help="policies of --policies that also run "
+                   "at --extra-budgets (comma list)")
     p.add_argument("--samples", type=int, default=4, help="samples per task and length")
     p.add_argument("--questions", default="inside,after",
                    help="question protocols: inside (in the prompt), after (after compression)")
@@ -124,9 +128,19 @@ def build_setting(args):
         names = list(POLICIES) + sorted(VARIANTS)
     if "full" not in names:
         names.insert(0, "full")
+    extra = _list(args.extra_budgets, float, "--extra-budgets")
+    extra_names = _list(args.extra_policies, str, "--extra-policies")
+    if bool(extra) != bool(extra_names):
+        raise ConfigError("--extra-budgets and --extra-policies go together")
+    if any(not 0.0 < b <= 1.0 for b in extra):
+        raise ConfigError(f"--extra-budgets {args.extra_budgets}: budgets must be in (0, 1]")
+    unknown = [n for n in extra_names if n not in names]
+    if unknown:
+        raise ConfigError(f"--extra-policies {','.join(unknown)}: not in --policies")
     policies = {}
     for name in names:
-        for b in ([1.0] if name == "full" else budgets):
+        more = [b for b in extra if b not in budgets] if name in extra_names else []
+        for b in ([1.0] if name == "full" else sorted(budgets + more)):
             policies[(name, b)] = None if name == "full" else policy_from_spec(name, b)
     questions = _list(args.questions, str, "--questions")
     if not questions or any(q not in ("inside", "after") for q in questions):
@@ -193,7 +207,8 @@ def resumed_records(args):
     if "setting" not in old:
         raise ConfigError(f"--resume: {args.out} holds no run settings to continue")
     now = vars(args)
-    before = {"haystack": "noise", **old["setting"]}  # runs before --haystack: the noise
+    # runs before --haystack: the noise; before --extra-budgets: none
+    before = {"haystack": "noise", "extra_budgets": "", "extra_policies": "", **old["setting"]}
     diff = sorted(k for k in set(now) | set(before) if k not in RESUME_FREE
                   and now.get(k) != before.get(k))
     if diff:
@@ -319,8 +334,8 @@ class Evaluator:
     def __init__(self, model, chunk):
         import jax
 
-        from mpc_llama.model import (build_cache, decode_step, device_params, lm_head,
-                                     run_prompt, split_layers)
+        from mpc_llama.model import (build_cache, decode_step, device_params, embed, lm_head,
+                                     prompt_layer, split_layers)
 
         self.model, self.cfg = model, model.cfg
         self.params = device_params(model.params)  # numpy arguments convert on every call
@@ -331,10 +346,14 @@ class Evaluator:
             self.step_cfg = cfg.replace(tie_embeddings=False)
         else:
             self.step_cfg = cfg
+        # the prompt pass as ONE compiled layer called per layer (as the decode steps): a
+        # whole-model jit unrolls 30 layers of banded attention (minutes to compile at 8k)
         key = (cfg, chunk)
         if key not in self._prompts:
-            self._prompts[key] = jax.jit(
-                lambda p, t: _last_logits(p, cfg, t, chunk, run_prompt, lm_head))
+            self._prompts[key] = (
+                jax.jit(lambda p, t: embed(p, t, cfg)),
+                jax.jit(lambda lp, x: prompt_layer(lp, x, cfg, chunk)),
+                jax.jit(lambda p, x: lm_head(p, x[:, -1], cfg)))
         self._prompt = self._prompts[key]
         self._layer = LayerJit()
         self._jax = jax
@@ -344,7 +363,12 @@ class Evaluator:
         """ids: [b][t] token ids (equal lengths) -> (last logits [b, V], per-layer q/k/v)."""
         import jax.numpy as jnp
 
-        return self._prompt(self.params, jnp.asarray(ids, jnp.int32))
+        embed_fn, layer_fn, head_fn = self._prompt
+        x, layers = embed_fn(self.params, jnp.asarray(ids, jnp.int32)), []
+        for lp in self.layer_params["layers"]:
+            x, out = layer_fn(lp, x)
+            layers.append(out)
+        return head_fn(self.params, x), layers
 
     def cache(self, layers, capacity, policy):
         """The policy's cache from a prompt pass, in decode_step's per-layer form."""
@@ -377,11 +401,6 @@ def _unstack(cache):
         return tuple(a[i] for i in range(a.shape[0]))
     bounds = None if cache.bounds is None else tuple(split(b) for b in cache.bounds)
     return cache.replace(k=split(cache.k), v=split(cache.v), pos=split(cache.pos), bounds=bounds)
-
-
-def _last_logits(params, cfg, tokens, chunk, run_prompt, lm_head):
-    x, layers = run_prompt(params, cfg, tokens, chunk)
-    return lm_head(params, x[:, -1], cfg), layers
 
 
 def evaluate_batch(ev, samples, question, policies, eos_ids, tokenizer):

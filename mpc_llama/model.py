@@ -280,23 +280,34 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
     if tap is not None and chunk:
         raise ValueError("a tap reads the probabilities of the unchunked prefill (chunk=0)")
     t = tokens.shape[1]
-    positions = jnp.arange(t, dtype=jnp.int32)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool)) if not chunk else None
     x = embed(params, tokens, cfg)
     layers = []
     for i in range(cfg.n_layers):
-        lp = _layer_params(params, i)
-        q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
-        if tap is not None:
-            probs = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal)
-            att, extra = attention_values(probs, v, cfg), (tap(probs),)
-        else:
-            att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
-                          else attend(q, k, v, causal, cfg)), ()
-        x = x + att @ lp["wo"]
-        x = x + mlp(lp, rms_norm(x, lp.get("mlp_norm"), cfg), cfg)
-        layers.append((q, k, v) + extra)
+        x, out = prompt_layer(_layer_params(params, i), x, cfg, chunk, band, tap, causal)
+        layers.append(out)
     return x, layers
+
+
+def prompt_layer(lp: dict, x: jax.Array, cfg: LlamaConfig, chunk: int = 0, band: int = 512,
+                 tap: Optional[Callable] = None, causal: Optional[jax.Array] = None):
+    """One layer of `run_prompt` (lp: the layer's parameters; x: [b, t, d] residual stream;
+    chunk, band, tap: as there; causal: the [t, t] mask when chunk = 0, built if None).
+    Returns (x, (q, k, v) or (q, k, v, tap(probs)))."""
+    t = x.shape[1]
+    positions = jnp.arange(t, dtype=jnp.int32)
+    if not chunk and causal is None:
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
+    if tap is not None:
+        probs = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal)
+        att, extra = attention_values(probs, v, cfg), (tap(probs),)
+    else:
+        att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
+                      else attend(q, k, v, causal, cfg)), ()
+    x = x + att @ lp["wo"]
+    x = x + mlp(lp, rms_norm(x, lp.get("mlp_norm"), cfg), cfg)
+    return x, (q, k, v) + extra
 
 
 def build_cache(cfg: LlamaConfig, layers, capacity: int, policy=None,

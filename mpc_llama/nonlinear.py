@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 EXP_CLIP = -14.0
+EXP_TAYLOR_ITERS = 8              # SPU's fxp_exp_iters (its default; protocols keep it)
+EXP_ZERO = -float(2 ** EXP_TAYLOR_ITERS)   # SPU's Taylor exp is exactly 0 here
 RSQRT_FLOOR = 2.0 ** -12
 
 
@@ -62,19 +64,25 @@ def softmax_exact(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.
 
 def _softmax_clipped_with(exp, x, mask, axis, row_max):
     """softmax_clipped's body with `exp` for e^z on the clipped range [EXP_CLIP, 0]."""
-    x = _masked_scores(x, mask)
+    x = _masked_scores(x, mask)   # masked entries fall below the clip: no AND with mask
     z = x - _row_max(x, axis, row_max)
     keep = z > EXP_CLIP
-    if mask is not None:
-        keep = jnp.logical_and(keep, mask)
-    p = jnp.where(keep, exp(jnp.maximum(z, EXP_CLIP)), 0.0)
+    p = jnp.where(keep, exp(jnp.where(keep, z, EXP_CLIP)), 0.0)
     return p * _row_reciprocal(p, axis)
 
 
 def softmax_clipped(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
     """PUMA-style softmax: exp of (x - max) clipped to zero below EXP_CLIP; `row_max` as in
-    softmax_exact."""
-    return _softmax_clipped_with(jnp.exp, x, mask, axis, row_max)
+    softmax_exact. One comparison and one select per entry: the entries below the clip go
+    into SPU's exp as -2^EXP_TAYLOR_ITERS, where its Taylor form (1 + z/2^n)^(2^n) is exactly
+    0 (as e^-256 is in float32), instead of being clipped and zeroed by a second select."""
+    x = _masked_scores(x, mask)   # masked entries fall below the clip: no AND with mask
+    z = x - _row_max(x, axis, row_max)
+    return _normalise(jnp.exp(jnp.where(z > EXP_CLIP, z, EXP_ZERO)), axis)
+
+
+def _normalise(p, axis):
+    return p * _row_reciprocal(p, axis)
 
 
 def _fit_exp_base(degree: int = 4, squarings: int = 3, floor: float = 1e-5, iters: int = 100):

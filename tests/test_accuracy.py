@@ -421,3 +421,23 @@ def test_decode_speed_script(tmp_path, monkeypatch, smollm2):
     assert res["length"] == 128 and set(res["policies"]) == {"full", "mpcache"}
     assert all(len(p["all"]) == 2 and p["decode_s_per_token"] > 0
                for p in res["policies"].values())
+
+
+def test_extra_budgets_only_for_the_named_policies():
+    """--extra-budgets adds budgets to the --extra-policies only (one prompt pass feeds all);
+    each flag without the other, or a policy not in --policies, is an error."""
+    from experiments import run_accuracy
+
+    def keys(*extra):
+        args = run_accuracy.parse_args(["--tasks", "passkey", "--policies", "full,mpcache,quest",
+                                        "--budgets", "0.1", *extra])
+        return sorted(run_accuracy.build_setting(args)["policies"])
+
+    assert keys() == [("full", 1.0), ("mpcache", 0.1), ("quest", 0.1)]
+    assert keys("--extra-budgets", "0.05,0.2", "--extra-policies", "mpcache") == [
+        ("full", 1.0), ("mpcache", 0.05), ("mpcache", 0.1), ("mpcache", 0.2), ("quest", 0.1)]
+    for bad, match in ((["--extra-budgets", "0.05"], "go together"),
+                       (["--extra-budgets", "0.05", "--extra-policies", "snapkv"], "not in"),
+                       (["--extra-budgets", "1.5", "--extra-policies", "quest"], "in \\(0, 1\\]")):
+        with pytest.raises(ConfigError, match=match):
+            keys(*bad)

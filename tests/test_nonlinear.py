@@ -81,17 +81,26 @@ def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     act = np.concatenate([np.linspace(-12, 12, 49), [-300.0, 0.0, 300.0]]).astype(np.float32)
     scores = rng.normal(0, 6, (2, 12)).astype(np.float32)
     mask = np.arange(12) < 10
-    fn = lambda a, s: (nonlinear.silu_split(a), nonlinear.softmax_poly(s, mask))  # noqa: E731
+    scores[0, 3], scores[1, 5] = scores.max() - 20.0, scores.max() - 300.0   # far below clip
+    fn = lambda a, s: (nonlinear.silu_split(a), nonlinear.softmax_poly(s, mask),  # noqa: E731
+                       nonlinear.softmax_clipped(s, mask))
     session = SpuSession(get_protocol(protocol))
     prog = session.compile(fn, (act, scores), ("act", "scores"))
     session.put("act", act, owner=0)
     session.put("scores", scores, owner=1)
-    outs, _ = session.run(prog, ("silu", "probs"))
-    silu, probs = (np.asarray(session.reveal(o)) for o in outs)
+    outs, _ = session.run(prog, ("silu", "probs", "clipped"))
+    silu, probs, clipped = (np.asarray(session.reveal(o)) for o in outs)
     np.testing.assert_allclose(silu, np.asarray(nonlinear.silu_split(act)), atol=2e-3)
     np.testing.assert_allclose(probs, np.asarray(nonlinear.softmax_poly(scores, mask)),
                                atol=2e-3)
     assert np.all(probs[:, 10:] == 0.0)
+    # the clipped softmax's entries below the clip enter SPU's exp at -2^8, where its
+    # Taylor form is 0: they and the masked entries weigh nothing, on SPU as in plaintext
+    plain = np.asarray(nonlinear.softmax_clipped(scores, mask))
+    np.testing.assert_allclose(clipped, plain, atol=5e-3)
+    below = np.asarray(scores - scores[:, :10].max(-1, keepdims=True) <= nonlinear.EXP_CLIP)
+    assert below[0, 3] and below[1, 5] and np.all(plain[below] == 0.0)
+    assert np.abs(clipped[below]).max() < 1e-5 and np.abs(clipped[:, 10:]).max() < 1e-5
 
 
 def test_nonlinear_cost_script_measures_variants(tmp_path, capsys):
