@@ -23,7 +23,11 @@ class Protocol:
     are opened once per session (weights) or once per prompt (cache rows) instead of at every
     use (see protocols.session); mul_lsb_error: CHEETAH's multiplication with an error in the
     last bit (`cheetah_2pc_config.enable_mul_lsb_error`, one ulp, 2^-18 on FM64): a product
-    of 4,096 secret-shared elements sends ~20% fewer bytes (steady runs, tests/test_spu.py).
+    of 4,096 secret-shared elements sends ~20% fewer bytes (steady runs, tests/test_spu.py);
+    exp_iters: SPU's `fxp_exp_iters`, the squarings of its Taylor exp (1 + x/2^n)^(2^n)
+    (0 = SPU's default, 8). A measured setting (experiments/nonlinear_cost.py), not a default:
+    fewer squarings change the function, and the clipped softmax sends its dropped entries
+    to exp at -2^8 (`nonlinear.EXP_ZERO`), which is 0 only with 8.
     """
 
     name: str
@@ -35,6 +39,7 @@ class Protocol:
     colocated: bool = True
     beaver_cache: bool = False
     mul_lsb_error: bool = False
+    exp_iters: int = 0
 
     def __post_init__(self):
         if self.kind not in _WORLD_SIZES:
@@ -48,6 +53,9 @@ class Protocol:
             raise ConfigError(f"the Beaver cache is SEMI2K's; {self.kind} has none")
         if self.mul_lsb_error and self.kind != "CHEETAH":
             raise ConfigError(f"mul_lsb_error is a CHEETAH setting; {self.kind} has none")
+        if not 0 <= self.exp_iters <= 31:
+            raise ConfigError(f"exp_iters must be in [0, 31] (0: SPU's default), "
+                              f"got {self.exp_iters}")
         max_bits = 62 if self.field == "FM128" else 30
         if not 0 <= self.fxp_fraction_bits <= max_bits:
             raise ConfigError(f"fxp_fraction_bits must be in [0, {max_bits}] for {self.field}, "
@@ -72,7 +80,7 @@ class Protocol:
         """The setting as a dict for measurement caches: a field at its default is left out,
         so measurements taken before the field existed keep their key (and meaning)."""
         d = dataclasses.asdict(self)
-        for flag in ("beaver_cache", "mul_lsb_error"):
+        for flag in ("beaver_cache", "mul_lsb_error", "exp_iters"):
             if not d[flag]:
                 del d[flag]
         return d
@@ -90,6 +98,8 @@ class Protocol:
         cfg.enable_pphlo_profile = profile
         if self.mul_lsb_error:
             cfg.cheetah_2pc_config.enable_mul_lsb_error = True
+        if self.exp_iters:
+            cfg.fxp_exp_iters = self.exp_iters
         return cfg
 
 

@@ -124,6 +124,35 @@ def test_nonlinear_cost_script_measures_variants(tmp_path, capsys):
     assert by[("silu", "split")]["refill_sends"] == 0  # ABY3 has no silent OT
 
 
+def test_nonlinear_cost_softmax_parts_and_exp_squarings(tmp_path):
+    """The clipped softmax's pieces, measured alone on its block, add up to it (within the
+    pieces' own overheads); SPU's exp with 4 squarings sends fewer bytes than with 8, and
+    its error column is the Taylor form's."""
+    import json
+
+    from experiments import nonlinear_cost
+
+    nonlinear_cost.main(["--model", "tiny", "--seq", "128", "--protocols", "aby3,aby3:exp_iters=4",
+                         "--variants", "softmax_part=max|clip|exp|normalise", "--block-cache",
+                         "", "--out", str(tmp_path / "parts")])
+    nonlinear_cost.main(["--model", "tiny", "--seq", "128", "--protocols", "aby3",
+                         "--variants", "softmax=clipped", "--block-cache", "",
+                         "--out", str(tmp_path / "whole")])
+    parts = json.loads((tmp_path / "parts" / "results.json").read_text())["rows"]
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["rows"][0]
+    by = {(r["protocol"], r["variant"]): r for r in parts}
+    default = sum(r["bytes"] for r in parts if r["protocol"] == "aby3")
+    assert 0.9 < default / whole["bytes"] < 1.1
+    fewer = by[("aby3 (exp 4 squarings)", "exp")]
+    assert fewer["bytes"] < 0.7 * by[("aby3", "exp")]["bytes"]
+    assert fewer["plaintext_max_error"] > 10 * by[("aby3", "exp")]["plaintext_max_error"] > 0
+    with pytest.raises(ConfigError, match="softmax_part variants only"):
+        nonlinear_cost.main(["--model", "tiny", "--protocols", "aby3:exp_iters=6",
+                             "--variants", "softmax=clipped", "--block-cache", ""])
+    with pytest.raises(ConfigError, match="unknown option"):
+        nonlinear_cost.protocol_of("aby3:exp_iters=x")
+
+
 def test_nonlinear_cost_rejects_unknown_variants():
     from experiments import nonlinear_cost
 
