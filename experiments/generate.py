@@ -64,7 +64,8 @@ def build_parser() -> Parser:
     e = p.add_argument_group("KV-cache eviction")
     e.add_argument("--policy", default="full",
                    help="full, streaming_llm, h2o, snapkv, tova, quest, mpcache, "
-                        "mpcache_published, mpcache_static, oracle")
+                        "mpcache_published, mpcache_static, oracle; settings as "
+                        "name:field=value[:field=value], e.g. mpcache:warmup=16")
     e.add_argument("--budget", type=float, default=0.1,
                    help="fraction of the prompt attended per KV head per decode step, sinks "
                         "and windows included (ignored by full)")
@@ -79,11 +80,14 @@ def build_parser() -> Parser:
 
 
 def policy_from_args(args):
-    from eviction import make_policy
+    """--policy as a name or a spec ("mpcache:warmup=16", as run_accuracy takes), with the
+    setting flags on top."""
+    from eviction import policy_from_spec
 
-    fields = {k: getattr(args, k) for k in ("static_ratio", "window", "kernel", "aggregate",
-                                              "alpha", "share") if getattr(args, k) is not None}
-    return make_policy(args.policy, args.budget, **fields)
+    fields = [f"{k}={getattr(args, k)}" for k in ("static_ratio", "window", "kernel",
+                                                   "aggregate", "alpha", "share")
+              if getattr(args, k) is not None]
+    return policy_from_spec(":".join([args.policy] + fields), args.budget)
 
 
 def _cost_json(res, total, setup, protocol) -> dict:

@@ -145,6 +145,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle, own_process, cli)
     assert not out.exists()
 
 
+@pytest.mark.slow   # ~24 s; main() on the same model runs in the default suite too
 def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     """The whole CLI in-process on the session's SmolLM2 (the process start: the test above).
     160 tokens and mpcache at 0.3, both samples in one batch, as in

@@ -137,3 +137,19 @@ def test_policy_flags_plain_and_spu_agree(hf_dir, tmp_path, cli):
         assert data["policy"] == "mpcache" and data["policy_settings"]["window"] == 8
         assert data["policy_settings"]["static_ratio"] == 0.5   # evicts at prefill: < 1
         assert 0 < data["attended_fraction"] < 1
+
+
+def test_policy_spec_with_setting_flags():
+    """--policy takes a spec as run_accuracy does; the setting flags add to it."""
+    from experiments.generate import build_parser, policy_from_args
+    from mpc_llama.errors import ConfigError
+
+    def policy(*argv):
+        return policy_from_args(build_parser().parse_args(["--prompt", "x", *argv]))
+
+    p = policy("--policy", "mpcache:warmup=16", "--budget", "0.2")
+    assert (p.name, p.warmup, p.budget) == ("mpcache", 16, 0.2)
+    p = policy("--policy", "snapkv:kernel=1", "--window", "8")
+    assert (p.kernel, p.window) == (1, 8)
+    with pytest.raises(ConfigError, match="bogus"):
+        policy("--policy", "mpcache:bogus=1")
