@@ -66,8 +66,10 @@ SCORES = ("khat", "bound", "mix", "exact")
 # the default schedule: select at each of the first AUTO_WARMUP decode steps from the last
 # input token, then every AUTO_REFRESH steps (tuned on seeds 1000-1007: results/tune_2k_anchor
 # for the warm-up, results/tune_2k_refresh32: refresh 32 scored what 16 did, cell by cell, at
-# half the amortised selection cost)
-AUTO_REFRESH, AUTO_WARMUP = 32, 8
+# half the amortised selection cost). A warm-up of 16, not 8: a chat answer that restates the
+# question first reaches the code after ~12 tokens, and a selection kept from step 8 lost its
+# continuation (results/tune_2k_pydoc: needles in Python's documentation prose)
+AUTO_REFRESH, AUTO_WARMUP = 32, 16
 FORCED = ("auto", "slices", "clusters")
 HEAD_SCORES = ("sum", "max", "norm")
 

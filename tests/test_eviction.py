@@ -538,7 +538,7 @@ def test_refresh_one_selects_what_it_always_did(six_layers):
     schedule (refresh, warmup left to None) is a kept selection wherever the settings allow
     one, and every step where they do not."""
     assert MPCache(refresh=1).recent == 1 and MPCache(refresh=2).recent == 2
-    assert (MPCache().refresh, MPCache().warmup, MPCache().recent) == (32, 8, 2)
+    assert (MPCache().refresh, MPCache().warmup, MPCache().recent) == (32, 16, 2)
     assert (MPCache(s2=8).refresh, MPCache(refresh=4).warmup) == (8, 0)
     for every_step in (dict(forced="slices"), dict(compaction="sort"), dict(gather="kv"),
                        dict(dense_layers=1), dict(share="pairs")):

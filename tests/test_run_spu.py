@@ -213,7 +213,9 @@ def test_static_blocks_are_what_the_private_prefill_adds(meters, name):
     composed = total(compose_static({(seq, 2): [(b, meter.measure(b)) for b in blocks]},
                                     seq, 2), proto.world_size)
     assert composed.total_bytes > 0
-    assert close(composed.total_bytes, added, 0.05), (composed.total_bytes, added)
+    # 8%: SPU's top-k is a quickselect over a secretly shuffled array, so its comparisons vary
+    # from run to run and with the values (seen: composed 5.6% below one prefill's)
+    assert close(composed.total_bytes, added, 0.08), (composed.total_bytes, added)
 
 
 @pytest.mark.slow  # ~25 s: the static step's blocks measured at four lengths
