@@ -442,3 +442,35 @@ def test_extra_budgets_only_for_the_named_policies():
                        (["--extra-budgets", "1.5", "--extra-policies", "quest"], "in \\(0, 1\\]")):
         with pytest.raises(ConfigError, match=match):
             keys(*bad)
+
+
+def test_pydoc_needles_prompts_have_the_length_and_the_needle(smollm2):
+    """Needles in Python's documentation: every prompt is exactly --length tokens and holds
+    its needle (code included) where the sample says."""
+    from experiments import pydoc_needles
+
+    tok = smollm2.tokenizer
+    paras = pydoc_needles.paragraphs()
+    assert len(paras) > 500
+    for seed in (0, 7):
+        s = pydoc_needles.sample(tok, paras, seed, 512)
+        assert len(s.prompt_ids) == 512
+        (lo, hi), = s.needle_spans
+        assert s.answers[0] in tok.decode(s.prompt_ids[lo:hi])
+    assert pydoc_needles._seeds("1-3,9") == [1, 2, 3, 9]
+    with pytest.raises(ConfigError, match="--length"):
+        pydoc_needles.main(["--length", "100"])
+
+
+@pytest.mark.slow   # ~30 s: the harness's evaluator on two short prompts
+def test_pydoc_needles_cli(tmp_path, smollm2, monkeypatch):
+    import json
+
+    from experiments import pydoc_needles
+
+    monkeypatch.setattr("mpc_llama.loading.load_model", lambda name: smollm2)
+    pydoc_needles.main(["--length", "384", "--seeds", "0-1", "--policies", "mpcache",
+                        "--batch", "2", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["score"]) == {"full", "mpcache"} and len(res["samples"]) == 4
+    assert all(isinstance(r["found"], bool) and r["code"].isdigit() for r in res["samples"])
