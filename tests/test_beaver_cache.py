@@ -39,7 +39,8 @@ def _plain_logits(params, cfg, prompt, generated, policy):
 # default: compaction.SORT_PROTOCOLS) run under make test-slow; the default's kept selection
 # ("kept") in the fast suite
 @pytest.mark.parametrize("policy_name,prompt_len,compaction",
-                         [(None, 7, None), ("kept", 100, "auto"),
+                         [pytest.param(None, 7, None, marks=pytest.mark.slow),
+                          ("kept", 100, "auto"),
                           pytest.param("mpcache", 48, "auto", marks=pytest.mark.slow),
                           pytest.param("mpcache", 100, "sort", marks=pytest.mark.slow)])
 def test_cached_logits_equal_plaintext_every_step(tiny, policy_name, prompt_len, compaction):

@@ -239,7 +239,8 @@ PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
                     ("mpcache:refresh=2:kept=onehot", None, None, "aby3"),
                     pytest.param("mpcache:refresh=2", "lean", None, "cheetah",
                                  marks=pytest.mark.slow),   # ~12 s; refresh=2 under ABY3 stays
-                    ("mpcache:compaction=sort", None, None, "aby3"),
+                    pytest.param("mpcache:compaction=sort", None, None, "aby3",
+                                 marks=pytest.mark.slow),
                     ("mpcache_static", None, None, "semi2k"),
                     ("mpcache_static", "topk", "search", "semi2k"),
                     ("snapkv", "search", "search", "semi2k")])

@@ -124,8 +124,8 @@ def test_composed_equals_direct_decode_step(protocol, tol_bytes, policy, meters)
             assert close(a, b, tol_bytes)
 
 
-@pytest.mark.parametrize("protocol,tol_bytes", [
-    ("semi2k", 0.02), pytest.param("aby3", 0.05, marks=pytest.mark.slow)])   # ~11 s each
+@pytest.mark.slow   # ~11-23 s each (make test-slow)
+@pytest.mark.parametrize("protocol,tol_bytes", [("semi2k", 0.02), ("aby3", 0.05)])
 def test_composed_equals_direct_with_the_selections_row_max(protocol, tol_bytes, meters):
     """One query head per KV head (7B's shape): the select block hands its row max to the
     softmax block; composed, that is the direct step's cost."""
@@ -185,8 +185,8 @@ def test_head_extrapolation_matches_a_direct_measurement(meters):
     assert close(max(extra.sends), max(direct.sends), 0.02), (extra.sends, direct.sends)
 
 
-@pytest.mark.parametrize("name", ["snapkv:window=8", pytest.param(
-    "mpcache_static:s2=16:aggregate=max", marks=pytest.mark.slow)])   # ~17 s each
+@pytest.mark.slow   # ~17-23 s each (make test-slow; .ci/run runs it)
+@pytest.mark.parametrize("name", ["snapkv:window=8", "mpcache_static:s2=16:aggregate=max"])
 def test_static_blocks_are_what_the_private_prefill_adds(meters, name):
     """The static step's blocks (from the prefill's tapped attention: a window "sum" enters as
     its aggregate, a "max" as the window's rows) cost what a private prefill with the policy
@@ -282,6 +282,7 @@ def test_cli_bad_input(tmp_path, args, needle, cli):
     assert not out.exists()
 
 
+@pytest.mark.slow   # ~30 s; run_spu's composition is checked in the default suite above
 def test_cli_end_to_end(tmp_path, cli):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["--model", "tiny", "--protocol", "semi2k", "--seq", "64,96",
