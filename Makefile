@@ -1,6 +1,6 @@
 # make demo: set up .venv, run the private decoding benchmark on the embedded SmolLM2's shapes
 # and a plaintext chat with it.
-# make test: set up .venv and run the fast test suite (~11 minutes on 2 cores, measured).
+# make test: set up .venv and run the fast test suite (~10 minutes on 2 cores, measured).
 # make test-all: the fast suite and the long tests (marked slow); make test-slow: only those.
 PYTHON ?= python3
 VENV := .venv
