@@ -68,7 +68,8 @@ def sample(tokenizer, paras, seed: int, length: int):
     cut = len(ids) - length
     stop = len(ids) - keep_tail - cut
     if pos + len(nid) >= stop:
-        raise RuntimeError(f"seed {seed}: the needle falls in the trimmed text")
+        raise ConfigError(f"--seeds {seed}: its needle falls in the text cut to --length "
+                          f"{length}; leave that seed out")
     ids = ids[:stop] + ids[stop + cut:]
     return Sample(f"pydoc{seed}", tuple(ids), tuple(ids), (), (code,),
                   ((pos, pos + len(nid)),), pos / length, NEW_TOKENS)
