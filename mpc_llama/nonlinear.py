@@ -67,8 +67,7 @@ def _softmax_clipped_with(exp, x, mask, axis, row_max):
     x = _masked_scores(x, mask)   # masked entries fall below the clip: no AND with mask
     z = x - _row_max(x, axis, row_max)
     keep = z > EXP_CLIP
-    p = jnp.where(keep, exp(jnp.where(keep, z, EXP_CLIP)), 0.0)
-    return p * _row_reciprocal(p, axis)
+    return _normalise(jnp.where(keep, exp(jnp.where(keep, z, EXP_CLIP)), 0.0), axis)
 
 
 def softmax_clipped(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
