@@ -62,6 +62,9 @@ class Policy:
     compaction: str = "auto"        # auto | onehot | sort (eviction.compaction; auto: per protocol)
     static_compaction: str = "auto"  # the static step's kernel when compaction is "auto":
                                      # auto | onehot | sort (per protocol: STATIC_SORT_PROTOCOLS)
+    static_block: int = 0           # static step ranked inside blocks of about this many
+                                    # entries, each keeping its share (0: one ranking over the
+                                    # prompt; static_step.block_plan)
     backend: str = "plain"          # plain | spu: set by compaction.for_protocol when compiling
     fold_heads: int = 0             # KV heads per one-hot scatter matmul (block-diagonal;
                                     # 0: per protocol, compaction.for_protocol; 1: one per head)
@@ -80,6 +83,8 @@ class Policy:
         if self.onehot_form not in compact.ONEHOT_FORMS:
             raise ConfigError(f"onehot_form must be one of {compact.ONEHOT_FORMS}, got "
                               f"{self.onehot_form!r}")
+        if self.static_block < 0:
+            raise ConfigError(f"static_block must be >= 0, got {self.static_block}")
         if self.fold_heads < 0:
             raise ConfigError(f"fold_heads must be >= 0, got {self.fold_heads}")
         if self.backend not in compact.BACKENDS:
@@ -179,7 +184,12 @@ class Policy:
                 return tuple(static_step.take_public(a, idx) for a in (k, v, pos))
             return static_step.partition_rows(move, self.static_keep(t), k, v, pos,
                                               self.backend)
-        k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
+        plan = static_step.block_plan(self, k.shape[2])
+        if plan is not None:
+            k, v, pos = (static_step.gather_blocks(move, a, plan)
+                         for a in (k, v, pos.astype(k.dtype)))
+        else:
+            k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
         return k, v, jnp.round(pos).astype(jnp.int32)
 
     def init_state(self, keys, n_keep: int, prompt_len: int):

@@ -486,7 +486,7 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     message), so the block starts from that aggregate; a "max" aggregate starts from the
     window's probabilities and pays its comparisons here."""
     from eviction.compaction import gather_rows
-    from eviction.static_step import static_selection
+    from eviction.static_step import block_plan, gather_blocks, static_selection
 
     if policy is None or policy.static_keep(seq) is None:
         return []
@@ -495,6 +495,17 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     keep = policy.static_keep(seq)
     kv = _spec((1, heads, seq, d))
     attn_args, attn_of = _static_attention(policy, c, seq, heads)
+    plan = block_plan(policy, seq)
+    if plan is None:    # one one-hot [keep, T] per head
+        move_shape = (1, heads, keep, seq)
+
+        def gather(m, k, v, p):
+            return tuple(gather_rows(m, a) for a in (k, v, p))
+    else:               # block-local ranking: one one-hot [rows, width] per block
+        move_shape = (1, heads, len(plan.sizes), plan.rows, plan.width)
+
+        def gather(m, k, v, p):
+            return tuple(gather_blocks(m, a, plan) for a in (k, v, p))
     if keep < seq and policy.static_sorts:
         out = _static_sort_blocks(policy, c, seq, heads, keep)
     else:
@@ -503,9 +514,8 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
                    lambda a, k: (static_selection(policy, None, k, c, attn_of(a)),),
                    {**attn_args, "k": kv},
                    count=n_selecting(policy, L), heads=heads, phase="static"),
-            _block("compact", "gather",
-                   lambda m, k, v, p: tuple(gather_rows(m, a) for a in (k, v, p)),
-                   {"move": _spec((1, heads, keep, seq)), "k": kv, "v": kv,
+            _block("compact", "gather", gather,
+                   {"move": _spec(move_shape), "k": kv, "v": kv,
                     "pos": _spec((1, heads, seq))},
                    count=L, heads=heads, phase="static")]
     if policy.keeps_bounds:

@@ -229,13 +229,17 @@ def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
 
 @pytest.mark.parametrize("proto,name", [("aby3", "snapkv:window=4"), ("semi2k", "snapkv:window=4"),
                                         ("cheetah", "snapkv:window=4"),
-                                        ("semi2k", "mpcache:static_ratio=0.3:window=8")])
+                                        ("semi2k", "mpcache:static_ratio=0.3:window=8"),
+                                        ("cheetah", "snapkv:window=4:static_block=7"),
+                                        ("aby3", "h2o:static_block=10")])
 def test_static_compaction_on_spu_equals_plaintext(proto, name):
     """The static step's default kernel per protocol (the 1-bit radix sort under ABY3 and
     SEMI2K, the one-hot under CHEETAH), from a tapped window aggregate full of ties
     (plateaus at the top-k threshold), keeps the entries plaintext keeps, in position order,
     with their K and V rows; also where the forced entries fill the whole keep (MPCache's
-    first cluster of 32 against 14 kept: nothing ranked, a public mask)."""
+    first cluster of 32 against 14 kept: nothing ranked, a public mask); and with block-local
+    ranking (`static_block`: blocks of 7 and 6 entries with quotas 2 and 1, per-block one-hots
+    under CHEETAH; blocks with a forced suffix under ABY3's sort)."""
     from eviction import policy_from_spec
     from eviction.static_step import kept_indices
 
