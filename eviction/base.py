@@ -184,12 +184,8 @@ class Policy:
                 return tuple(static_step.take_public(a, idx) for a in (k, v, pos))
             return static_step.partition_rows(move, self.static_keep(t), k, v, pos,
                                               self.backend)
-        plan = static_step.block_plan(self, k.shape[2])
-        if plan is not None:
-            k, v, pos = (static_step.gather_blocks(move, a, plan)
-                         for a in (k, v, pos.astype(k.dtype)))
-        else:
-            k, v, pos = (compact.gather_rows(move, a) for a in (k, v, pos.astype(k.dtype)))
+        k, v, pos = static_step.gather_onehot(move, static_step.block_plan(self, k.shape[2]),
+                                              k, v, pos)
         return k, v, jnp.round(pos).astype(jnp.int32)
 
     def init_state(self, keys, n_keep: int, prompt_len: int):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eviction.compaction import compaction_matrix, onehot_form, partition
+from eviction.compaction import compaction_matrix, gather_rows, onehot_form, partition
 from eviction.topk import topk_mask
 from mpc_llama.errors import ConfigError
 
@@ -175,6 +175,20 @@ def static_selection(policy, q, k, cfg, attn=None) -> jax.Array:
         return block_selection(mask, plan, k.dtype)
     return compaction_matrix(mask, policy.static_keep(k.shape[2]),
                              onehot_form(policy)).astype(k.dtype)
+
+
+def gather_onehot(move: jax.Array, plan: Optional[BlockPlan], k: jax.Array, v: jax.Array,
+                  pos: jax.Array):
+    """k, v [b, k, t, d] and positions [b, k, t] compacted by the one-hot `move` (the global
+    [b, k, keep, t] or, with a block plan, `block_selection`'s), as ONE matmul over the
+    columns [k | v | pos]: under CHEETAH a secret x secret matmul pays for both operands,
+    so the one-hot is encrypted once instead of three times (a one-hot of 50 x 510 with K
+    and V of 128 columns: 2.5 MB as one matmul, 4.0 MB as two). Returns (k, v, pos as
+    float) [b, k, keep, ...]."""
+    d = k.shape[-1]
+    cols = jnp.concatenate([k, v, pos.astype(k.dtype)[..., None]], axis=-1)
+    out = gather_rows(move, cols) if plan is None else gather_blocks(move, cols, plan)
+    return out[..., :d], out[..., d:2 * d], out[..., 2 * d]
 
 
 def kept_indices(policy, q, k, cfg, attn=None) -> jax.Array:

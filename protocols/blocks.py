@@ -485,8 +485,7 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     its "sum" over the window's rows and a group's heads is additions of shares (local, no
     message), so the block starts from that aggregate; a "max" aggregate starts from the
     window's probabilities and pays its comparisons here."""
-    from eviction.compaction import gather_rows
-    from eviction.static_step import block_plan, gather_blocks, static_selection
+    from eviction.static_step import block_plan, static_selection
 
     if policy is None or policy.static_keep(seq) is None:
         return []
@@ -496,16 +495,13 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
     kv = _spec((1, heads, seq, d))
     attn_args, attn_of = _static_attention(policy, c, seq, heads)
     plan = block_plan(policy, seq)
-    if plan is None:    # one one-hot [keep, T] per head
-        move_shape = (1, heads, keep, seq)
+    # the move: one one-hot [keep, T] per head, or with block-local ranking one [rows,
+    # width] per block
+    move_shape = (1, heads, keep, seq) if plan is None else (
+        1, heads, len(plan.sizes), plan.rows, plan.width)
 
-        def gather(m, k, v, p):
-            return tuple(gather_rows(m, a) for a in (k, v, p))
-    else:               # block-local ranking: one one-hot [rows, width] per block
-        move_shape = (1, heads, len(plan.sizes), plan.rows, plan.width)
-
-        def gather(m, k, v, p):
-            return tuple(gather_blocks(m, a, plan) for a in (k, v, p))
+    def gather(m, k, v, p):
+        return policy.apply_static_move(m, "policy", k, v, p)
     if keep < seq and policy.static_sorts:
         out = _static_sort_blocks(policy, c, seq, heads, keep)
     else:
@@ -516,7 +512,7 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
                    count=n_selecting(policy, L), heads=heads, phase="static"),
             _block("compact", "gather", gather,
                    {"move": _spec(move_shape), "k": kv, "v": kv,
-                    "pos": _spec((1, heads, seq))},
+                    "pos": _spec((1, heads, seq), jnp.int32)},
                    count=L, heads=heads, phase="static")]
     if policy.keeps_bounds:
         _, cap = retained(policy, seq)
