@@ -243,7 +243,8 @@ PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
                                  marks=pytest.mark.slow),
                     ("mpcache_static", None, None, "semi2k"),
                     ("mpcache_static", "topk", "search", "semi2k"),
-                    ("snapkv", "search", "search", "semi2k")])
+                    ("snapkv", "search", "search", "semi2k"),
+                    ("snapkv:static_block=32", None, None, "cheetah")])
 
 
 @pytest.mark.parametrize("name,selector,static_selector,proto", PROGRAM_CASES)
