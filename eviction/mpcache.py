@@ -469,18 +469,11 @@ class MPCache(Policy):
         change until the next refresh."""
         from eviction.compaction import gather_segments
 
+        kparts, vparts = segments if segments is not None else ((ck,), (cv,))
         valid = jnp.broadcast_to((jnp.arange(ck.shape[2]) < length).astype(ck.dtype),
                                  ck.shape[:3])
-        ok = gather_segments(kept, self.s2, (valid,))      # one-hot x public: local
-        if segments is not None:   # SEMI2K's Beaver cache: each segment keeps its opening
-            kparts, vparts = segments
-            return (gather_segments(kept, self.s2, kparts),
-                    gather_segments(kept, self.s2, vparts), ok)
-        # K and V as ONE matmul over [K | V]: a secret x secret matmul under CHEETAH pays for
-        # both operands, so the one-hot is encrypted once (eviction.static_step.gather_onehot)
-        d = ck.shape[-1]
-        both = gather_segments(kept, self.s2, (jnp.concatenate([ck, cv], axis=-1),))
-        return both[..., :d], both[..., d:], ok
+        return (gather_segments(kept, self.s2, kparts), gather_segments(kept, self.s2, vparts),
+                gather_segments(kept, self.s2, (valid,)))
 
     def forced_kv(self, ck, cv, length):
         """The forced clusters' rows (first, then the `recent` last, oldest first) by PUBLIC
