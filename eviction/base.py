@@ -161,7 +161,9 @@ class Policy:
         """The static step's move for one sharing source: q [b, t, k, g, d] (all prompt
         queries), k [b, k, t, d], attn: the prefill's tapped aggregate (`prefill_tap`) or
         None. compaction "policy" (what SPU runs): the policy's kernel's move, the float
-        one-hot matrix [b, k, keep, t] or the bool keep mask [b, k, t] (`static_sorts`);
+        one-hot matrix [b, k, keep, t] (with `static_block`, the per-block one-hots [b, k,
+        blocks, rows, width]: static_step.block_selection) or the bool keep mask [b, k, t]
+        (`static_sorts`);
         "index": int positions [b, k, keep] (the same entries; a plaintext shortcut)."""
         if compaction == "index":
             return static_step.kept_indices(self, q, k, cfg, attn)

@@ -186,17 +186,20 @@ def test_head_extrapolation_matches_a_direct_measurement(meters):
 
 
 @pytest.mark.slow   # ~17-23 s each (make test-slow; .ci/run runs it)
-@pytest.mark.parametrize("name", ["snapkv:window=8", "mpcache_static:s2=16:aggregate=max"])
+@pytest.mark.parametrize("name", ["snapkv:window=8", "mpcache_static:s2=16:aggregate=max",
+                                  "snapkv:window=8:static_block=32:static_compaction=onehot"])
 def test_static_blocks_are_what_the_private_prefill_adds(meters, name):
     """The static step's blocks (from the prefill's tapped attention: a window "sum" enters as
     its aggregate, a "max" as the window's rows) cost what a private prefill with the policy
     costs beyond one without it, ABY3, 128 tokens, the static kernel per protocol (the 1-bit
-    sort under ABY3): the window attention is the prefill's own, not computed twice."""
+    sort under ABY3; and the block-local one-hots CHEETAH runs, `static_block`): the window
+    attention is the prefill's own, not computed twice."""
     from eviction.compaction import for_protocol
 
     proto, seq = get_protocol("aby3"), 128
     pol = for_protocol(policy_from_spec(name, 0.25), proto.kind)
-    assert pol.static_sorts and pol.static_forced(seq).sum() < pol.static_keep(seq) < seq
+    assert pol.static_sorts == ("onehot" not in name)
+    assert pol.static_forced(seq).sum() < pol.static_keep(seq) < seq
     session = SpuSession(proto)
     params = init_params(SMALL, jax.random.PRNGKey(0))
 
