@@ -192,7 +192,8 @@ def test_spu_sorts_a_true_key_first():
     np.testing.assert_array_equal(np.asarray(session.reveal(refs[0])), [0, 2, 1, 3, 4])
 
 
-@pytest.mark.parametrize("length,chosen", [(113, False), (241, True)])
+@pytest.mark.parametrize("length,chosen", [(113, False), pytest.param(241, True,
+                                                                  marks=pytest.mark.slow)])
 def test_sort_kernel_with_a_public_length_on_spu(length, chosen):
     """As private generation compiles it: the length is a public INPUT. When MPCache chooses
     nothing beyond its forced clusters (a 128-entry cache at 25%), the cluster mask is a

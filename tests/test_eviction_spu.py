@@ -236,7 +236,8 @@ def check_programs_reveal_nothing(gen, prompt_len, capacity):
 # variants, other selectors and kernels.
 PROGRAM_CASES = ([(n, None, None, "aby3") for n in sorted(POLICIES)]
                  + [("mpcache", None, None, "cheetah"), ("mpcache:refresh=2", None, None, "aby3"),
-                    ("mpcache:refresh=2:kept=onehot", None, None, "aby3"),
+                    pytest.param("mpcache:refresh=2:kept=onehot", None, None, "aby3",
+                                 marks=pytest.mark.slow),   # ~9 s; a kept-selection variant
                     pytest.param("mpcache:refresh=2", "lean", None, "cheetah",
                                  marks=pytest.mark.slow),   # ~12 s; refresh=2 under ABY3 stays
                     pytest.param("mpcache:compaction=sort", None, None, "aby3",
