@@ -221,10 +221,13 @@ class Policy:
         question after it, makes it later). Policies with `refresh` select at the first step,
         at every step of the `warmup` steps from last_input on, and every `refresh` steps
         after it (so the step that reads the last input token selects, and the warm-up's
-        last selection is kept `refresh` steps); before last_input, every `refresh` steps
-        counted back from it."""
+        last selection is kept `refresh` steps). Before last_input (input being fed): with a
+        warm-up, every step selects (a fed token's keys and values are written with the
+        selection its own query makes: at 8k tokens a question fed under a selection kept
+        from its first token lost the needle, docs/accuracy.md); without one, every
+        `refresh` steps counted back from last_input."""
         r, warm = getattr(self, "refresh", 1), getattr(self, "warmup", 0)
-        if step == 0 or last_input <= step < last_input + warm:
+        if step == 0 or (warm and step < last_input + warm):
             return True
         if step < last_input:
             return (last_input - step) % r == 0

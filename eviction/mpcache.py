@@ -111,7 +111,8 @@ class MPCache(Policy):
                               # between; None: AUTO_REFRESH (min with s2) where the settings
                               # allow a kept selection (see resolve_schedule), else 1
     warmup: Optional[int] = None   # refresh > 1: decode steps from the last input token that
-                              # select at every step before the every-`refresh` schedule;
+                              # select at every step before the every-`refresh` schedule
+                              # (> 0: so does every step reading input fed before it);
                               # None: AUTO_WARMUP with the automatic refresh, else 0
     kept: str = "kv"          # refresh > 1: "kv" keeps the chosen clusters' K/V rows (compact
                               # cache, gathered once per refresh), "onehot" their one-hot only
@@ -502,7 +503,10 @@ class MPCache(Policy):
         prompt (public): the chosen clusters are complete, and there are always more
         candidates (at least prompt_len // s2 - 1 - recent complete clusters that are not
         forced) than the k2 - 1 - recent slots they fill; attention then needs no secret
-        validity mask over them."""
+        validity mask over them. Not with neighbours: dilations that overlap (or reach a
+        forced cluster) leave slots empty."""
+        if self.neighbors or self.neighbors_left:
+            return False
         return prompt_len // self.s2 >= self.k2(prompt_len)
 
     def attend_kept(self, q, compact, forced, cfg, all_valid: bool = False):

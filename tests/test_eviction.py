@@ -481,12 +481,14 @@ def test_refresh_keeps_the_selection_between_refreshes(six_layers):
 
 def test_refresh_schedule_anchored_at_the_last_input_with_a_warmup(six_layers):
     """The public schedule: the first step, every step of the warm-up from the step that reads
-    the last input token, then every `refresh` steps; a warm-up step gives the logits of a
+    the last input token (and, with a warm-up, every step reading fed input before it), then
+    every `refresh` steps; a warm-up step gives the logits of a
     step that selects afresh, and the kept (compact) cache built in the warm-up is reused."""
     assert [s for s in range(12) if MPCache(refresh=4).selects_at(s, 5)] == [0, 1, 5, 9]
     pol = MPCache(refresh=4, warmup=3)
     assert [s for s in range(14) if pol.selects_at(s)] == [0, 1, 2, 6, 10]
-    assert [s for s in range(14) if pol.selects_at(s, 6)] == [0, 2, 6, 7, 8, 12]
+    # input fed token by token (a question after the context) selects at every step
+    assert [s for s in range(14) if pol.selects_at(s, 6)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]
     for bad in (dict(warmup=-1, refresh=4), dict(warmup=2, refresh=1)):
         with pytest.raises(ConfigError, match="warmup"):
             MPCache(**bad)
@@ -508,16 +510,18 @@ def test_refresh_schedule_anchored_at_the_last_input_with_a_warmup(six_layers):
             assert not now
 
 
-def test_refresh_compact_kv_equals_the_kept_onehot(six_layers):
+@pytest.mark.parametrize("extra", [{}, dict(neighbors=1, s1=8, s2=8)], ids=["plain", "neighbors"])
+def test_refresh_compact_kv_equals_the_kept_onehot(six_layers, extra):
     """refresh=4 with kept="kv" (the chosen clusters' K/V rows gathered once per refresh,
     attention over them and the forced clusters) gives the logits and attended counts of
     kept="onehot" (scores gathered by the kept one-hot at every step), over 20 steps that
-    cross cluster boundaries and 5 refreshes."""
+    cross cluster boundaries and 5 refreshes; with neighbours, whose overlapping dilations
+    leave compact slots empty (they must stay unattended)."""
     cfg, params = six_layers
     toks = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, T)))
     outs = []
     for kept in ("onehot", "kv"):
-        policy = make_policy("mpcache", 0.25, refresh=4, kept=kept)
+        policy = make_policy("mpcache", 0.25, refresh=4, kept=kept, **extra)
         _, cache = prefill(params, cfg, toks, T + 20, policy=policy)
         steps = []
         for step in range(20):
