@@ -33,23 +33,34 @@ def load(path):
 def merge(results, replace=()):
     """One payload from several run_accuracy payloads (records concatenated, rows
     re-aggregated). replace: policy specs whose records come only from the LAST input that
-    has them (a rerun supersedes an earlier run of that policy). Raises ConfigError on mixed
-    models, a sample counted twice, or a replaced policy that no input has."""
+    has them (a rerun supersedes an earlier run of that policy); `spec@question` (e.g.
+    mpcache@after) replaces that question protocol's records only. Raises ConfigError on
+    mixed models, a sample counted twice, or a replaced policy that no input has."""
     models = {r["model"] for r in results}
     if len(models) > 1:
         raise ConfigError(f"inputs come from different models: {sorted(models)}")
+
+    def which(rec):
+        """The replace item that covers record `rec`, or None."""
+        for item in (f"{rec['policy']}@{rec['question']}", rec["policy"]):
+            if item in replace:
+                return item
+        return None
+
     owner = {}
     for i, res in enumerate(results):
         for rec in res["samples"]:
-            if rec["policy"] in replace:
-                owner[rec["policy"]] = i
+            item = which(rec)
+            if item is not None:
+                owner[item] = i
     missing = sorted(set(replace) - set(owner))
     if missing:
         raise ConfigError(f"no input has policy {missing[0]!r} to replace")
     seen, records = set(), []
     for i, res in enumerate(results):
         for rec in res["samples"]:
-            if owner.get(rec["policy"], i) != i:
+            item = which(rec)
+            if item is not None and owner[item] != i:
                 continue
             key = (rec["task"], rec["length"], rec["question"], rec["policy"], rec["budget"],
                    rec["depth"])

@@ -6,7 +6,8 @@ records, so the merged table is exactly what one run over all of them would prin
 
 Inputs must come from the same model; a (task, length, question, policy, budget, depth)
 record present in two inputs is an error (the same sample counted twice), unless its policy
-is named in --replace: then the last input holding that policy supplies all its records.
+is named in --replace: then the last input holding that policy supplies all its records
+(`policy@question`: all its records of that question protocol).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory for the merged outputs")
     p.add_argument("--replace", default="",
                    help="comma-separated policy specs taken only from the last input that "
-                        "has them (a rerun of those policies supersedes the earlier records)")
+                        "has them (a rerun of those policies supersedes the earlier records); "
+                        "spec@question (e.g. mpcache@after) replaces that question protocol's "
+                        "records only")
     args = p.parse_args(argv)
     replace = tuple(x for x in args.replace.split(",") if x)
     payload = merge([load(path) for path in args.inputs], replace)

@@ -189,6 +189,8 @@ def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
         merge_main(["--out", str(tmp_path / "twice"), parts[0], parts[0]])
     assert not (tmp_path / "twice").exists()
     # a rerun of one policy supersedes its earlier records, the others stay
+    by_inside = next(r["score"] for r in res["rows"]
+                     if (r["policy"], r["question"]) == ("mpcache", "inside"))
     rerun = dict(res, samples=[dict(s, score=0.0) for s in res["samples"]
                                if s["policy"] == "mpcache"])
     (tmp_path / "rerun.json").write_text(json.dumps(rerun))
@@ -199,6 +201,16 @@ def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     assert by == {**{("full", q): 1.0 for q in ("inside", "after")},
                   **{("mpcache", q): 0.0 for q in ("inside", "after")}}
     assert len(replaced["samples"]) == len(res["samples"])
+    # policy@question: only that protocol's records come from the rerun
+    rerun_after = dict(rerun, samples=[s for s in rerun["samples"] if s["question"] == "after"])
+    (tmp_path / "rerun_after.json").write_text(json.dumps(rerun_after))
+    merge_main(["--out", str(tmp_path / "after_only"), "--replace", "mpcache@after",
+                str(tmp_path / "merged"), str(tmp_path / "rerun_after.json")])
+    after_only = json.loads((tmp_path / "after_only" / "results.json").read_text())
+    by = {(r["policy"], r["question"]): r["score"] for r in after_only["rows"]}
+    assert by == {("full", "inside"): 1.0, ("full", "after"): 1.0,
+                  ("mpcache", "inside"): by_inside, ("mpcache", "after"): 0.0}
+    assert len(after_only["samples"]) == len(res["samples"])
     with pytest.raises(ConfigError, match="no input has policy"):
         merge_main(["--out", str(tmp_path / "none"), "--replace", "quest", parts[0]])
 
