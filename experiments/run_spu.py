@@ -172,6 +172,14 @@ def build_setting(args):
             "networks": networks, "cfg": cfg, "notes": notes}
 
 
+def static_block(policy, seq: int) -> int:
+    """The policy's `static_block` where its static step at `seq` ranks inside blocks (a
+    block plan), else 0."""
+    from eviction.static_step import block_plan
+
+    return policy.static_block if policy is not None and block_plan(policy, seq) else 0
+
+
 def plan(setting, args):
     """Every (key, block-variant dict) to compose: ("dense",), ("decode", seq, policy),
     ("static", seq, policy) -> {variant: blocks}; variant = KV heads or (seq, heads)."""
@@ -185,7 +193,7 @@ def plan(setting, args):
     for seq in setting["seqs"]:
         for name, pol in setting["policies"].items():
             jobs[("decode", seq, name)] = {h: attention_blocks(cfg, pol, seq, h) for h in hs}
-            lengths = static_lengths(seq, args.static_max_seq)
+            lengths = static_lengths(seq, args.static_max_seq, static_block(pol, seq))
             static = {(t, h): static_blocks(cfg, pol, t, h) for t in lengths for h in shs}
             if any(static.values()):
                 jobs[("static", seq, name)] = static
@@ -308,7 +316,8 @@ def make_rows(setting, measured, hs, args):
                             "first multiplied (here the prompt's, at the first decode step)"}
             key = ("static", seq, name)
             if key in measured:
-                st = total(compose_static(measured[key], seq, cfg.n_kv_heads), world)
+                blocked = bool(static_block(pol, seq))
+                st = total(compose_static(measured[key], seq, cfg.n_kv_heads, blocked), world)
                 lengths = sorted({t for t, _ in measured[key]})
                 row["static_prefill"] = {
                     "bytes": st.total_bytes, "sends": round(max(st.sends)), "compute_s": st.seconds,
@@ -316,7 +325,8 @@ def make_rows(setting, measured, hs, args):
                     "measured_at_seq": lengths,
                     "extrapolated": None if lengths == [seq] else
                     f"from prompts of {lengths} tokens: bytes and seconds by least squares "
-                    "a*T + b*T^2, sends those of the longest"}
+                    f"{'a + b*T (ranked inside blocks)' if blocked else 'a*T + b*T^2'}, sends "
+                    "those of the longest"}
             rows.append(row)
     add_reductions(rows)
     return rows
@@ -458,7 +468,9 @@ def shortcuts(setting, hs, args):
                    "one-time")
     if any(s > args.static_max_seq for s in setting["seqs"]):
         out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
-                   "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's)")
+                   "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's; "
+                   "a step ranked inside blocks, static_block, from two lengths already cut "
+                   "into blocks)")
     if any(n in setting["policies"] and setting["policies"][n] is not None and
            setting["policies"][n].static_keep(max(setting["seqs"])) is not None
            for n in setting["policies"]):

@@ -374,9 +374,10 @@ def compose_step(measured: Dict, target_heads: int) -> Dict[str, Tuple[Block, Co
             for name, (block, cs) in by_name.items()}
 
 
-def compose_static(measured: Dict, seq: int, target_heads: int):
+def compose_static(measured: Dict, seq: int, target_heads: int, line: bool = False):
     """The static step at prompt length `seq`, from {(length, heads): [(block, counters)]}:
-    extrapolated in heads, then in length where `seq` was not measured."""
+    extrapolated in heads, then in length where `seq` was not measured (`line`: a step
+    ranked inside blocks, see extrapolate_seq)."""
     by_name: Dict[str, Tuple[Block, dict]] = {}
     for (length, heads), pairs in measured.items():
         for block, c in pairs:
@@ -384,7 +385,7 @@ def compose_static(measured: Dict, seq: int, target_heads: int):
     out = {}
     for name, (block, by_len) in by_name.items():
         at_heads = {t: extrapolate(cs, target_heads) for t, cs in by_len.items()}
-        out[name] = (block, extrapolate_seq(at_heads, seq).scale(block.count))
+        out[name] = (block, extrapolate_seq(at_heads, seq, line).scale(block.count))
     return out
 
 
@@ -407,12 +408,15 @@ def head_samples(target: int, samples: Iterable[int]) -> List[int]:
     return samples[-2:]
 
 
-def extrapolate_seq(measured: Dict[int, Counters], seq: int) -> Counters:
+def extrapolate_seq(measured: Dict[int, Counters], seq: int, line: bool = False) -> Counters:
     """Counters at prompt length `seq` from measurements at shorter lengths (an
     extrapolation: label it). Bytes and seconds: least squares a*T + b*T^2 with a, b >= 0 (the
     static step's window scores and top-k grow with T, its compaction matrix with keep x T);
-    sends: those of the longest measured length (its ops are batched over the prompt, so rounds
-    do not grow with it)."""
+    with `line` (a step ranked inside blocks: the same work per block, blocks growing with T)
+    the least-squares line a + b*T, b >= 0 (over lengths already cut into blocks, where the
+    blocks' widths still grow a little, a T^2 term would bend it up: 13% over at 512 tokens
+    from 128 and 256, tests/test_run_spu.py). Sends: those of the longest measured length
+    (its ops are batched over the prompt, so rounds do not grow with it)."""
     import numpy as np
 
     if seq in measured:
@@ -421,11 +425,18 @@ def extrapolate_seq(measured: Dict[int, Counters], seq: int) -> Counters:
         raise ValueError("length extrapolation needs at least two measured lengths")
     xs = np.array(sorted(measured), float)
     cs = [measured[int(x)] for x in xs]
-    basis = np.stack([xs, xs ** 2], axis=1)
-    target = np.array([seq, float(seq) ** 2])
+    if line:
+        basis = np.stack([np.ones_like(xs), xs], axis=1)
+        target = np.array([1.0, float(seq)])
+    else:
+        basis = np.stack([xs, xs ** 2], axis=1)
+        target = np.array([seq, float(seq) ** 2])
 
     def fit(vals):
         vals = np.asarray(vals, float)
+        if line:
+            coef, *_ = np.linalg.lstsq(basis, vals, rcond=None)
+            return max(float(target @ coef), float(vals[-1])) if coef[1] >= 0 else float(vals[-1])
         best = None
         for cols in ([0, 1], [0], [1]):  # non-negative least squares over 2 columns
             coef, *_ = np.linalg.lstsq(basis[:, cols], vals, rcond=None)
@@ -442,9 +453,18 @@ def extrapolate_seq(measured: Dict[int, Counters], seq: int) -> Counters:
                     cs[-1].sends, fit([c.seconds for c in cs]))
 
 
-def static_lengths(seq: int, max_seq: int) -> List[int]:
+def static_lengths(seq: int, max_seq: int, block: int = 0) -> List[int]:
     """Prompt lengths at which the static step is measured: `seq` itself when affordable,
-    else max_seq / 4, max_seq / 2 and max_seq (then extrapolated to seq)."""
+    else max_seq / 4, max_seq / 2 and max_seq (then extrapolated to seq). `block` > 0: the
+    step ranks inside blocks of about `block` entries at `seq` (`Policy.static_block`), so its
+    cost grows linearly in T, one block at a time; it is measured at two lengths that are
+    already cut into blocks (at least 2 x block each: max_seq / 2 and max_seq, or 2 x block
+    and 4 x block when max_seq is shorter), never at a length still ranked globally, whose
+    keep x T one-hot would bend the fit."""
     if seq <= max_seq:
         return [seq]
+    if block:
+        lo = max(2 * block, max_seq // 2)
+        hi = max(2 * lo, max_seq)
+        return [seq] if hi >= seq else [lo, hi]
     return [max_seq // 4, max_seq // 2, max_seq]

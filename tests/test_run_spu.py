@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from eviction import make_policy, policy_from_spec
+from eviction.compaction import for_protocol
 from mpc_llama.config import LlamaConfig
 from mpc_llama.model import init_params, prefill
 from protocols.benchmark import (BlockMeter, Counters, compose_static, compose_step, extrapolate,
-                                 extrapolate_seq, total)
+                                 extrapolate_seq, static_lengths, total)
 from protocols.blocks import attention_blocks, dense_blocks, retained, static_blocks
 from protocols.private_generation import (PrivateGenerator, _secret_part, _split, kept_parts,
                                           spu_config)
@@ -253,9 +254,46 @@ def test_extrapolation_arithmetic():
     assert quad.seconds == pytest.approx(64)
     mixed = extrapolate_seq({1: c(3, 1, 0), 2: c(8, 1, 0), 4: c(24, 1, 0)}, 8)  # 2T + T^2
     assert mixed.bytes_sent == pytest.approx((80, 80))
+    line = extrapolate_seq({2: c(3, 1, 1), 4: c(7, 2, 1)}, 8, line=True)     # 2T - 1
+    assert line.bytes_sent == pytest.approx((15, 15)) and line.sends == (2, 2)
     with pytest.raises(ValueError):
         extrapolate({2: c(1, 1, 1)}, 4)
 
+
+
+def test_static_lengths_of_a_block_local_step():
+    """A static step ranked inside blocks is measured only at lengths already cut into
+    blocks (its cost grows one block at a time), the global one at T/4, T/2, T."""
+    from eviction.static_step import block_plan
+
+    pol = make_policy("mpcache_static", 0.1)
+    assert pol.static_block == 512 and block_plan(pol, 8192) is not None
+    lengths = static_lengths(8192, 1024, pol.static_block)
+    assert lengths == [1024, 2048]
+    assert all(block_plan(pol, t) is not None for t in lengths)
+    assert static_lengths(8192, 4096, 512) == [2048, 4096]
+    assert static_lengths(2048, 1024, 512) == [2048]          # 4 x block: measured itself
+    assert static_lengths(8192, 8192, 512) == [8192]
+    assert static_lengths(8192, 1024) == [256, 512, 1024]
+
+
+@pytest.mark.slow  # ~20 s: block-local static steps measured at three lengths
+def test_block_local_static_step_length_extrapolation(meters):
+    """A block-local static step (blocks of 64, the one-hot kernel) at 512 tokens from the
+    lengths static_lengths picks under a 256-token cap, against 512 measured (SEMI2K)."""
+    proto = get_protocol("semi2k")
+    pol = for_protocol(policy_from_spec(
+        "snapkv:window=8:static_block=64:static_compaction=onehot", 0.25), proto.kind)
+    lengths = static_lengths(512, 256, pol.static_block)
+    assert lengths == [128, 256]
+    meter = meters(proto)
+    measured = {(t, 2): [(b, meter.measure(b)) for b in static_blocks(SMALL, pol, t, 2)]
+                for t in lengths + [512]}
+    direct = total(compose_static({k: v for k, v in measured.items() if k[0] == 512}, 512, 2), 2)
+    extra = total(compose_static({k: v for k, v in measured.items() if k[0] < 512}, 512, 2,
+                                 line=True), 2)
+    assert direct.total_bytes > 0
+    assert close(extra.total_bytes, direct.total_bytes, 0.05), (extra, direct)
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "experiments/run_spu.py", *args], cwd=cwd,
