@@ -325,8 +325,8 @@ def make_rows(setting, measured, hs, args):
                     "measured_at_seq": lengths,
                     "extrapolated": None if lengths == [seq] else
                     f"from prompts of {lengths} tokens: bytes and seconds by least squares "
-                    f"{'a + b*T (ranked inside blocks)' if blocked else 'a*T + b*T^2'}, sends "
-                    "those of the longest"}
+                    + ("a + b*T, sends too (ranked inside blocks)" if blocked else
+                       "a*T + b*T^2, sends those of the longest")}
             rows.append(row)
     add_reductions(rows)
     return rows
@@ -469,8 +469,8 @@ def shortcuts(setting, hs, args):
     if any(s > args.static_max_seq for s in setting["seqs"]):
         out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
                    "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's; "
-                   "a step ranked inside blocks, static_block, from two lengths already cut "
-                   "into blocks)")
+                   "a step ranked inside blocks, static_block: a line through two lengths "
+                   "already cut into blocks, sends too)")
     if any(n in setting["policies"] and setting["policies"][n] is not None and
            setting["policies"][n].static_keep(max(setting["seqs"])) is not None
            for n in setting["policies"]):

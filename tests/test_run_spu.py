@@ -237,6 +237,7 @@ def test_static_step_length_extrapolation(meters):
     extra = total(compose_static({k: v for k, v in measured.items() if k[0] < 512}, 512, 2), 2)
     assert direct.total_bytes > 0
     assert close(extra.total_bytes, direct.total_bytes, 0.05), (extra, direct)
+    assert close(max(extra.sends), max(direct.sends), 0.10), (extra.sends, direct.sends)
 
 
 def test_extrapolation_arithmetic():
@@ -255,7 +256,7 @@ def test_extrapolation_arithmetic():
     mixed = extrapolate_seq({1: c(3, 1, 0), 2: c(8, 1, 0), 4: c(24, 1, 0)}, 8)  # 2T + T^2
     assert mixed.bytes_sent == pytest.approx((80, 80))
     line = extrapolate_seq({2: c(3, 1, 1), 4: c(7, 2, 1)}, 8, line=True)     # 2T - 1
-    assert line.bytes_sent == pytest.approx((15, 15)) and line.sends == (2, 2)
+    assert line.bytes_sent == pytest.approx((15, 15)) and line.sends == (4, 4)
     with pytest.raises(ValueError):
         extrapolate({2: c(1, 1, 1)}, 4)
 
@@ -294,6 +295,7 @@ def test_block_local_static_step_length_extrapolation(meters):
                                  line=True), 2)
     assert direct.total_bytes > 0
     assert close(extra.total_bytes, direct.total_bytes, 0.05), (extra, direct)
+    assert close(max(extra.sends), max(direct.sends), 0.10), (extra.sends, direct.sends)
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "experiments/run_spu.py", *args], cwd=cwd,
