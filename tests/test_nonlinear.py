@@ -69,6 +69,22 @@ def test_poly_exp_relative_error_and_poly_softmax():
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
 
 
+def test_taylor_exp_error_and_taylor_softmax():
+    """The degree-2 Taylor base squared 5 times: within 2.5e-4 of e^z on the clipped range
+    (SPU's own exp, (1 + z/2^8)^(2^8), within 1.1e-3), 2^-32 at the fill value; the softmax
+    drops what the clip drops and what the mask masks."""
+    z = jnp.linspace(nonlinear.EXP_CLIP, 0.0, 28001)
+    assert float(jnp.abs(nonlinear.exp_clipped_taylor(z) - jnp.exp(z)).max()) < 2.5e-4
+    assert float(nonlinear.exp_clipped_taylor(jnp.asarray(nonlinear.EXP_TAYLOR_FILL))) < 1e-9
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4, 10)), jnp.float32)
+    x = x.at[0, 2].set(x[0].max() - 40.0)                                 # below the clip
+    mask = jnp.arange(10) < 7
+    p = nonlinear.softmax_taylor(x, mask)
+    np.testing.assert_allclose(p, nonlinear.softmax_exact(x, mask), atol=1e-3)
+    assert float(jnp.abs(p[:, 7:]).max()) < 1e-9 and float(p[0, 2]) < 1e-9
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("protocol", ["aby3", "semi2k", "cheetah"])
 def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     """The variants compiled for SPU (FM64) give the plaintext values within fixed-point
@@ -83,13 +99,16 @@ def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     mask = np.arange(12) < 10
     scores[0, 3], scores[1, 5] = scores.max() - 20.0, scores.max() - 300.0   # far below clip
     fn = lambda a, s: (nonlinear.silu_split(a), nonlinear.softmax_poly(s, mask),  # noqa: E731
-                       nonlinear.softmax_clipped(s, mask))
+                       nonlinear.softmax_clipped(s, mask), nonlinear.softmax_taylor(s, mask))
     session = SpuSession(get_protocol(protocol))
     prog = session.compile(fn, (act, scores), ("act", "scores"))
     session.put("act", act, owner=0)
     session.put("scores", scores, owner=1)
-    outs, _ = session.run(prog, ("silu", "probs", "clipped"))
-    silu, probs, clipped = (np.asarray(session.reveal(o)) for o in outs)
+    outs, _ = session.run(prog, ("silu", "probs", "clipped", "taylor"))
+    silu, probs, clipped, taylor = (np.asarray(session.reveal(o)) for o in outs)
+    np.testing.assert_allclose(taylor, np.asarray(nonlinear.softmax_taylor(scores, mask)),
+                               atol=2e-3)
+    assert np.abs(taylor[:, 10:]).max() < 1e-5
     np.testing.assert_allclose(silu, np.asarray(nonlinear.silu_split(act)), atol=2e-3)
     np.testing.assert_allclose(probs, np.asarray(nonlinear.softmax_poly(scores, mask)),
                                atol=2e-3)
@@ -101,6 +120,7 @@ def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     below = np.asarray(scores - scores[:, :10].max(-1, keepdims=True) <= nonlinear.EXP_CLIP)
     assert below[0, 3] and below[1, 5] and np.all(plain[below] == 0.0)
     assert np.abs(clipped[below]).max() < 1e-5 and np.abs(clipped[:, 10:]).max() < 1e-5
+    assert np.abs(taylor[below]).max() < 1e-5
 
 
 def test_nonlinear_cost_script_measures_variants(tmp_path, capsys):
