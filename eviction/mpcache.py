@@ -32,7 +32,8 @@ window and pooling, SnapKV's) loses the needle when the question arrives after t
 compressed, and the paper's loses it even with the question inside; the dynamic step alone
 does not. Under MPC the static step is also the most expensive part of a prompt: at 8k
 tokens, LLaMA-2-7B shapes, ~80 GB under ABY3 and SEMI2K (the 1-bit sort) and 265 GB under
-CHEETAH (a one-hot per block of 512), 10-16 full decode steps (README). Pair sharing lost further needles (README).
+CHEETAH (a one-hot per block of 512), 10-16 full decode steps (README). Pair sharing lost
+further needles (README).
 Level-2 clusters of 8 (`mpcache:s2=8`) kept more of the score still, but double the slots and
 the clusters of the per-step compaction (4x its equalities, ~2x the layer's bytes): reported
 as a variant, not the default. Named settings: "mpcache_shared" = share="pairs" (no static

@@ -325,7 +325,7 @@ def make_rows(setting, measured, hs, args):
                     "measured_at_seq": lengths,
                     "extrapolated": None if lengths == [seq] else
                     f"from prompts of {lengths} tokens: bytes and seconds by least squares "
-                    + ("a + b*T, sends too (ranked inside blocks)" if blocked else
+                    + ("a + b*T, sends in proportion to T (ranked inside blocks)" if blocked else
                        "a*T + b*T^2, sends those of the longest")}
             rows.append(row)
     add_reductions(rows)
@@ -470,7 +470,7 @@ def shortcuts(setting, hs, args):
         out.append(f"static step beyond {args.static_max_seq} tokens extrapolated from shorter "
                    "prompts (bytes, seconds: a*T + b*T^2 least squares; sends: the longest's; "
                    "a step ranked inside blocks, static_block: a line through two lengths "
-                   "already cut into blocks, sends too)")
+                   "already cut into blocks, sends in proportion to T)")
     if any(n in setting["policies"] and setting["policies"][n] is not None and
            setting["policies"][n].static_keep(max(setting["seqs"])) is not None
            for n in setting["policies"]):

@@ -416,8 +416,8 @@ def extrapolate_seq(measured: Dict[int, Counters], seq: int, line: bool = False)
     the least-squares line a + b*T, b >= 0 (over lengths already cut into blocks, where the
     blocks' widths still grow a little, a T^2 term would bend it up: 13% over at 512 tokens
     from 128 and 256, tests/test_run_spu.py). Sends: those of the longest measured length
-    (its ops are batched over the prompt, so rounds do not grow with it); with `line` the
-    line as well (SPU's top-k runs row by row, and every block is a row)."""
+    (its ops are batched over the prompt, so rounds do not grow with it); with `line` in
+    proportion to T (SPU's top-k runs row by row, and every block is a row)."""
     import numpy as np
 
     if seq in measured:
@@ -451,8 +451,12 @@ def extrapolate_seq(measured: Dict[int, Counters], seq: int, line: bool = False)
         return tuple(fit([get(c)[p] for c in cs]) for p in range(len(get(cs[0]))))
 
     # a block-local step's sends grow with its blocks (SPU's top-k runs row by row, a block
-    # a row): fitted by the line too
-    sends = tuple(round(v) for v in per_party(lambda c: c.sends)) if line else cs[-1].sends
+    # a row): in proportion to T (least squares through 0; SPU's quick-select rounds vary
+    # from run to run, and an affine line through two noisy lengths came out 11-26% low at
+    # 4x the longer one, this 2-13% high: tests/test_run_spu.py)
+    sends = tuple(round(float(xs @ np.asarray([c.sends[p] for c in cs], float)) /
+                        float(xs @ xs) * seq) for p in range(len(cs[0].sends))) \
+        if line else cs[-1].sends
     return Counters(per_party(lambda c: c.bytes_sent), per_party(lambda c: c.bytes_recv),
                     sends, fit([c.seconds for c in cs]))
 

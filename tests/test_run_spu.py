@@ -237,7 +237,9 @@ def test_static_step_length_extrapolation(meters):
     extra = total(compose_static({k: v for k, v in measured.items() if k[0] < 512}, 512, 2), 2)
     assert direct.total_bytes > 0
     assert close(extra.total_bytes, direct.total_bytes, 0.05), (extra, direct)
-    assert close(max(extra.sends), max(direct.sends), 0.10), (extra.sends, direct.sends)
+    # sends: SPU's quick-select varies from run to run (seen: 1,067-1,107 per layer at 512
+    # tokens, 514-570 at 256); the longest length's own sends would be ~50% low
+    assert close(max(extra.sends), max(direct.sends), 0.2), (extra.sends, direct.sends)
 
 
 def test_extrapolation_arithmetic():
@@ -256,7 +258,7 @@ def test_extrapolation_arithmetic():
     mixed = extrapolate_seq({1: c(3, 1, 0), 2: c(8, 1, 0), 4: c(24, 1, 0)}, 8)  # 2T + T^2
     assert mixed.bytes_sent == pytest.approx((80, 80))
     line = extrapolate_seq({2: c(3, 1, 1), 4: c(7, 2, 1)}, 8, line=True)     # 2T - 1
-    assert line.bytes_sent == pytest.approx((15, 15)) and line.sends == (4, 4)
+    assert line.bytes_sent == pytest.approx((15, 15)) and line.sends == (4, 4)  # T / 2
     with pytest.raises(ValueError):
         extrapolate({2: c(1, 1, 1)}, 4)
 
