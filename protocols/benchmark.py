@@ -453,7 +453,7 @@ def extrapolate_seq(measured: Dict[int, Counters], seq: int, line: bool = False)
     # a block-local step's sends grow with its blocks (SPU's top-k runs row by row, a block
     # a row): in proportion to T (least squares through 0; SPU's quick-select rounds vary
     # from run to run, and an affine line through two noisy lengths came out 11-26% low at
-    # 4x the longer one, this 2-13% high: tests/test_run_spu.py)
+    # 4x the shorter one, this 3-20% high: tests/test_run_spu.py)
     sends = tuple(round(float(xs @ np.asarray([c.sends[p] for c in cs], float)) /
                         float(xs @ xs) * seq) for p in range(len(cs[0].sends))) \
         if line else cs[-1].sends

@@ -293,9 +293,9 @@ def test_block_local_static_step_length_extrapolation(meters):
                                  line=True), 2)
     assert direct.total_bytes > 0
     assert close(extra.total_bytes, direct.total_bytes, 0.05), (extra, direct)
-    # sends: SPU's quick-select varies from run to run (seen: 1,067-1,107 per layer at 512
-    # tokens, 514-570 at 256); the longest length's own sends would be ~50% low
-    assert close(max(extra.sends), max(direct.sends), 0.2), (extra.sends, direct.sends)
+    # sends: SPU's quick-select varies from run to run (seen: 3-20% high in 9 runs); the
+    # longest length's own sends, as for a global step, would be ~50% low
+    assert close(max(extra.sends), max(direct.sends), 0.3), (extra.sends, direct.sends)
 
 
 def run_cli(*args, cwd=ROOT):
