@@ -9,9 +9,10 @@ r"""Markdown tables from results.json files (so README figures are pasted, never
         --figure results/headline.png
 
 --headline: per cost file one table of each policy's whole decode step (bytes, projected LAN
-and WAN seconds, all vs the full cache) next to its accuracy at the cost file's budget, the
-mean over every (task, length, question) cell of the --accuracy files, relative to the full
-cache's and to the oracle's; --figure draws WAN latency against that accuracy.
+and WAN seconds, all vs the full cache) next to its accuracy at the cost file's budget: per
+prompt length of the --accuracy files the mean over its (task, question) cells, relative to
+the full cache's and to the oracle's (one comma-separated entry per length); --figure draws
+WAN latency against the accuracy at the longest length.
 """
 
 from __future__ import annotations
@@ -206,13 +207,13 @@ def accuracy_by_policy(results: list, budget: float) -> dict:
                 len(c)) for p, c in cells.items()}
 
 
-def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
-    """One row per policy of a run_spu.py results file, with its accuracy_by_policy entry
-    (`where`: the accuracy's setting, for the header)."""
+def headline_table(cost: dict, accuracy, where: str = "") -> str:
+    """One row per policy of a run_spu.py results file, with its accuracy_by_policy entry;
+    `accuracy`: one such dict, or a list of them (one per prompt length: each score cell then
+    lists them in order, comma-separated); `where`: the accuracy's setting, for the header."""
+    accs = [accuracy] if isinstance(accuracy, dict) else list(accuracy)
     rows = cost["rows"]
     budget = next(r["budget"] for r in rows if r["budget"] is not None)
-    full_acc = accuracy.get("full", (None,))[0]
-    oracle_acc = accuracy.get("oracle", (None,))[0]
     lines = [f"| policy | GB per step | LAN s* | WAN s* | bytes vs full | LAN vs full | "
              f"WAN vs full | captured: bytes, WAN, attention LAN | score at {budget:.0%}{where} | "
              f"score vs full | score vs oracle |", "|" + "---|" * 11]
@@ -227,13 +228,22 @@ def headline_table(cost: dict, accuracy: dict, where: str = "") -> str:
         got = [captured(f(ref["full"]), f(r), f(ref["oracle"])) for f in CAPTURED_HEADLINE]
         return ", ".join("-" if v is None else f"{v:.2f}" for v in got)
 
+    def scores(policy):   # (score, vs full, vs oracle), one entry per accuracy dict
+        got = []
+        for acc in accs:
+            s = acc.get(policy, (None,))[0]
+            got.append(("-" if s is None else f"{s:.2f}",
+                        ratio(s, acc.get("full", (None,))[0]),
+                        ratio(s, acc.get("oracle", (None,))[0])))
+        return [", ".join(col) for col in zip(*got)] if got else ["-"] * 3
+
     for r in rows:
-        red, acc = r["reduction_vs_full"], accuracy.get(r["policy"], (None, 0, 0))[0]
+        red = r["reduction_vs_full"]
+        score, vs_full, vs_oracle = scores(r["policy"])
         lines.append(f"| {r['policy']} | {r['bytes'] / 1e9:.2f} | {r['latency_s']['lan']:,.0f} "
                      f"| {r['latency_s']['wan']:,.0f} | {red['bytes']:.2f}x | "
                      f"{red['lan']:.2f}x | {red['wan']:.2f}x | {shares(r)} | "
-                     f"{'-' if acc is None else format(acc, '.2f')} | {ratio(acc, full_acc)} | "
-                     f"{ratio(acc, oracle_acc)} |")
+                     f"{score} | {vs_full} | {vs_oracle} |")
     return "\n".join(lines)
 
 
@@ -258,9 +268,10 @@ def selecting_notes(cost: dict) -> str:
     return "\n".join(lines)
 
 
-def headline_figure(costs: list, accuracy: dict, path: str) -> None:
+def headline_figure(costs: list, accuracy: dict, path: str, what: str = "") -> None:
     """One panel per cost file: projected WAN seconds of a decode step (x, log) against the
-    accuracy at the budget (y), one point per policy with an accuracy."""
+    accuracy at the budget (y; `what` names its setting on the axis), one point per policy
+    with an accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +293,7 @@ def headline_figure(costs: list, accuracy: dict, path: str) -> None:
         ax.set_ylim(-0.05, 1.1)
         ax.set_title(f"{rows[0]['protocol']}, {rows[0]['seq']} tokens", fontsize=9)
         ax.set_xlabel("decode step, WAN seconds (projected)")
-        ax.set_ylabel("accuracy (mean score)")
+        ax.set_ylabel(f"accuracy (mean score{what})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -375,10 +386,14 @@ def main(argv=None) -> None:
         budgets = {r["budget"] for res in results for r in res["rows"]} - {None}
         if len(budgets) != 1:
             raise ConfigError(f"--headline: the cost files mix budgets {sorted(budgets)}")
-        accuracy = accuracy_by_policy(acc_files, budgets.pop())
+        budget = budgets.pop()
         lengths = sorted({r["length"] for res in acc_files for r in res["rows"]})
-        where = (f", {'/'.join(map(str, lengths))} tok, n={accuracy['full'][1]}"
-                 if "full" in accuracy else "")
+        accuracy = [accuracy_by_policy([dict(res, rows=[r for r in res["rows"]
+                                                        if r["length"] == length])
+                                        for res in acc_files], budget) for length in lengths]
+        where = (f", {'/'.join(map(str, lengths))} tok, n="
+                 + "/".join(str(a["full"][1]) for a in accuracy)
+                 if all("full" in a for a in accuracy) else "")
         for path, res in zip(args.accuracy, acc_files):
             print(f"<!-- score from {path}: {command_of(res)} -->")
         for path, old, new in args.rename:
@@ -390,7 +405,8 @@ def main(argv=None) -> None:
             print(("\n" + notes) if notes else "")
             print()
         if args.figure:
-            headline_figure(results, accuracy, args.figure)
+            headline_figure(results, accuracy[-1] if accuracy else {}, args.figure,
+                            f", {lengths[-1]} tokens" if lengths else "")
         return
     if args.pivot:
         renames = rename_policies(args.files, results, args.rename)

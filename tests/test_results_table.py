@@ -1,5 +1,7 @@
 """README tables are made from results files: the pivot and the validation table."""
 
+import json
+
 import pytest
 
 from experiments.results_table import accuracy_pivot, netval_table, rename_policies
@@ -82,6 +84,30 @@ def test_headline_table_joins_cost_and_accuracy(tmp_path):
     assert "| 2.00x | 0.50x | 0.50x | - | 0.60 |" in headline_table(no_oracle, accuracy)
     headline_figure([cost], accuracy, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 0
+    # one accuracy dict per prompt length: each score cell lists them in order
+    longer = {"full": (0.5, 20, 1), "mpcache": (0.4, 20, 1)}
+    two = headline_table(cost, [accuracy, longer]).splitlines()
+    assert two[3].endswith("| 0.60, 0.40 | 80%, 80% | 80%, - |")
+    assert two[4].endswith("| 0.75, - | 100%, - | 100%, - |")   # oracle: none at the second
+
+
+def test_headline_scores_per_length(tmp_path, capsys):
+    """--headline with accuracy files of two lengths: one score per length, not their mean."""
+    from experiments import results_table
+
+    acc = {"command": "x", "rows": [
+        _row("passkey", "inside", "full", 1.0, 1.0, 20),
+        _row("passkey", "inside", "mpcache", 0.1, 1.0, 20),
+        dict(_row("passkey", "inside", "full", 1.0, 0.5, 10), length=7936),
+        dict(_row("passkey", "inside", "mpcache", 0.1, 0.25, 10), length=7936)]}
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps(acc))
+    results_table.main(["--headline", "results/aby3_8192_refresh32/results.json",
+                        "--only", "mpcache", "--accuracy", str(path)])
+    out = capsys.readouterr().out
+    assert "score at 10%, 2048/7936 tok, n=20/10 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| mpcache |"))
+    assert row.endswith("| 1.00, 0.25 | 100%, 50% | -, - |")
 
 
 def _cost(policy, gb, wan, attn_lan, static=None):
