@@ -408,7 +408,7 @@ def reproject(payload: dict, networks) -> dict:
         rows.append(new)
     add_reductions(rows)
     return {**payload, "rows": rows, "reprojected_from": payload.get("command"),
-            "command": None}
+            "command": None, "run": None}   # measured nothing: the source's run is its own
 
 
 def shortcuts(setting, hs, args):
@@ -669,8 +669,9 @@ def main(argv=None) -> None:
     rows = make_rows(setting, measured, hs, args)
     notes = shortcuts(setting, hs, args)
     print_report(rows, setup, notes, setting["networks"])
+    wall_s = time.perf_counter() - start
     print(f"\n{meter.misses} blocks measured, {meter.hits} from the block cache, "
-          f"{time.perf_counter() - start:.0f} s")
+          f"{wall_s:.0f} s")
     if args.out:
         cfg = setting["cfg"]
         payload = {
@@ -682,7 +683,9 @@ def main(argv=None) -> None:
             "setup": None if setup is None else setup.to_json(),
             "networks": {n.name: {"bandwidth_bps": n.bandwidth_bps, "rtt_s": n.rtt_s,
                                   "source": n.source} for n in setting["networks"]},
-            "cost_model": COST_MODEL}
+            "cost_model": COST_MODEL,
+            "run": {"wall_s": round(wall_s, 1), "blocks_measured": meter.misses,
+                    "blocks_cached": meter.hits}}
         write_outputs(args.out, payload, setting["networks"])
         print(f"wrote {args.out}/results.json, results.csv, latency.png, bytes_by_category.png")
 

@@ -356,6 +356,8 @@ def test_cli_end_to_end(tmp_path, cli):
         if row["policy"] == "mpcache":   # no static step, and its exact ranking no bounds
             assert "static_prefill" not in row
     assert len((out / "results.csv").read_text().strip().splitlines()) == len(rows) + 1
+    assert res["run"]["blocks_measured"] > 0 and res["run"]["wall_s"] > 0
+    assert f"{res['run']['blocks_measured']} blocks measured" in r.stdout
     # a rerun (in-process: the same main) takes every block from the cache and gives the
     # same figures
     from experiments.run_spu import main
