@@ -34,8 +34,10 @@ def merge(results, replace=()):
     """One payload from several run_accuracy payloads (records concatenated, rows
     re-aggregated). replace: policy specs whose records come only from the LAST input that
     has them (a rerun supersedes an earlier run of that policy); `spec@question` (e.g.
-    mpcache@after) replaces that question protocol's records only. Raises ConfigError on
-    mixed models, a sample counted twice, or a replaced policy that no input has."""
+    mpcache@after) replaces that question protocol's records only. A sample in two inputs
+    with the same output and score (a deterministic rerun of the same prompt) is counted
+    once. Raises ConfigError on mixed models, a sample present twice with different
+    results, or a replaced policy that no input has."""
     models = {r["model"] for r in results}
     if len(models) > 1:
         raise ConfigError(f"inputs come from different models: {sorted(models)}")
@@ -56,7 +58,7 @@ def merge(results, replace=()):
     missing = sorted(set(replace) - set(owner))
     if missing:
         raise ConfigError(f"no input has policy {missing[0]!r} to replace")
-    seen, records = set(), []
+    seen, records = {}, []
     for i, res in enumerate(results):
         for rec in res["samples"]:
             item = which(rec)
@@ -65,8 +67,11 @@ def merge(results, replace=()):
             key = (rec["task"], rec["length"], rec["question"], rec["policy"], rec["budget"],
                    rec["depth"])
             if key in seen:
-                raise ConfigError(f"sample {key} appears in more than one input")
-            seen.add(key)
+                if (seen[key]["output"], seen[key]["score"]) == (rec["output"], rec["score"]):
+                    continue   # the same sample rerun with the same result: counted once
+                raise ConfigError(f"sample {key} appears in more than one input with "
+                                  f"different results")
+            seen[key] = rec
             records.append(rec)
     prefill = {}
     for res in results:

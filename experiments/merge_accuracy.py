@@ -5,8 +5,9 @@ records, so the merged table is exactly what one run over all of them would prin
     python experiments/merge_accuracy.py --out runs/acc runs/acc_passkey runs/acc_niah_single
 
 Inputs must come from the same model; a (task, length, question, policy, budget, depth)
-record present in two inputs is an error (the same sample counted twice), unless its policy
-is named in --replace: then the last input holding that policy supplies all its records
+record present in two inputs is counted once if both hold the same output and score (a
+deterministic rerun of the same prompt) and is an error otherwise, unless its policy is named
+in --replace: then the last input holding that policy supplies all its records
 (`policy@question`: all its records of that question protocol).
 """
 

@@ -145,6 +145,31 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, args, needle, own_process, cli)
     assert not out.exists()
 
 
+def test_merge_counts_a_rerun_sample_once_and_refuses_a_clash():
+    """Two runs that share a policy's samples (a deterministic rerun): each counted once, so
+    a cell keeps its n; the same key with another output is refused; --replace still wins."""
+    from experiments.accuracy_results import merge
+
+    def rec(policy, depth, output, score, question="after", budget=0.1):
+        return {"task": "passkey", "length": 64, "question": question, "policy": policy,
+                "budget": budget, "depth": depth, "output": output, "score": score,
+                **{k: None for k in ("answer_logprob", "logprob_vs_full", "attn_cosine",
+                                     "attn_cosine_worst_layer", "needle_fraction",
+                                     "attended_fraction", "decode_s_per_token")}}
+
+    def run(*records):
+        return {"command": "x", "model": "m", "samples": list(records)}
+
+    a = run(rec("full", 0.1, "1", 1.0, budget=1.0), rec("oracle", 0.1, "1", 1.0, budget=0.2),
+            rec("mpcache", 0.1, "2", 0.0))
+    b = run(rec("full", 0.1, "1", 1.0, budget=1.0), rec("mpcache", 0.1, "1", 1.0))
+    got = merge([a, b], replace=("mpcache@after",))
+    by = {(r["policy"], r["budget"]): (r["score"], r["n"]) for r in got["rows"]}
+    assert by == {("full", 1.0): (1.0, 1), ("oracle", 0.2): (1.0, 1), ("mpcache", 0.1): (1.0, 1)}
+    with pytest.raises(ConfigError, match="different results"):
+        merge([a, b])   # mpcache's sample: two outputs, and no --replace
+
+
 @pytest.mark.slow   # ~24 s; main() on the same model runs in the default suite too
 def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     """The whole CLI in-process on the session's SmolLM2 (the process start: the test above).
@@ -185,9 +210,15 @@ def test_cli_end_to_end(tmp_path, smollm2, monkeypatch, cli):
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["rows"] == res["rows"]
     assert res["runs"] == {"planned": 4, "done": 4} and res["platform"]["backend"] == "cpu"
-    with pytest.raises(ConfigError, match="more than one input"):  # the same sample twice
-        merge_main(["--out", str(tmp_path / "twice"), parts[0], parts[0]])
-    assert not (tmp_path / "twice").exists()
+    # the same sample in two inputs: counted once when its results agree, else an error
+    merge_main(["--out", str(tmp_path / "twice"), parts[0], *parts])
+    assert json.loads((tmp_path / "twice" / "results.json").read_text())["rows"] == res["rows"]
+    other = json.loads(open(parts[0]).read())
+    other["samples"][0]["output"] += " (another output)"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="more than one input with different results"):
+        merge_main(["--out", str(tmp_path / "clash"), parts[0], str(tmp_path / "other.json")])
+    assert not (tmp_path / "clash").exists()
     # a rerun of one policy supersedes its earlier records, the others stay
     by_inside = next(r["score"] for r in res["rows"]
                      if (r["policy"], r["question"]) == ("mpcache", "inside"))
