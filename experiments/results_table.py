@@ -269,9 +269,9 @@ def selecting_notes(cost: dict) -> str:
 
 
 def headline_figure(costs: list, accuracy: dict, path: str, what: str = "") -> None:
-    """One panel per cost file: projected WAN seconds of a decode step (x, log) against the
+    """One panel per cost file: projected WAN seconds of a decode step (x) against the
     accuracy at the budget (y; `what` names its setting on the axis), one point per policy
-    with an accuracy."""
+    with an accuracy (colour and marker per policy, one legend above the panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,22 +279,29 @@ def headline_figure(costs: list, accuracy: dict, path: str, what: str = "") -> N
 
     colour = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(
         r["policy"] for cost in costs for r in cost["rows"]))}
+    marker = {p: "osD^vP*X<>"[i % 10] for i, p in enumerate(colour)}
     fig, axes = plt.subplots(1, len(costs), figsize=(4.2 * len(costs), 3.6), squeeze=False)
     for ax, cost in zip(axes[0], costs):
         shown = sorted((r for r in cost["rows"] if r["policy"] in accuracy),
                        key=lambda r: r["latency_s"]["wan"])
-        for i, r in enumerate(shown):   # labels staggered: nearby points share a score
+        for r in shown:   # one marker per policy, named in the figure's legend
             x, y = r["latency_s"]["wan"], accuracy[r["policy"]][0]
-            ax.scatter([x], [y], color=colour[r["policy"]])
-            ax.annotate(r["policy"], (x, y), fontsize=7, xytext=(4, 4 - 11 * (i % 3)),
-                        textcoords="offset points")
+            ax.scatter([x], [y], color=colour[r["policy"]], marker=marker[r["policy"]],
+                       s=42, alpha=0.85, label=r["policy"])
         rows = cost["rows"]
         ax.set_xlim(0, 1.15 * max(r["latency_s"]["wan"] for r in rows))
         ax.set_ylim(-0.05, 1.1)
         ax.set_title(f"{rows[0]['protocol']}, {rows[0]['seq']} tokens", fontsize=9)
         ax.set_xlabel("decode step, WAN seconds (projected)")
         ax.set_ylabel(f"accuracy (mean score{what})")
-    fig.tight_layout()
+    named = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            named.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    if named:
+        fig.legend(named.values(), named.keys(), loc="upper center", ncol=len(named),
+                   fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
