@@ -39,9 +39,10 @@ def attend_selected(q: jax.Array, k: jax.Array, v: jax.Array, onehot: jax.Array,
     if scores is None:
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     picked, ok = gather_packed(onehot, scores, valid, size, spans, length)
-    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5, row_max=row_max)
-    full = scatter_packed(onehot, probs, size, fold, spans, length, scores.shape[-1])
-    return attention_values(full[:, :, :, None], v, cfg)
+    w = nonlinear.SOFTMAX[cfg.softmax](picked, ok > 0.5, row_max=row_max, normalise=False)
+    full = scatter_packed(onehot, w.p, size, fold, spans, length, scores.shape[-1])
+    return attention_values(nonlinear.Weights(full[:, :, :, None], w.recip[:, :, :, None]),
+                            v, cfg)
 
 
 def gather_packed(onehot, scores, valid, size: int, spans=None, length=None):
@@ -146,10 +147,11 @@ def attend_partitioned(q, k, v, mask, size: int, slots: int, length, cfg: LlamaC
         scores = attention_scores(q, k, cfg)[:, :, :, 0]                        # [b,k,g,c]
     hi, lo, picked, ok = partition_scores(mask, scores, size, slots, length, backend)
     picked, ok = with_spans(picked, ok, scores, length, spans)
-    probs = nonlinear.SOFTMAX[cfg.softmax](picked, ok, row_max=row_max)
+    w = nonlinear.SOFTMAX[cfg.softmax](picked, ok, row_max=row_max, normalise=False)
     full = scatter_spans(lambda p: scatter_partitioned(hi, lo, p, size, entries // size),
-                         probs, slots * size, length, spans, entries)
-    return attention_values(full[:, :, :, None], v, cfg), ok.sum(axis=(2, 3))
+                         w.p, slots * size, length, spans, entries)
+    return (attention_values(nonlinear.Weights(full[:, :, :, None], w.recip[:, :, :, None]),
+                             v, cfg), ok.sum(axis=(2, 3)))
 
 
 def with_spans(picked, ok, scores, length, spans):

@@ -68,9 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.1, help="attended fraction of the prompt")
     p.add_argument("--heads", default="auto",
                    help="KV-head counts measured for attention blocks (extrapolated linearly "
-                        "to the model's when it has more); auto: the model's own under ABY3 "
-                        "and SEMI2K (no extrapolation: a 7B layer at 8k takes seconds), 2,4 "
-                        "under CHEETAH (minutes per head)")
+                        "to the model's when it has more); auto: the model's own (no "
+                        "extrapolation; CHEETAH at 8k, 7B shapes: ~13 minutes from an empty "
+                        "block cache for full, mpcache, oracle); e.g. 2,4: a quicker CHEETAH "
+                        "run whose compute seconds are extrapolated (noisy)")
     p.add_argument("--static-heads", default="1,2",
                    help="KV-head counts measured for the static step (extrapolated linearly)")
     p.add_argument("--static-max-seq", type=int, default=1024,
@@ -147,7 +148,7 @@ def build_setting(args):
         networks.append(custom_profile(args.bandwidth, args.rtt))
     cfg = spu_config(load_config(args.model))
     if heads is None:
-        heads = [2, 4] if protocol.kind == "CHEETAH" else [cfg.n_kv_heads]
+        heads = [cfg.n_kv_heads]
     for flag, hs in (("--heads", heads), ("--static-heads", static_heads)):
         if cfg.n_kv_heads > max(hs) and len(set(hs)) < 2:
             raise ConfigError(f"the model has {cfg.n_kv_heads} KV heads: give {flag} two "

@@ -146,10 +146,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Llama
     """Grouped-query attention.
 
     q: [b, t, n, d]; k, v: [b, k, s, d]; mask: bool, broadcastable to [b, k, g, t, s].
-    Returns [b, t, n*d].
+    The softmax is normalised after p . V (nonlinear.Weights). Returns [b, t, n*d].
     """
-    return attention_values(nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), mask),
-                            v, cfg)
+    return attention_values(nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), mask,
+                                                           normalise=False), v, cfg)
 
 
 def attention_scores(q: jax.Array, k, cfg: LlamaConfig) -> jax.Array:
@@ -165,9 +165,15 @@ def attention_scores(q: jax.Array, k, cfg: LlamaConfig) -> jax.Array:
     return jnp.einsum("btkgd,bksd->bkgts", qg, k) / math.sqrt(cfg.head_dim)
 
 
-def attention_values(probs: jax.Array, v, cfg: LlamaConfig) -> jax.Array:
-    """probs: [b, k, g, t, s]; v: [b, k, s, d] (or a tuple of row segments, as in
-    `attention_scores`) -> [b, t, n*d]."""
+def attention_values(probs, v, cfg: LlamaConfig) -> jax.Array:
+    """probs: [b, k, g, t, s], or nonlinear.Weights (p of that shape, recip [b, k, g, t, 1]:
+    the output rows are normalised after the matmul); v: [b, k, s, d] (or a tuple of row
+    segments, as in `attention_scores`) -> [b, t, n*d]."""
+    if isinstance(probs, nonlinear.Weights):
+        out = attention_values(probs.p, v, cfg)
+        b, t = out.shape[:2]
+        recip = jnp.transpose(probs.recip, (0, 3, 1, 2, 4))                   # [b,t,k,g,1]
+        return (out.reshape(recip.shape[:4] + (cfg.head_dim,)) * recip).reshape(b, t, -1)
     if isinstance(v, tuple):
         ends = np.cumsum([part.shape[2] for part in v])
         return sum(_values_matmul(probs[..., e - part.shape[2]:e], part, cfg)
@@ -300,8 +306,8 @@ def prompt_layer(lp: dict, x: jax.Array, cfg: LlamaConfig, chunk: int = 0, band:
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
     if tap is not None:
-        probs = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal)
-        att, extra = attention_values(probs, v, cfg), (tap(probs),)
+        w = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal, normalise=False)
+        att, extra = attention_values(w, v, cfg), (tap(w.p * w.recip),)   # as attend's
     else:
         att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
                       else attend(q, k, v, causal, cfg)), ()

@@ -21,7 +21,7 @@ The "mpc" variants avoid the operations whose fixed-point approximations misbeha
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,16 @@ EXP_CLIP = -14.0
 EXP_TAYLOR_ITERS = 8              # SPU's fxp_exp_iters (its default; protocols keep it)
 EXP_ZERO = -float(2 ** EXP_TAYLOR_ITERS)   # SPU's Taylor exp is exactly 0 here
 RSQRT_FLOOR = 2.0 ** -12
+
+
+class Weights(NamedTuple):
+    """A softmax whose normalisation is left for after p . V (every softmax here with
+    normalise=False): p [..., s] unnormalised (the row max's entry is e^0 = 1, so a row sums
+    to at least 1) and recip [..., 1] = 1 / row sum. (p . V) * recip is softmax . V with one
+    product per output element instead of one per attended entry: under CHEETAH those
+    products were 16% of a softmax's bytes (model.attention_values applies it)."""
+    p: jax.Array
+    recip: jax.Array
 
 
 def _masked_scores(x, mask):
@@ -55,36 +65,41 @@ def _row_max(x, axis, row_max):
     return jnp.max(x, axis=axis, keepdims=True) if row_max is None else row_max
 
 
-def softmax_exact(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
+def softmax_exact(x: jax.Array, mask=None, axis: int = -1, row_max=None,
+                  normalise: bool = True):
     """Reference softmax along `axis`; `mask` (broadcastable, bool) marks valid entries;
-    `row_max`: the max over the valid entries when the caller has it (see _row_max)."""
+    `row_max`: the max over the valid entries when the caller has it (see _row_max);
+    normalise=False: the unnormalised Weights instead (every softmax here takes it)."""
     x = _masked_scores(x, mask)
     p = jnp.exp(x - _row_max(x, axis, row_max))
     if mask is not None:
         p = p * mask
-    return p * _row_reciprocal(p, axis)
+    return _normalise(p, axis, normalise)
 
 
-def _softmax_clipped_with(exp, x, mask, axis, row_max):
+def _softmax_clipped_with(exp, x, mask, axis, row_max, normalise=True):
     """softmax_clipped's body with `exp` for e^z on the clipped range [EXP_CLIP, 0]."""
     x = _masked_scores(x, mask)   # masked entries fall below the clip: no AND with mask
     z = x - _row_max(x, axis, row_max)
     keep = z > EXP_CLIP
-    return _normalise(jnp.where(keep, exp(jnp.where(keep, z, EXP_CLIP)), 0.0), axis)
+    return _normalise(jnp.where(keep, exp(jnp.where(keep, z, EXP_CLIP)), 0.0), axis, normalise)
 
 
-def softmax_clipped(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
+def softmax_clipped(x: jax.Array, mask=None, axis: int = -1, row_max=None,
+                    normalise: bool = True):
     """PUMA-style softmax: exp of (x - max) clipped to zero below EXP_CLIP; `row_max` as in
     softmax_exact. One comparison and one select per entry: the entries below the clip go
     into SPU's exp as -2^EXP_TAYLOR_ITERS, where its Taylor form (1 + z/2^n)^(2^n) is exactly
     0 (as e^-256 is in float32), instead of being clipped and zeroed by a second select."""
     x = _masked_scores(x, mask)   # masked entries fall below the clip: no AND with mask
     z = x - _row_max(x, axis, row_max)
-    return _normalise(jnp.exp(jnp.where(z > EXP_CLIP, z, EXP_ZERO)), axis)
+    return _normalise(jnp.exp(jnp.where(z > EXP_CLIP, z, EXP_ZERO)), axis, normalise)
 
 
-def _normalise(p, axis):
-    return p * _row_reciprocal(p, axis)
+def _normalise(p, axis, normalise: bool = True):
+    """p / row sum, or (normalise=False) the Weights that defer it."""
+    recip = _row_reciprocal(p, axis)
+    return p * recip if normalise else Weights(p, recip)
 
 
 def _fit_exp_base(degree: int = 4, squarings: int = 3, floor: float = 1e-5, iters: int = 100):
@@ -115,9 +130,11 @@ def exp_clipped_poly(z: jax.Array) -> jax.Array:
     return r
 
 
-def softmax_poly(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
-    """softmax_clipped with exp_clipped_poly for SPU's exp; `row_max` as in softmax_exact."""
-    return _softmax_clipped_with(exp_clipped_poly, x, mask, axis, row_max)
+def softmax_poly(x: jax.Array, mask=None, axis: int = -1, row_max=None,
+                 normalise: bool = True):
+    """softmax_clipped with exp_clipped_poly for SPU's exp; `row_max`, `normalise` as in
+    softmax_exact."""
+    return _softmax_clipped_with(exp_clipped_poly, x, mask, axis, row_max, normalise)
 
 
 # "taylor": e^z = (e^(z/2^n))^(2^n) with the base's Taylor polynomial of degree 2, t = z/2^n:
@@ -138,12 +155,14 @@ def exp_clipped_taylor(z: jax.Array) -> jax.Array:
     return r
 
 
-def softmax_taylor(x: jax.Array, mask=None, axis: int = -1, row_max=None) -> jax.Array:
+def softmax_taylor(x: jax.Array, mask=None, axis: int = -1, row_max=None,
+                   normalise: bool = True):
     """softmax_clipped with exp_clipped_taylor for SPU's exp (one select per entry: entries
-    below the clip enter it at EXP_TAYLOR_FILL); `row_max` as in softmax_exact."""
+    below the clip enter it at EXP_TAYLOR_FILL); `row_max`, `normalise` as in softmax_exact."""
     x = _masked_scores(x, mask)
     z = x - _row_max(x, axis, row_max)
-    return _normalise(exp_clipped_taylor(jnp.where(z > EXP_CLIP, z, EXP_TAYLOR_FILL)), axis)
+    return _normalise(exp_clipped_taylor(jnp.where(z > EXP_CLIP, z, EXP_TAYLOR_FILL)), axis,
+                      normalise)
 
 
 def silu_exact(x: jax.Array) -> jax.Array:

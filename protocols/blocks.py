@@ -15,7 +15,8 @@ Blocks of one decode step, per layer unless noted (category in brackets):
     gather [gather]                    the selected clusters' scores packed (one-hot matmul)
     softmax [softmax]
     scatter [gather]                   probabilities back to cache order
-    values [attention]                 p . V
+    values [attention]                 p . V, then each row times 1 / row sum (the softmax's
+                                       normalisation, deferred: nonlinear.Weights)
     o_proj [linear]  mlp_norm [other]  gate_up [linear]  gated [other: SiLU]  down [linear]
     final_norm (once) [other]  lm_head (once) [linear]  argmax (once) [other]
 One-time static step at prefill (phase "static"): static_select [selection] on layers whose
@@ -230,7 +231,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         length, cap, policy = policy.n_attend(seq) + 1, policy.n_attend(seq) + 1, None
     else:
         length, cap = retained(policy, seq)
-    softmax = nonlinear.SOFTMAX[cfg.softmax]
+    softmax = _deferred(nonlinear.SOFTMAX[cfg.softmax])
     valid = jnp.arange(cap) < length
     q, kv = _spec((1, 1, heads * g, d)), _spec((1, heads, cap, d))
     scores = _spec((1, heads, g, 1, cap))
@@ -238,13 +239,15 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     blocks = [dataclasses.replace(
         _block("scores", "attention", lambda q, k: (attention_scores(q, k, c),),
                {"q": q, "k": kv}, count=L, heads=heads), **frozen)]
+    recip = _spec((1, heads, g, 1, 1))   # the softmax's 1 / row sum, applied after p . V
     values = dataclasses.replace(
-        _block("values", "attention", lambda p, v: (attention_values(p, v, c),),
-               {"probs": scores, "v": kv}, count=L, heads=heads), **frozen)
+        _block("values", "attention",
+               lambda p, r, v: (attention_values(nonlinear.Weights(p, r), v, c),),
+               {"probs": scores, "recip": recip, "v": kv}, count=L, heads=heads), **frozen)
     if policy is None or not policy.dynamic:
         mask = valid[None, None, None, None, :]
         return blocks + [
-            _block("softmax", "softmax", lambda s: (softmax(s, mask),), {"scores": scores},
+            _block("softmax", "softmax", lambda s: softmax(s, mask), {"scores": scores},
                    count=L, heads=heads), values]
 
     # layers the policy leaves the whole cache (`layer_policy`): the full softmax there; the
@@ -254,7 +257,7 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
         if getattr(policy, "refresh", 1) > 1:
             raise ConfigError("cost blocks for dense layers are built for refresh=1 only")
         full_mask = valid[None, None, None, None, :]
-        blocks.append(_block("softmax_dense", "softmax", lambda s: (softmax(s, full_mask),),
+        blocks.append(_block("softmax_dense", "softmax", lambda s: softmax(s, full_mask),
                              {"scores": scores}, count=dense, heads=heads))
     L = L - dense
 
@@ -291,12 +294,12 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
     def softmax_blocks(packed: dict, mask_of):
         """The softmax over the packed scores: with the selection's row max for the
         selecting layers (when it gives one) and the plain one for the others."""
-        plain = _block("softmax", "softmax", lambda s, ok: (softmax(s, mask_of(ok)),), packed,
+        plain = _block("softmax", "softmax", lambda s, ok: softmax(s, mask_of(ok)), packed,
                        count=L if not gives_max else L - n_sel, heads=heads)
         if not gives_max:
             return [plain]
         out = [_block("softmax", "softmax",
-                      lambda s, ok, m: (softmax(s, mask_of(ok), row_max=m),),
+                      lambda s, ok, m: softmax(s, mask_of(ok), row_max=m),
                       {**packed, "row_max": _spec((1, heads, 1, 1))}, count=n_sel,
                       heads=heads)]
         return out + ([dataclasses.replace(plain, name="softmax_shared")] if n_sel < L else [])
@@ -427,13 +430,13 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     ck, fk = _spec((1, heads, rows, d)), _spec((1, heads, fr, d))
     ok_forced = lambda: policy.forced_kv(jnp.zeros((1, heads, kv.shape[2], 1)),  # noqa: E731
                                          jnp.zeros((1, heads, kv.shape[2], 1)), n)[2]
-    softmax = nonlinear.SOFTMAX[c.softmax]
+    softmax = _deferred(nonlinear.SOFTMAX[c.softmax])
     scores = _spec((1, heads, g, 1, rows + fr))
 
     def soft(s, ok=None):   # ok: the kept rows' secret validity, where it is not public
         kept_ok = jnp.ones((1, heads, rows), bool) if ok is None else ok > 0.5
         mask = jnp.concatenate([kept_ok, ok_forced()], axis=-1)
-        return (softmax(s, mask[:, :, None, None, :]),)
+        return softmax(s, mask[:, :, None, None, :])
 
     soft_in = {"scores": scores}
     if not policy.kept_rows_valid(seq):
@@ -456,9 +459,17 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
         _block("softmax", "softmax", soft, soft_in, count=L, heads=heads),
         dataclasses.replace(
             _block("values", "attention",
-                   lambda p, v, f: (attention_values(p, join(v, f), c),),
-                   {"probs": scores, "vc_frozen": ck, "forced_v": fk}, count=L, heads=heads),
+                   lambda p, r, v, f: (attention_values(nonlinear.Weights(p, r), join(v, f), c),),
+                   {"probs": scores, "recip": _spec((1, heads, g, 1, 1)), "vc_frozen": ck,
+                    "forced_v": fk}, count=L, heads=heads),
             **mark)]
+
+
+def _deferred(softmax):
+    """The softmax block's function: the unnormalised weights and the row reciprocal
+    (nonlinear.Weights, as a tuple of block outputs); the values block normalises after
+    p . V, as model.attention_values does."""
+    return lambda *a, **kw: tuple(softmax(*a, normalise=False, **kw))
 
 
 def _init_bounds(policy, k, length):

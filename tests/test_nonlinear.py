@@ -28,6 +28,36 @@ def test_clipped_softmax_matches_and_respects_mask():
     assert float(p[2]) == 0.0 and float(p[1]) > 0.0
 
 
+@pytest.mark.parametrize("name", sorted(nonlinear.SOFTMAX))
+def test_deferred_normalisation_is_the_same_attention(name):
+    """normalise=False gives the unnormalised weights (the row max's entry e^0 = 1) and the
+    row reciprocal, whose product is the normalised softmax bit for bit; attention_values
+    normalises after p . V to the same output, and attend (which defers) matches the
+    normalised form. (SPU against plaintext: the model and policy tests.)"""
+    from mpc_llama.model import attend, attention_scores, attention_values
+
+    cfg = preset("tiny")
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(0, 2, (1, 3, cfg.n_heads, cfg.head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(0, 2, (1, cfg.n_kv_heads, 9, cfg.head_dim)), jnp.float32)
+            for _ in range(2))
+    mask = (jnp.arange(9) < 7)[None, None, None, None, :]
+    softmax = nonlinear.SOFTMAX[name]
+    s = attention_scores(q, k, cfg)
+    w = softmax(s, mask, normalise=False)
+    assert isinstance(w, nonlinear.Weights) and w.recip.shape == s.shape[:-1] + (1,)
+    np.testing.assert_allclose(w.p.max(axis=-1), 1.0, atol=2e-3)   # the poly exps' e^0
+    assert float(jnp.abs(w.p[..., 7:]).max()) <= 2.0 ** -32   # taylor's fill: 2^-32
+    probs = softmax(s, mask)
+    np.testing.assert_array_equal(w.p * w.recip, probs)
+    want = attention_values(probs, v, cfg)
+    np.testing.assert_allclose(attention_values(w, v, cfg), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attend(q, k, v, mask, cfg.replace(softmax=name)), want,
+                               rtol=1e-5, atol=1e-6)
+    segments = (v[:, :, :4], v[:, :, 4:])   # row segments (SEMI2K's frozen prompt rows)
+    np.testing.assert_allclose(attention_values(w, segments, cfg), want, rtol=1e-5, atol=1e-6)
+
+
 def test_safe_rsqrt_floors_tiny_inputs():
     assert float(nonlinear.rsqrt_safe(jnp.asarray(1e-9))) == pytest.approx(2.0 ** 6)
     assert float(nonlinear.rsqrt_safe(jnp.asarray(4.0))) == pytest.approx(0.5)
