@@ -50,7 +50,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     max_seq_len: int = 4096
-    softmax: str = "clipped"
+    softmax: str = "exact"
     silu: str = "split"
     rsqrt: str = "exact"
     embedding: str = "gather"

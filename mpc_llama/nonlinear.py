@@ -2,8 +2,13 @@
 
 Every function here is plain jax.numpy, so it runs unchanged under `jax.jit` and under SPU.
 The "mpc" variants avoid the operations whose fixed-point approximations misbehave:
+  * softmax "exact" (the default): x - max, exp, masked entries zeroed by a product with the
+    mask; under SPU its exp (1 + z/2^8)^(2^8) is right for z >= -490 (below 2^-18 there),
+    so a row's valid scores must lie within 490 of its max (no comparison spent on a clip);
   * softmax "clipped" (PUMA): subtract the row max and zero exp() below -14, where SPU's
     exp approximation is inaccurate and the true value (< 1e-6) is negligible;
+  * every softmax with normalise=False: the unnormalised weights and the row reciprocal
+    (Weights), which model.attention_values applies after p . V;
   * silu "poly": piecewise polynomials (Horner form on a rescaled variable so coefficients
     stay O(1) in fixed point) instead of a sigmoid, max error ~5e-4;
   * softmax "poly": as "clipped", with exp on the clipped range [-14, 0] a fitted quartic of

@@ -119,7 +119,8 @@ def test_taylor_exp_error_and_taylor_softmax():
 def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     """The variants compiled for SPU (FM64) give the plaintext values within fixed-point
     error, on activations that cross both of SiLU's comparisons and scores that cross the
-    softmax clip."""
+    softmax clip; the exact softmax (the default: no clip) too, with entries down to 480
+    below the row max, inside the domain of SPU's exp (1 + z/256)^256 (z >= -490)."""
     from protocols.registry import get_protocol
     from protocols.session import SpuSession
 
@@ -128,14 +129,21 @@ def test_split_silu_and_poly_softmax_under_spu_equal_plaintext(protocol):
     scores = rng.normal(0, 6, (2, 12)).astype(np.float32)
     mask = np.arange(12) < 10
     scores[0, 3], scores[1, 5] = scores.max() - 20.0, scores.max() - 300.0   # far below clip
+    scores[0, 7] = scores.max() - 480.0
     fn = lambda a, s: (nonlinear.silu_split(a), nonlinear.softmax_poly(s, mask),  # noqa: E731
-                       nonlinear.softmax_clipped(s, mask), nonlinear.softmax_taylor(s, mask))
+                       nonlinear.softmax_clipped(s, mask), nonlinear.softmax_taylor(s, mask),
+                       *nonlinear.softmax_exact(s, mask, normalise=False))
     session = SpuSession(get_protocol(protocol))
     prog = session.compile(fn, (act, scores), ("act", "scores"))
     session.put("act", act, owner=0)
     session.put("scores", scores, owner=1)
-    outs, _ = session.run(prog, ("silu", "probs", "clipped", "taylor"))
-    silu, probs, clipped, taylor = (np.asarray(session.reveal(o)) for o in outs)
+    outs, _ = session.run(prog, ("silu", "probs", "clipped", "taylor", "p", "recip"))
+    silu, probs, clipped, taylor, p, recip = (np.asarray(session.reveal(o)) for o in outs)
+    want = nonlinear.softmax_exact(scores, mask, normalise=False)
+    np.testing.assert_allclose(p, np.asarray(want.p), atol=2e-3)   # SPU's exp: ~1e-3 off
+    np.testing.assert_allclose(p * recip, np.asarray(want.p * want.recip), atol=5e-3)
+    assert np.abs(p[:, 10:]).max() < 1e-5      # masked (SPU's exp overflows there: times 0)
+    assert abs(p[0, 7]) < 1e-5 and abs(p[1, 5]) < 1e-5
     np.testing.assert_allclose(taylor, np.asarray(nonlinear.softmax_taylor(scores, mask)),
                                atol=2e-3)
     assert np.abs(taylor[:, 10:]).max() < 1e-5
