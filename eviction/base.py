@@ -134,9 +134,8 @@ class Policy:
 
     def prefill_tap(self, prompt_len: int) -> Optional[Callable]:
         """For the model's prefill: a function of a layer's attention probabilities
-        [b, k, g, t, s] (or the softmax's nonlinear.Weights, as the prefill passes them)
-        returning the aggregate [b, k, s] the static step ranks by (so the window attention
-        is the prefill's own, not computed twice), or None."""
+        [b, k, g, t, s] returning the aggregate [b, k, s] the static step ranks by (so the
+        window attention is the prefill's own, not computed twice), or None."""
         keep = self.static_keep(prompt_len)
         spec = None if keep is None or keep >= prompt_len else self.prompt_attention(prompt_len)
         if spec is None:

@@ -28,16 +28,11 @@ def group_probs(q: jax.Array, k: jax.Array, mask: jax.Array, softmax) -> jax.Arr
     return softmax(scores, mask).sum(axis=2)
 
 
-def aggregate_rows(probs, rows: int, aggregate: str) -> jax.Array:
+def aggregate_rows(probs: jax.Array, rows: int, aggregate: str) -> jax.Array:
     """The last `rows` query rows of a layer's attention probabilities, summed over each KV
     group's query heads and aggregated over the rows ("sum" or "max").
 
-    probs: [b, k, g, t, s] (causal, as the prefill computes them), or nonlinear.Weights (the
-    prefill's softmax, normalised after p . V): then only the window's rows are normalised.
-    Returns [b, k, s]."""
-    if isinstance(probs, nonlinear.Weights):
-        start = max(probs.p.shape[3] - rows, 0)
-        probs = probs.p[:, :, :, start:] * probs.recip[:, :, :, start:]
+    probs: [b, k, g, t, s] (causal, as the prefill computes them). Returns [b, k, s]."""
     w = min(rows, probs.shape[3])
     per_row = probs[:, :, :, probs.shape[3] - w:].sum(axis=2)                  # [b, k, w, s]
     return per_row.sum(axis=2) if aggregate == "sum" else per_row.max(axis=2)

@@ -275,10 +275,9 @@ def run_prompt(params: dict, cfg: LlamaConfig, tokens: jax.Array, chunk: int = 0
 
     tokens: [b, t] int32 at positions 0..t-1; chunk > 0 computes attention `chunk` queries at
     a time (plaintext speed; 0 = one masked T x T matrix, as compiled for SPU).
-    tap (chunk = 0 only): a function of each layer's softmax as nonlinear.Weights (p
-    [b, k, g, t, t] unnormalised, recip [b, k, g, t, 1]; e.g. a static eviction step's window
-    aggregate, `Policy.prefill_tap`), so a step that ranks by them reads the prefill's own
-    probabilities instead of computing them again.
+    tap (chunk = 0 only): a function of each layer's attention probabilities [b, k, g, t, t]
+    (e.g. a static eviction step's window aggregate, `Policy.prefill_tap`), so a step that
+    ranks by them reads the prefill's own probabilities instead of computing them again.
     Returns the final hidden states [b, t, d] and, per layer, (q [b, t, n, d] rotated,
     k [b, k, t, d] rotated, v [b, k, t, d]), plus tap(probs) as a fourth element when tapped:
     everything a static eviction step reads, so one prompt pass can feed every policy
@@ -308,7 +307,7 @@ def prompt_layer(lp: dict, x: jax.Array, cfg: LlamaConfig, chunk: int = 0, band:
     q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
     if tap is not None:
         w = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal, normalise=False)
-        att, extra = attention_values(w, v, cfg), (tap(w),)   # as attend's
+        att, extra = attention_values(w, v, cfg), (tap(w.p * w.recip),)   # as attend's
     else:
         att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
                       else attend(q, k, v, causal, cfg)), ()

@@ -535,11 +535,9 @@ def static_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Block]
 
 def _static_attention(policy, c, seq: int, heads: int):
     """The static select block's first input and how it becomes the aggregate [b, k, t] the
-    step ranks by: ({name: spec}, fn). From the prefill's softmax (`prefill_tap`): the
-    window's rows of its unnormalised weights with their row reciprocals as one more column
-    [1, k, g, rows, t + 1] (the prefill normalises after p . V, so normalising the window's
-    rows is the static step's: a contraction with the reciprocals for "sum", products and
-    the step's comparisons for "max"). Without a tap (a ranking by something else than
+    step ranks by: ({name: spec}, fn). From the prefill's probabilities (`prefill_tap`): the
+    aggregate itself for "sum" (local additions); the window's rows [1, k, g, rows, t] for
+    "max" (its comparisons are the step's). Without a tap (a ranking by something else than
     attention): all prompt queries q [1, t, k, g, d], scored inside the block."""
     from eviction.static_scores import aggregate_rows
 
@@ -547,10 +545,11 @@ def _static_attention(policy, c, seq: int, heads: int):
     if spec is None:
         return {"q": _spec((1, seq, heads, c.group_size, c.head_dim))}, lambda q: None
     rows, aggregate = spec
+    if aggregate == "sum":
+        return {"attn": _spec((1, heads, seq))}, lambda a: a
     rows = min(rows, seq)
-    return ({"probs": _spec((1, heads, c.group_size, rows, seq + 1))},
-            lambda a: aggregate_rows(nonlinear.Weights(a[..., :seq], a[..., seq:]), rows,
-                                     aggregate))
+    return ({"probs": _spec((1, heads, c.group_size, rows, seq))},
+            lambda p: aggregate_rows(p, rows, aggregate))
 
 
 def _static_sort_blocks(policy, c, seq: int, heads: int, keep: int) -> List[Block]:
