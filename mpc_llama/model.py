@@ -142,14 +142,18 @@ def gated(gate: jax.Array, up: jax.Array, cfg: LlamaConfig) -> jax.Array:
     return nonlinear.SILU[cfg.silu](gate) * up
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: LlamaConfig):
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: LlamaConfig,
+           defer: bool = True):
     """Grouped-query attention.
 
     q: [b, t, n, d]; k, v: [b, k, s, d]; mask: bool, broadcastable to [b, k, g, t, s].
-    The softmax is normalised after p . V (nonlinear.Weights). Returns [b, t, n*d].
+    defer: the softmax normalised after p . V (nonlinear.Weights: one product per output
+    instead of one per score), else before it (the prefill: a static step's tap reads the
+    normalised probabilities, so the prefill with and without one costs the same but for
+    the static step). Returns [b, t, n*d].
     """
     return attention_values(nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), mask,
-                                                           normalise=False), v, cfg)
+                                                           normalise=not defer), v, cfg)
 
 
 def attention_scores(q: jax.Array, k, cfg: LlamaConfig) -> jax.Array:
@@ -306,11 +310,11 @@ def prompt_layer(lp: dict, x: jax.Array, cfg: LlamaConfig, chunk: int = 0, band:
         causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     q, k, v = _qkv(lp, rms_norm(x, lp.get("attn_norm"), cfg), positions, cfg)
     if tap is not None:
-        w = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal, normalise=False)
-        att, extra = attention_values(w, v, cfg), (tap(w.p * w.recip),)   # as attend's
+        probs = nonlinear.SOFTMAX[cfg.softmax](attention_scores(q, k, cfg), causal)
+        att, extra = attention_values(probs, v, cfg), (tap(probs),)   # as attend(defer=False)
     else:
         att, extra = (attend_chunked(q, k, v, cfg, chunk, band) if chunk
-                      else attend(q, k, v, causal, cfg)), ()
+                      else attend(q, k, v, causal, cfg, defer=False)), ()
     x = x + att @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp.get("mlp_norm"), cfg), cfg)
     return x, (q, k, v) + extra
