@@ -18,6 +18,10 @@ set (random), compacted to M slots: the one-hot [M, N] built by each form
 (`eviction.compaction.compaction_matrix`: eq, ge, digits) and the gather of N x Z secret rows
 with it, each measured alone ("onehot") and together ("gather"), checked against the
 equality one-hot in plaintext.
+With --sort, a shape MxNxZ is the same mask compacted instead by ONE stable 1-bit sort
+(`eviction.compaction.partition`, the static step's SEMI2K/ABY3 kernel) carrying Z payload
+columns of N entries (the static step carries 2 x head_dim + 1): what the sort costs per
+payload column, checked against the plaintext partition.
 """
 
 from __future__ import annotations
@@ -110,11 +114,47 @@ def measure_onehot(session, shape, form: str, repeats: int) -> list:
     return rows
 
 
+def measure_sort(session, shape, repeats: int) -> list:
+    """One row: the fastest of `repeats` runs of the 1-bit sort compacting the M entries of
+    a secret mask over N (made by a comparison inside the program, as in a policy) with Z
+    payload columns, checked against the plaintext partition."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eviction.compaction import partition
+
+    m, n, z = shape
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 1, n), np.float32)
+    mask[0, 0, rng.choice(n, min(m, n), replace=False)] = 1.0
+    cols = rng.normal(size=(z, 1, 1, n)).astype(np.float32)
+    want = np.stack(partition(jnp.asarray(mask > 0.5), m, list(cols), "plain"))
+
+    def fn(a, c):
+        return (jnp.stack(partition(a > 0.5, m, [c[i] for i in range(z)], "spu")),)
+    prog = session.compile(fn, [mask, cols], ["mask", "cols"])
+    refs = [session.put("mask", mask), session.put("cols", cols)]
+    best, got = None, None
+    for _ in range(repeats):
+        outs, cost = session.run(prog, ["o"])
+        got = np.asarray(session.reveal(outs[0]))
+        for o in outs:
+            session.delete(o)
+        best = cost if best is None or cost.seconds < best.seconds else best
+    for r in refs:
+        session.delete(r)
+    return [{"form": "sort", "what": "sort", "m": m, "n": n, "z": z,
+             "bytes": sum(best.bytes_sent), "sends": max(best.sends), "seconds": best.seconds,
+             "bytes_per_payload_element": sum(best.bytes_sent) / (n * z),
+             "max_abs_error": float(np.abs(got - want).max())}]
+
+
 def onehot_markdown(rows) -> str:
     lines = ["| M x N x Z | form | measured | MB (all parties) | sends (busiest) | seconds | "
              "max abs error vs plaintext |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        what = "one-hot" if r["what"] == "onehot" else "one-hot + gather"
+        what = {"onehot": "one-hot", "gather": "one-hot + gather",
+                "sort": "1-bit sort, Z payload columns"}[r["what"]]
         lines.append(f"| {r['m']} x {r['n']} x {r['z']} | {r['form']} | {what} | "
                      f"{r['bytes'] / 1e6:.2f} | {r['sends']} | {r['seconds']:.2f} | "
                      f"{r['max_abs_error']:.1e} |")
@@ -144,6 +184,8 @@ def main(argv=None) -> None:
     p.add_argument("--onehot", default="", help="one-hot forms (comma list of eq, ge, "
                    "digits): measure compaction one-hots of M slots over N entries and their "
                    "gather of N x Z rows instead of a plain matmul")
+    p.add_argument("--sort", action="store_true", help="measure the 1-bit sort compacting "
+                   "M of N entries with Z payload columns instead of a plain matmul")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from protocols.registry import get_protocol
@@ -161,7 +203,12 @@ def main(argv=None) -> None:
     protocol = get_protocol(args.protocol)
     session = SpuSession(protocol)
     session.warm_up()  # CHEETAH's one-time setup stays out of the rows
-    if forms:
+    if forms and args.sort:
+        raise ConfigError("--sort and --onehot measure different things: give one")
+    if args.sort:
+        rows = [r for s in tqdm(shapes, desc="sorts", unit="shape", file=sys.stderr)
+                for r in measure_sort(session, s, args.repeats)]
+    elif forms:
         jobs = [(s, f) for s in shapes for f in forms]
         rows = [r for s, f in tqdm(jobs, desc="one-hots", unit="form", file=sys.stderr)
                 for r in measure_onehot(session, s, f, args.repeats)]
@@ -170,7 +217,7 @@ def main(argv=None) -> None:
                 for s in tqdm(shapes, desc="shapes", unit="shape", file=sys.stderr)]
     for r in rows:
         r["protocol"] = protocol.name
-    print(onehot_markdown(rows) if forms else markdown(rows))
+    print(onehot_markdown(rows) if forms or args.sort else markdown(rows))
     if args.out:
         command = "python experiments/gather_shapes.py " + " ".join(sys.argv[1:] if argv is None
                                                                      else argv)

@@ -43,3 +43,23 @@ def test_onehot_forms_measure_each_form_and_match_plaintext(tmp_path, capsys):
     assert "| 3 x 12 x 4 | digits | one-hot + gather |" in table
     with pytest.raises(ConfigError, match="unknown form"):
         gather_shapes.main(["--onehot", "eq,nope", "--shapes", "3x12x4"])
+
+
+def test_sort_compacts_like_plaintext_and_grows_with_payload_columns(tmp_path, capsys):
+    """--sort: the 1-bit sort's compaction equals the plaintext partition, and each payload
+    column adds the same bytes (what bounds the static step under SEMI2K: docs/benchmark.md)."""
+    from experiments import results_table
+
+    gather_shapes.main(["--protocol", "semi2k", "--shapes", "3x12x1,3x12x3,3x12x5",
+                        "--repeats", "1", "--sort", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["what"], r["z"]) for r in rows] == [("sort", 1), ("sort", 3), ("sort", 5)]
+    for r in rows:
+        assert r["max_abs_error"] < 1e-3
+    step = [b["bytes"] - a["bytes"] for a, b in zip(rows, rows[1:])]
+    assert step[0] > 0 and step[0] == step[1]   # linear in the payload columns
+    capsys.readouterr()
+    results_table.main([str(tmp_path / "results.json")])
+    assert "| 3 x 12 x 5 | sort | 1-bit sort, Z payload columns |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="give one"):
+        gather_shapes.main(["--sort", "--onehot", "eq", "--shapes", "3x12x4"])
