@@ -51,6 +51,25 @@ def parse_shapes(text: str):
     return shapes
 
 
+def fastest(session, fn, inputs: dict, repeats: int):
+    """(the counters of the fastest of `repeats` runs of fn over the named secret inputs,
+    its revealed first output as numpy)."""
+    import numpy as np
+
+    prog = session.compile(fn, list(inputs.values()), list(inputs))
+    refs = [session.put(name, value) for name, value in inputs.items()]
+    best, got = None, None
+    for _ in range(repeats):
+        outs, cost = session.run(prog, ["o"])
+        got = np.asarray(session.reveal(outs[0]))
+        for o in outs:
+            session.delete(o)
+        best = cost if best is None or cost.seconds < best.seconds else best
+    for r in refs:
+        session.delete(r)
+    return best, got
+
+
 def measure(session, shape, repeats: int) -> dict:
     """The fastest of `repeats` runs of p @ k, p [M, N], k [N, Z], both secret (no owner)."""
     import numpy as np
@@ -59,19 +78,8 @@ def measure(session, shape, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     p = rng.normal(size=(m, n)).astype(np.float32)
     k = rng.normal(size=(n, z)).astype(np.float32)
-    prog = session.compile(lambda a, b: (a @ b,), [p, k], ["p", "k"])
-    refs = [session.put("p", p), session.put("k", k)]
-    best = None
-    for _ in range(repeats):
-        outs, cost = session.run(prog, ["o"])
-        got = session.reveal(outs[0])
-        for o in outs:
-            session.delete(o)
-        best = cost if best is None or cost.seconds < best.seconds else best
-    for r in refs:
-        session.delete(r)
-    err = float(np.abs(np.asarray(got[0] if isinstance(got, (tuple, list)) else got)
-                       - p @ k).max())
+    best, got = fastest(session, lambda a, b: (a @ b,), {"p": p, "k": k}, repeats)
+    err = float(np.abs(got - p @ k).max())
     return {"m": m, "n": n, "z": z, "macs": m * n * z, "bytes": sum(best.bytes_sent),
             "sends": max(best.sends), "seconds": best.seconds, "max_abs_error": err}
 
@@ -96,17 +104,7 @@ def measure_onehot(session, shape, form: str, repeats: int) -> list:
                a > 0.5, m, form).astype(jnp.float32), b),)}
     rows = []
     for what, fn in fns.items():
-        prog = session.compile(fn, [mask, k], ["mask", "k"])
-        refs = [session.put("mask", mask), session.put("k", k)]
-        best, got = None, None
-        for _ in range(repeats):
-            outs, cost = session.run(prog, ["o"])
-            got = np.asarray(session.reveal(outs[0]))
-            for o in outs:
-                session.delete(o)
-            best = cost if best is None or cost.seconds < best.seconds else best
-        for r in refs:
-            session.delete(r)
+        best, got = fastest(session, fn, {"mask": mask, "k": k}, repeats)
         rows.append({"form": form, "what": what, "m": m, "n": n, "z": z,
                      "bytes": sum(best.bytes_sent), "sends": max(best.sends),
                      "seconds": best.seconds,
@@ -132,17 +130,7 @@ def measure_sort(session, shape, repeats: int) -> list:
 
     def fn(a, c):
         return (jnp.stack(partition(a > 0.5, m, [c[i] for i in range(z)], "spu")),)
-    prog = session.compile(fn, [mask, cols], ["mask", "cols"])
-    refs = [session.put("mask", mask), session.put("cols", cols)]
-    best, got = None, None
-    for _ in range(repeats):
-        outs, cost = session.run(prog, ["o"])
-        got = np.asarray(session.reveal(outs[0]))
-        for o in outs:
-            session.delete(o)
-        best = cost if best is None or cost.seconds < best.seconds else best
-    for r in refs:
-        session.delete(r)
+    best, got = fastest(session, fn, {"mask": mask, "cols": cols}, repeats)
     return [{"form": "sort", "what": "sort", "m": m, "n": n, "z": z,
              "bytes": sum(best.bytes_sent), "sends": max(best.sends), "seconds": best.seconds,
              "bytes_per_payload_element": sum(best.bytes_sent) / (n * z),
