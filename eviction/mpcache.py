@@ -92,6 +92,15 @@ def step_scores(q, cache_k):
     return jnp.einsum("bkgd,bkcd->bkgc", q, cache_k) / math.sqrt(q.shape[-1])
 
 
+def _pad_rows(a, n: int):
+    """a [b, k, c, ...] with zero rows appended up to n rows (as it is when c >= n)."""
+    if a.shape[2] >= n:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[2] = (0, n - a.shape[2])
+    return jnp.pad(a, pad)
+
+
 @dataclasses.dataclass(frozen=True)
 class MPCache(Policy):
     name = "mpcache"
@@ -464,7 +473,11 @@ class MPCache(Policy):
         if self.kept == "onehot":
             return bounds + (kept,)
         rows = jnp.zeros((b, h, m * self.s2, keys.shape[-1]), keys.dtype)
-        return bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
+        state = bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
+        if self.holds_forced:
+            held = jnp.zeros((b, h, (1 + self.recent) * self.s2, keys.shape[-1]), keys.dtype)
+            state += (held, held)
+        return state
 
     def update_state(self, state, key, index):
         nb = self.n_bounds
@@ -493,10 +506,8 @@ class MPCache(Policy):
         row inside the first cluster, or beyond the cache, is invalid, as forced_rows
         zeroes a repeated cluster)."""
         s2, r = self.s2, self.recent
-        if ck.shape[2] < r * s2:   # a cache shorter than the recent clusters: zero rows after
-            pad = [(0, 0)] * ck.ndim
-            pad[2] = (0, r * s2 - ck.shape[2])
-            ck, cv = jnp.pad(ck, pad), jnp.pad(cv, pad)
+        # a cache shorter than the recent clusters: zero rows after
+        ck, cv = (_pad_rows(a, r * s2) for a in (ck, cv))
         current = (length - 1) // s2
         start = jnp.maximum(current - r + 1, 0) * s2
         first = (ck[:, :, :s2], cv[:, :, :s2])
@@ -506,6 +517,72 @@ class MPCache(Policy):
                               jnp.logical_and(pos >= s2, pos < length)])
         return (jnp.concatenate([first[0], recent[0]], axis=2),
                 jnp.concatenate([first[1], recent[1]], axis=2),
+                jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
+
+    # ---- the forced rows held between selections (SEMI2K's Beaver cache) ----
+    @property
+    def holds_forced(self) -> bool:
+        """Whether a selecting step also keeps the forced clusters' rows written so far (the
+        first cluster and the recent window, `hold_forced`) with the kept rows, so that a
+        reusing step opens only the last `refresh` rows (`forced_from_held`) instead of
+        every forced row: under SEMI2K (`split_kept`) the held rows are Beaver-cached
+        variables, while public slices of the cache are new buffers, opened again at every
+        step (refresh <= s2: the recent window holds at least refresh + s2 rows). The
+        attended rows are the same (`forced_kv`'s)."""
+        return self.split_kept and self.refresh > 1 and self.kept == "kv"
+
+    def hold_forced(self, ck, cv, length):
+        """At a selecting step (length public): keys, values [b, k, (1 + recent)*s2, d], the
+        first cluster's rows, then the recent window's clusters, cluster j in slot j mod
+        recent (so a later step, whose window starts a cluster later, finds each cluster
+        where it looks; `held_mask`)."""
+        s2, r = self.s2, self.recent
+        ck, cv = (_pad_rows(a, r * s2) for a in (ck, cv))
+        w0 = jnp.maximum((length - 1) // s2 - r + 1, 0)
+        out = []
+        for a in (ck, cv):
+            window = jax.lax.dynamic_slice_in_dim(a, w0 * s2, r * s2, axis=2)
+            blocks = window.reshape(*a.shape[:2], r, s2, a.shape[-1])
+            # slot t <- the window's block (t - w0) mod r: r static rotations, one picked by
+            # a public select
+            ring = sum(jnp.where(w0 % r == j, jnp.roll(blocks, j, axis=2), 0.0)
+                       for j in range(r))
+            out.append(jnp.concatenate([a[:, :, :s2], ring.reshape(window.shape)], axis=2))
+        return tuple(out)
+
+    def held_mask(self, length, capacity: int) -> jax.Array:
+        """bool [(1 + recent)*s2 + refresh] (public): which held rows (`hold_forced`'s, as
+        written at the last selection) and which of the last `refresh` rows (`live_kv`)
+        a reusing step at `length` attends: every forced row (`forced_kv`'s valid ones) once,
+        from the held rows if written more than `refresh` rows ago (so before the last
+        selection, refresh steps apart at most), else from the live rows."""
+        s2, r, w = self.s2, self.recent, self.refresh
+        cut = length - w                        # rows before it: held since the selection
+        w0 = jnp.maximum((length - 1) // s2 - r + 1, 0)
+        first = jnp.arange(s2) < cut
+        slot_cluster = w0 + (jnp.arange(r) - w0) % r                   # [r]
+        p = (slot_cluster[:, None] * s2 + jnp.arange(s2)).reshape(-1)
+        ring = jnp.logical_and(p >= s2, p < cut)
+        q = jnp.clip(cut, 0, max(capacity, w) - w) + jnp.arange(w)
+        forced = jnp.logical_or(q < s2, q >= w0 * s2)
+        live = jnp.logical_and(jnp.logical_and(forced, q < length), q >= cut)
+        return jnp.concatenate([first, ring, live])
+
+    def live_kv(self, ck, cv, length):
+        """The last `refresh` rows of the cache (public slices: opened at every step under
+        SEMI2K): keys, values [b, k, refresh, d]."""
+        w = self.refresh
+        ck, cv = (_pad_rows(a, w) for a in (ck, cv))
+        start = jnp.clip(length - w, 0, ck.shape[2] - w)
+        return tuple(jax.lax.dynamic_slice_in_dim(a, start, w, axis=2) for a in (ck, cv))
+
+    def forced_from_held(self, held, ck, cv, length):
+        """The forced rows at a reusing step, as `forced_kv` gives them but in row segments:
+        (keys (held, live), values (held, live), validity bool [b, k, (1+recent)*s2 +
+        refresh]); held: `hold_forced`'s pair from the last selection."""
+        live = self.live_kv(ck, cv, length)
+        ok = self.held_mask(length, ck.shape[2])
+        return ((held[0], live[0]), (held[1], live[1]),
                 jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
 
     def kept_rows_valid(self, prompt_len: int) -> bool:
@@ -529,7 +606,8 @@ class MPCache(Policy):
 
         ok = jnp.ones(compact[2].shape, bool) if all_valid else compact[2] > 0.5
         mask = jnp.concatenate([ok, forced[2]], axis=-1)
-        keys, values = (compact[0], forced[0]), (compact[1], forced[1])
+        keys, values = ((c,) + (f if isinstance(f, tuple) else (f,))
+                        for c, f in ((compact[0], forced[0]), (compact[1], forced[1])))
         if not self.split_kept:   # one matmul each: fewer rounds than two segments
             keys, values = (jnp.concatenate(a, axis=2) for a in (keys, values))
         out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
@@ -565,17 +643,20 @@ class MPCache(Policy):
         nb = self.n_bounds
         kept = state[nb]
         if selection is None and self.kept == "kv":
-            compact = tuple(state[nb + 1:nb + 4])
+            compact, held = tuple(state[nb + 1:nb + 4]), tuple(state[nb + 4:])
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
                 kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
                                               None if segments is None else segments[0])
                 compact = self.compact_kv(kept, ck, cv, length, segments)
-            out, count = self.attend_kept(q, compact, self.forced_kv(ck, cv, length), cfg,
+                held = self.hold_forced(ck, cv, length) if self.holds_forced else ()
+            forced = (self.forced_from_held(held, ck, cv, length)
+                      if self.holds_forced and not select_now else self.forced_kv(ck, cv, length))
+            out, count = self.attend_kept(q, compact, forced, cfg,
                                           self.kept_rows_valid(prompt_len))
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len), None)
-            return out, selection, count, tuple(state[:nb]) + (kept,) + compact
+            return out, selection, count, tuple(state[:nb]) + (kept,) + compact + held
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)

@@ -110,7 +110,7 @@ def test_fixed_operands_are_opened_once(tiny):
     assert sent(cached[0].prefill_cost) - sent(cached[1].prefill_cost) >= 8 * weights
 
 
-@pytest.mark.slow  # ~15 s: two sessions, five decode steps each
+@pytest.mark.slow  # ~25 s: three sessions, five decode steps each
 def test_kept_rows_are_opened_once_per_refresh(tiny):
     """The kept selection's compact K/V rows travel as their own Beaver-cached variables:
     the step after a selection opens them (8 bytes per element per party), the next reusing
@@ -125,13 +125,28 @@ def test_kept_rows_are_opened_once_per_refresh(tiny):
     for name, protocol in (("cached", get_protocol("semi2k")),
                            ("plain", get_protocol("semi2k").without_beaver_cache())):
         gen = PrivateGenerator(SpuSession(protocol), cfg, params, policy=policy)
-        sent[name] = [c.bytes_sent[0] for c in gen.generate(prompt, 5).decode_costs]
+        costs = gen.generate(prompt, 5).decode_costs
+        held = costs if name == "cached" else held
+        sent[name] = [c.bytes_sent[0] for c in costs]
     rows = (policy.k2(len(prompt)) - 1 - policy.recent) * policy.s2
     compact = 2 * cfg.n_layers * cfg.n_kv_heads * rows * cfg.head_dim   # K and V rows
     cached, plain = sent["cached"], sent["plain"]
     assert cached[1] - cached[2] >= 8 * compact and cached[2] == cached[3]
     assert plain[2] - cached[2] >= 8 * compact
     assert abs(plain[1] - plain[2]) < 0.01 * plain[1]
+    # the forced rows held with them (MPCache.holds_forced): a reusing step opens the last
+    # `refresh` rows, not the first and two recent clusters' rows it opens without them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(policy), "holds_forced", property(lambda self: False))
+        gen = PrivateGenerator(SpuSession(get_protocol("semi2k")), cfg, params, policy=policy)
+        unheld = gen.generate(prompt, 5).decode_costs
+    saved = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (
+        (1 + policy.recent) * policy.s2 - policy.refresh)
+    # the attention matmuls' openings (the values' product opens one more probability
+    # segment), less what the softmax pays for the `refresh` extra entries it masks
+    dots = lambda c: c.ops["pphlo.dot_general"].bytes_sent  # noqa: E731
+    assert dots(unheld[2]) - dots(held[2]) >= 0.9 * 8 * saved
+    assert unheld[2].bytes_sent[0] > held[2].bytes_sent[0]
 
 
 def test_marked_variables_are_released_before_reuse(tiny):

@@ -37,7 +37,7 @@ def direct_step(protocol, cfg, policy, seq, select_now=True):
         s.warm_up()
     gen = PrivateGenerator(s, cfg, init_params(cfg, jax.random.PRNGKey(0)), policy=policy)
     prog = gen.decode_program(seq, seq + 1, select_now=select_now)
-    spec = jax.eval_shape(lambda p, t: prefill(p, gen.cfg, t, seq + 1, policy=policy)[1],
+    spec = jax.eval_shape(lambda p, t: prefill(p, gen.cfg, t, seq + 1, policy=gen.policy)[1],
                           gen.params, jax.ShapeDtypeStruct((1, seq), np.int32))
     rng = np.random.default_rng(0)
     fill = lambda a: (rng.normal(size=a.shape).astype(np.float32)  # noqa: E731
@@ -168,6 +168,21 @@ def test_composed_refresh_is_the_mean_of_its_steps(meters):
     assert sel["latency_s"]["lan"] > 0
     dense = {n: v for n, v in parts.items() if n in DENSE_BLOCKS}
     assert selecting_step(dense, every, proto.world_size, proto, lan) is None
+
+
+@pytest.mark.slow  # ~20 s
+def test_composed_reusing_step_under_the_beaver_cache(meters):
+    """SEMI2K, MPCache with refresh=2 and kept="kv": the blocks every step runs (steady: the
+    compact and held forced rows Beaver-cached, the last `refresh` rows opened) cost what the
+    real reusing step costs, run twice on the same kept variables (the second measured)."""
+    proto = get_protocol("semi2k")
+    pol = make_policy("mpcache", 0.25, refresh=2)
+    direct = direct_step(proto, SMALL, pol, SEQ, select_now=False)
+    parts = composed_step(proto, SMALL, pol, SEQ, [SMALL.n_kv_heads], meters(proto), True)
+    assert "held_k_frozen" in parts["scores"][0].arg_names
+    comp = total({n: v for n, v in parts.items() if v[0].every == 1}, proto.world_size)
+    assert close(comp.total_bytes, direct.total_bytes, 0.02), (comp.total_bytes, direct)
+    assert close(max(comp.sends), max(direct.sends), 0.02), (comp.sends, direct.sends)
 
 
 @pytest.mark.slow  # ~11 s
