@@ -472,12 +472,9 @@ class MPCache(Policy):
         kept = jnp.zeros((b, h, m, c // self.s2), keys.dtype)
         if self.kept == "onehot":
             return bounds + (kept,)
-        rows = jnp.zeros((b, h, m * self.s2, keys.shape[-1]), keys.dtype)
-        state = bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
-        if self.holds_forced:
-            held = jnp.zeros((b, h, (1 + self.recent) * self.s2, keys.shape[-1]), keys.dtype)
-            state += (held, held)
-        return state
+        held = (1 + self.recent) * self.s2 if self.holds_forced else 0
+        rows = jnp.zeros((b, h, m * self.s2 + held, keys.shape[-1]), keys.dtype)
+        return bounds + (kept, rows, rows, jnp.zeros((b, h, m * self.s2), keys.dtype))
 
     def update_state(self, state, key, index):
         nb = self.n_bounds
@@ -523,12 +520,13 @@ class MPCache(Policy):
     @property
     def holds_forced(self) -> bool:
         """Whether a selecting step also keeps the forced clusters' rows written so far (the
-        first cluster and the recent window, `hold_forced`) with the kept rows, so that a
-        reusing step opens only the last `refresh` rows (`forced_from_held`) instead of
-        every forced row: under SEMI2K (`split_kept`) the held rows are Beaver-cached
-        variables, while public slices of the cache are new buffers, opened again at every
-        step (refresh <= s2: the recent window holds at least refresh + s2 rows). The
-        attended rows are the same (`forced_kv`'s)."""
+        first cluster and the recent window, `hold_forced`) after the kept rows, in the same
+        compact arrays, so that a step opens only the last `refresh` rows of the cache
+        (`forced_from_held`) besides them: under SEMI2K (`split_kept`) the compact rows are
+        Beaver-cached variables, while public slices of the cache are new buffers, opened
+        again at every step (refresh <= s2, so the last refresh rows are at most a third
+        of the forced ones). In the same arrays, not their own: each matmul segment costs
+        its own message rounds per head. The attended rows are the same (`forced_kv`'s)."""
         return self.split_kept and self.refresh > 1 and self.kept == "kv"
 
     def hold_forced(self, ck, cv, length):
@@ -576,14 +574,13 @@ class MPCache(Policy):
         start = jnp.clip(length - w, 0, ck.shape[2] - w)
         return tuple(jax.lax.dynamic_slice_in_dim(a, start, w, axis=2) for a in (ck, cv))
 
-    def forced_from_held(self, held, ck, cv, length):
-        """The forced rows at a reusing step, as `forced_kv` gives them but in row segments:
-        (keys (held, live), values (held, live), validity bool [b, k, (1+recent)*s2 +
-        refresh]); held: `hold_forced`'s pair from the last selection."""
+    def forced_from_held(self, ck, cv, length):
+        """With the forced rows held after the compact rows (`holds_forced`): the rest of
+        what `forced_kv` gives, the last `refresh` rows (`live_kv`), and the validity of the
+        held rows and those, bool [b, k, (1+recent)*s2 + refresh] (`held_mask`)."""
         live = self.live_kv(ck, cv, length)
         ok = self.held_mask(length, ck.shape[2])
-        return ((held[0], live[0]), (held[1], live[1]),
-                jnp.broadcast_to(ok, ck.shape[:2] + ok.shape))
+        return live[0], live[1], jnp.broadcast_to(ok, ck.shape[:2] + ok.shape)
 
     def kept_rows_valid(self, prompt_len: int) -> bool:
         """Whether every kept row is a valid cache entry at every step after a prompt_len
@@ -606,8 +603,7 @@ class MPCache(Policy):
 
         ok = jnp.ones(compact[2].shape, bool) if all_valid else compact[2] > 0.5
         mask = jnp.concatenate([ok, forced[2]], axis=-1)
-        keys, values = ((c,) + (f if isinstance(f, tuple) else (f,))
-                        for c, f in ((compact[0], forced[0]), (compact[1], forced[1])))
+        keys, values = (compact[0], forced[0]), (compact[1], forced[1])
         if not self.split_kept:   # one matmul each: fewer rounds than two segments
             keys, values = (jnp.concatenate(a, axis=2) for a in (keys, values))
         out = attend(q, keys, values, mask[:, :, None, None, :], cfg)
@@ -643,20 +639,23 @@ class MPCache(Policy):
         nb = self.n_bounds
         kept = state[nb]
         if selection is None and self.kept == "kv":
-            compact, held = tuple(state[nb + 1:nb + 4]), tuple(state[nb + 4:])
+            compact = tuple(state[nb + 1:nb + 4])
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
                 kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
                                               None if segments is None else segments[0])
                 compact = self.compact_kv(kept, ck, cv, length, segments)
-                held = self.hold_forced(ck, cv, length) if self.holds_forced else ()
-            forced = (self.forced_from_held(held, ck, cv, length)
-                      if self.holds_forced and not select_now else self.forced_kv(ck, cv, length))
+                if self.holds_forced:   # the forced rows so far, after the kept ones
+                    held = self.hold_forced(ck, cv, length)
+                    compact = tuple(jnp.concatenate([c, h], axis=2)
+                                    for c, h in zip(compact[:2], held)) + compact[2:]
+            forced = (self.forced_from_held(ck, cv, length) if self.holds_forced
+                      else self.forced_kv(ck, cv, length))
             out, count = self.attend_kept(q, compact, forced, cfg,
                                           self.kept_rows_valid(prompt_len))
             selection = ("scores", self.with_forced(kept, length), self.s2,
                          self.k2(prompt_len), None)
-            return out, selection, count, tuple(state[:nb]) + (kept,) + compact + held
+            return out, selection, count, tuple(state[:nb]) + (kept,) + compact
         if selection is None:
             if select_now:
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)

@@ -408,8 +408,8 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     def cat(a):
         return jnp.concatenate(a, axis=2) if isinstance(a, tuple) else a
 
-    def join(kept_rows, *forced_rows):   # as MPCache.attend_kept
-        return (kept_rows, *forced_rows) if policy.split_kept else cat((kept_rows, *forced_rows))
+    def join(kept_rows, forced_rows):   # as MPCache.attend_kept
+        return (kept_rows, forced_rows) if policy.split_kept else cat((kept_rows, forced_rows))
 
     def select_kept(q, k, *b):   # b: (bounds,) when the policy keeps them, else ()
         qg = q[:, 0].reshape(1, heads, g, d)
@@ -422,22 +422,20 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
         segs = (k, v) if isinstance(k, tuple) else None
         return policy.compact_kv(p, cat(k), cat(v), n, segs)
 
-    # the forced rows: public slices of the cache at every step; or, held with the kept rows
-    # (MPCache.holds_forced, SEMI2K), the held rows (cached, replaced at each selection) and
-    # the last `refresh` rows (slices)
+    # the forced rows: public slices of the cache at every step; or, held after the compact
+    # rows (MPCache.holds_forced, SEMI2K: Beaver-cached with them), the last `refresh` rows
     held = policy.holds_forced
-    get_forced = policy.live_kv if held else (lambda k, v, n: policy.forced_kv(k, v, n)[:2])
+    get_forced = policy.forced_from_held if held else policy.forced_kv
 
     def forced(k, v):
-        return get_forced(cat(k), cat(v), n)
+        return get_forced(cat(k), cat(v), n)[:2]
 
     rows = kept.shape[2] * policy.s2
+    hr = (1 + policy.recent) * policy.s2 if held else 0    # held after the compact rows
     fr = policy.refresh if held else (1 + policy.recent) * policy.s2
-    hr = (1 + policy.recent) * policy.s2 if held else 0
-    ck, fk, hk = (_spec((1, heads, m, d)) for m in (rows, fr, hr))
-    ok_forced = lambda: jnp.broadcast_to(  # noqa: E731
-        policy.held_mask(n, kv.shape[2]), (1, heads, hr + fr)) if held else policy.forced_kv(
-        jnp.zeros((1, heads, kv.shape[2], 1)), jnp.zeros((1, heads, kv.shape[2], 1)), n)[2]
+    ck, fk = _spec((1, heads, rows + hr, d)), _spec((1, heads, fr, d))
+    zeros = jnp.zeros((1, heads, kv.shape[2], 1))
+    ok_forced = lambda: get_forced(zeros, zeros, n)[2]  # noqa: E731
     softmax = _deferred(nonlinear.SOFTMAX[c.softmax])
     scores = _spec((1, heads, g, 1, rows + hr + fr))
 
@@ -451,9 +449,7 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
         soft_in["ok"] = _spec((1, heads, rows))
 
     # compact (and held) rows: Beaver-cached between refreshes, opened anew after each
-    mark = dict(frozen_rows=rows, reopened_every=r)
-    held_k = {"held_k_frozen": hk} if held else {}
-    held_v = {"held_v_frozen": hk} if held else {}
+    mark = dict(frozen_rows=rows + hr, reopened_every=r)
     return [
         dataclasses.replace(
             _block("select", "selection", select_kept, {"q": q, "k": kv, **bnd},
@@ -464,16 +460,14 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
         _block("forced", "gather", forced, {"k": kv, "v": kv}, count=L, heads=heads),
         dataclasses.replace(
             _block("scores", "attention",
-                   lambda q, k, f, *h: (attention_scores(q, join(k, *h, f), c),),
-                   {"q": q, "kc_frozen": ck, "forced_k": fk, **held_k}, count=L, heads=heads),
-            **mark),
+                   lambda q, k, f: (attention_scores(q, join(k, f), c),),
+                   {"q": q, "kc_frozen": ck, "forced_k": fk}, count=L, heads=heads), **mark),
         _block("softmax", "softmax", soft, soft_in, count=L, heads=heads),
         dataclasses.replace(
             _block("values", "attention",
-                   lambda p, r, v, f, *h: (attention_values(nonlinear.Weights(p, r),
-                                                            join(v, *h, f), c),),
+                   lambda p, r, v, f: (attention_values(nonlinear.Weights(p, r), join(v, f), c),),
                    {"probs": scores, "recip": _spec((1, heads, g, 1, 1)), "vc_frozen": ck,
-                    "forced_v": fk, **held_v}, count=L, heads=heads),
+                    "forced_v": fk}, count=L, heads=heads),
             **mark)]
 
 

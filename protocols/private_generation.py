@@ -52,11 +52,10 @@ def kept_parts(policy) -> tuple:
     and V rows (MPCache with refresh > 1, kept="kv"): fixed between refreshes, so under the
     Beaver cache they travel as their own variables ("kept"): the first step that reuses
     them opens them, the later ones reuse that opening until the next selection replaces
-    them (and releases it); so do the forced rows it holds (`MPCache.holds_forced`). () for
-    other policies."""
+    them (and releases it); the forced rows a selection holds after them
+    (`MPCache.holds_forced`) with them. () for other policies."""
     if getattr(policy, "refresh", 1) > 1 and getattr(policy, "kept", None) == "kv":
-        nb = policy.n_bounds
-        return (nb + 1, nb + 2) + ((nb + 4, nb + 5) if policy.holds_forced else ())
+        return (policy.n_bounds + 1, policy.n_bounds + 2)
     return ()
 
 

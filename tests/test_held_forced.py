@@ -37,10 +37,11 @@ def test_held_and_live_rows_are_the_forced_rows(s2, refresh, capacity):
         for length in range(selected, min(selected + refresh, capacity + 1)):
             k = _cache(capacity, length)
             want_k, _, want_ok = policy.forced_kv(k, k * 2, jnp.asarray(length))
-            keys, values, ok = policy.forced_from_held(held, k, k * 2, jnp.asarray(length))
-            got = jnp.concatenate(keys, axis=2)
+            live_k, live_v, ok = policy.forced_from_held(k, k * 2, jnp.asarray(length))
+            got = jnp.concatenate([held[0], live_k], axis=2)
             assert _valid_values(got, ok) == _valid_values(want_k, want_ok), (selected, length)
-            assert np.array_equal(np.asarray(jnp.concatenate(values, axis=2)), 2 * got)
+            assert np.array_equal(np.asarray(jnp.concatenate([held[1], live_v], axis=2)),
+                                  2 * got)
             assert min(_valid_values(got, ok) or [1]) > 0   # no stale row attended
 
 
@@ -52,5 +53,8 @@ def test_held_only_where_it_saves():
     assert semi2k.holds_forced and not plain.holds_forced
     assert not make_policy("mpcache", 0.1, split_kept=True, refresh=1).holds_forced
     assert not make_policy("mpcache", 0.1, split_kept=True, kept="onehot").holds_forced
-    extra = len(semi2k.init_state(keys, 64, 640)) - len(plain.init_state(keys, 64, 640))
-    assert extra == 2
+    # held after the compact rows, in the same arrays (one Beaver-cached matmul operand)
+    rows = [[a.shape[2] for a in p.init_state(keys, 64, 640)] for p in (plain, semi2k)]
+    nb = plain.n_bounds
+    assert rows[1][nb + 1] - rows[0][nb + 1] == (1 + semi2k.recent) * semi2k.s2
+    assert len(rows[0]) == len(rows[1])
