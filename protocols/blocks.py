@@ -396,9 +396,11 @@ def attention_blocks(cfg: LlamaConfig, policy, seq: int, heads: int) -> List[Blo
 def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
     """MPCache with refresh > 1 and kept="kv": every `refresh` steps the selection (its
     one-hot) and the gather of the chosen clusters' K/V rows into a compact cache (both
-    counted 1/refresh per step: amortised); every step the forced clusters' rows by a public
-    one-hot matmul, then attention over compact + forced rows like `oracle`. Under SEMI2K's
-    Beaver cache the compact rows (fixed between refreshes, "*_frozen") are marked cached."""
+    counted 1/refresh per step: amortised); every step the forced clusters' rows by public
+    slices, then attention over compact + forced rows like `oracle`. Under SEMI2K's Beaver
+    cache the compact rows (fixed between refreshes, "*_frozen") are marked cached, with the
+    forced rows written before the selection held after them (MPCache.holds_forced): the
+    step then slices only the last `refresh` rows."""
     from mpc_llama.model import attention_scores, attention_values
 
     heads, g, d = c.n_kv_heads, c.group_size, c.head_dim
