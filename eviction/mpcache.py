@@ -481,20 +481,24 @@ class MPCache(Policy):
         head = super().update_state(tuple(state[:nb]), key, index) if nb else ()
         return head + tuple(state[nb:])
 
-    def compact_kv(self, kept, ck, cv, length, segments=None):
+    def compact_kv(self, kept, ck, cv, length, segments=None, all_valid: bool = False):
         """The kept clusters' rows, gathered once per refresh: kept [b, k, m, n2] (0/1 one-hot
         of the chosen clusters); ck, cv [b, k, c, d] (or `segments`: (key parts, value parts),
         row segments of them, see model.attention_scores). Returns (keys, values [b, k,
-        m*s2, d], ok [b, k, m*s2]: 1.0 where the row is a valid cache entry). The chosen
+        m*s2, d], ok [b, k, m*s2]: 1.0 where the row is a valid cache entry, or None with
+        all_valid (static, public: `kept_rows_valid`), where no one reads it: a third
+        gather, one-hot x validity, saved; under CHEETAH a homomorphic matmul). The chosen
         clusters are complete and older than the two most recent ones, so their rows do not
         change until the next refresh."""
         from eviction.compaction import gather_segments
 
         kparts, vparts = segments if segments is not None else ((ck,), (cv,))
+        rows = (gather_segments(kept, self.s2, kparts), gather_segments(kept, self.s2, vparts))
+        if all_valid:
+            return rows + (None,)
         valid = jnp.broadcast_to((jnp.arange(ck.shape[2]) < length).astype(ck.dtype),
                                  ck.shape[:3])
-        return (gather_segments(kept, self.s2, kparts), gather_segments(kept, self.s2, vparts),
-                gather_segments(kept, self.s2, (valid,)))
+        return rows + (gather_segments(kept, self.s2, (valid,)),)
 
     def forced_kv(self, ck, cv, length):
         """The forced clusters' rows (first, then the `recent` last, oldest first) by PUBLIC
@@ -644,7 +648,10 @@ class MPCache(Policy):
                 qg = q[:, 0].reshape(q.shape[0], cfg.n_kv_heads, cfg.group_size, cfg.head_dim)
                 kept = self.refresh_selection(qg, ck, state[:nb], length, prompt_len, cfg,
                                               None if segments is None else segments[0])
-                compact = self.compact_kv(kept, ck, cv, length, segments)
+                new = self.compact_kv(kept, ck, cv, length, segments,
+                                      self.kept_rows_valid(prompt_len))
+                # all valid: the state's validity entry is left as it is (never read)
+                compact = new[:2] + (compact[2] if new[2] is None else new[2],)
                 if self.holds_forced:   # the forced rows so far, after the kept ones
                     held = self.hold_forced(ck, cv, length)
                     compact = tuple(jnp.concatenate([c, h], axis=2)

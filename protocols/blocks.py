@@ -422,7 +422,8 @@ def _kept_kv_blocks(policy, c, q, kv, bnd, length, seq, n_sel) -> List[Block]:
 
     def compact(p, k, v):
         segs = (k, v) if isinstance(k, tuple) else None
-        return policy.compact_kv(p, cat(k), cat(v), n, segs)
+        out = policy.compact_kv(p, cat(k), cat(v), n, segs, policy.kept_rows_valid(seq))
+        return tuple(a for a in out if a is not None)
 
     # the forced rows: public slices of the cache at every step; or, held after the compact
     # rows (MPCache.holds_forced, SEMI2K: Beaver-cached with them), the last `refresh` rows
