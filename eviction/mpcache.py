@@ -509,8 +509,7 @@ class MPCache(Policy):
         s2, r = self.s2, self.recent
         # a cache shorter than the recent clusters: zero rows after
         ck, cv = (_pad_rows(a, r * s2) for a in (ck, cv))
-        current = (length - 1) // s2
-        start = jnp.maximum(current - r + 1, 0) * s2
+        start = self._window(length) * s2
         first = (ck[:, :, :s2], cv[:, :, :s2])
         recent = [jax.lax.dynamic_slice_in_dim(a, start, r * s2, axis=2) for a in (ck, cv)]
         pos = start + jnp.arange(r * s2)
@@ -533,24 +532,28 @@ class MPCache(Policy):
         its own message rounds per head. The attended rows are the same (`forced_kv`'s)."""
         return self.split_kept and self.refresh > 1 and self.kept == "kv"
 
+    def _window(self, length):
+        """The first cluster of the recent window at `length` (public): the `recent` clusters
+        from it are forced (the first ones where the cache is shorter)."""
+        return jnp.maximum((length - 1) // self.s2 - self.recent + 1, 0)
+
+    def _slots(self, length):
+        """int [recent] (public): the window's cluster in each slot of the held rows,
+        cluster j in slot j mod recent (a later step, whose window starts a cluster later,
+        finds each cluster still held where it looks)."""
+        w0 = self._window(length)
+        return w0 + (jnp.arange(self.recent) - w0) % self.recent
+
     def hold_forced(self, ck, cv, length):
         """At a selecting step (length public): keys, values [b, k, (1 + recent)*s2, d], the
-        first cluster's rows, then the recent window's clusters, cluster j in slot j mod
-        recent (so a later step, whose window starts a cluster later, finds each cluster
-        where it looks; `held_mask`)."""
-        s2, r = self.s2, self.recent
-        ck, cv = (_pad_rows(a, r * s2) for a in (ck, cv))
-        w0 = jnp.maximum((length - 1) // s2 - r + 1, 0)
-        out = []
-        for a in (ck, cv):
-            window = jax.lax.dynamic_slice_in_dim(a, w0 * s2, r * s2, axis=2)
-            blocks = window.reshape(*a.shape[:2], r, s2, a.shape[-1])
-            # slot t <- the window's block (t - w0) mod r: r static rotations, one picked by
-            # a public select
-            ring = sum(jnp.where(w0 % r == j, jnp.roll(blocks, j, axis=2), 0.0)
-                       for j in range(r))
-            out.append(jnp.concatenate([a[:, :, :s2], ring.reshape(window.shape)], axis=2))
-        return tuple(out)
+        first cluster's rows, then the recent window's clusters in their `_slots` (public
+        slices)."""
+        s2 = self.s2
+        ck, cv = (_pad_rows(a, self.recent * s2) for a in (ck, cv))
+        starts = self._slots(length) * s2
+        return tuple(jnp.concatenate(
+            [a[:, :, :s2]] + [jax.lax.dynamic_slice_in_dim(a, starts[t], s2, axis=2)
+                              for t in range(self.recent)], axis=2) for a in (ck, cv))
 
     def held_mask(self, length, capacity: int) -> jax.Array:
         """bool [(1 + recent)*s2 + refresh] (public): which held rows (`hold_forced`'s, as
@@ -558,12 +561,11 @@ class MPCache(Policy):
         a reusing step at `length` attends: every forced row (`forced_kv`'s valid ones) once,
         from the held rows if written more than `refresh` rows ago (so before the last
         selection, refresh steps apart at most), else from the live rows."""
-        s2, r, w = self.s2, self.recent, self.refresh
+        s2, w = self.s2, self.refresh
         cut = length - w                        # rows before it: held since the selection
-        w0 = jnp.maximum((length - 1) // s2 - r + 1, 0)
+        w0 = self._window(length)
         first = jnp.arange(s2) < cut
-        slot_cluster = w0 + (jnp.arange(r) - w0) % r                   # [r]
-        p = (slot_cluster[:, None] * s2 + jnp.arange(s2)).reshape(-1)
+        p = (self._slots(length)[:, None] * s2 + jnp.arange(s2)).reshape(-1)
         ring = jnp.logical_and(p >= s2, p < cut)
         q = jnp.clip(cut, 0, max(capacity, w) - w) + jnp.arange(w)
         forced = jnp.logical_or(q < s2, q >= w0 * s2)
